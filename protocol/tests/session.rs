@@ -455,6 +455,18 @@ fn window_exhausted_then_reopened_when_the_receiver_releases() {
 }
 
 #[test]
+fn a_send_that_uses_the_last_of_the_window_is_told_when_credit_returns() {
+    let mut p = Pair::established(small_window(10), small_window(10));
+    let id = open_accepted(&mut p);
+    assert_eq!(p.server.send(id, Bytes::from(vec![1u8; 10])).unwrap(), 10);
+    p.run();
+    p.events(Side::Agent);
+    p.agent.release(id, 10).unwrap();
+    p.run();
+    assert_eq!(p.events(Side::Server), vec![Event::Writable { stream: id }]);
+}
+
+#[test]
 fn a_stalled_reader_on_one_stream_does_not_stop_a_large_transfer_on_another() {
     let mut p = Pair::established(small_window(64 * 1024), small_window(64 * 1024));
     p.carry = Carry::Bytes(vec![1500, 9000, 17, 65536]);

@@ -764,8 +764,8 @@ impl Session {
     }
 
     /// Queues bytes on an established stream; returns how many were taken, at most the credit
-    /// left (SPEC 6.2). A short count means the window is exhausted: a `Writable` event
-    /// follows when credit returns. The bytes are not copied.
+    /// left (SPEC 6.2). When the count is short or the window is now exhausted, a `Writable`
+    /// event follows when credit returns. The bytes are not copied.
     pub fn send(&mut self, id: StreamId, data: Bytes) -> Result<usize, ApiError> {
         self.check_open()?;
         let s = self.streams.get_mut(&id).ok_or(ApiError::UnknownStream)?;
@@ -776,9 +776,7 @@ impl Session {
             return Err(ApiError::InvalidState("send after finish"));
         }
         let n = s.send.window.available().min(len32(&data));
-        if (n as usize) < data.len() {
-            s.want_writable = true;
-        }
+        let short = (n as usize) < data.len();
         if n > 0 {
             s.send
                 .window
@@ -786,6 +784,13 @@ impl Session {
                 .map_err(|_| ApiError::Invalid("window"))?;
             s.send.queued += n;
             s.send.queue.push_back(data.slice(..n as usize));
+        }
+        // SPEC 6.2: a writer that was cut short, or that used the last of the window, is told
+        // when credit returns.
+        if short || s.send.window.is_exhausted() {
+            s.want_writable = true;
+        }
+        if n > 0 {
             self.schedule(id);
         }
         self.debug_check();
