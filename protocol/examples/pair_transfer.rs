@@ -91,7 +91,9 @@ fn main() {
         .unwrap_or(1024);
     let total = mib * 1024 * 1024;
     let (decode, memcpy) = decode_rate(64 * 1024, 1 << 30);
-    println!("decode 64 KiB DATA frames: {decode:.1} GiB/s (memcpy of the same bytes: {memcpy:.1} GiB/s)");
+    println!(
+        "decode 64 KiB DATA frames: {decode:.1} GiB/s (memcpy of the same bytes: {memcpy:.1} GiB/s)"
+    );
     for streams in [1, 64] {
         let frames = transfer(total, streams, Carry::Frames);
         let bytes = transfer(total, streams, Carry::Bytes(vec![64 * 1024]));

@@ -24,6 +24,8 @@
 pub mod codec;
 pub mod error;
 pub mod frame;
+#[cfg(feature = "arbitrary")]
+pub mod fuzzing;
 pub mod session;
 #[cfg(feature = "testing")]
 pub mod testing;

@@ -13,7 +13,7 @@ use crate::frame::{Frame, Identifier};
 use crate::session::{AgentIdentity, Config, Event, ServerIdentity, Session, Time};
 
 /// One end of the pair.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Side {
     /// The server end.
     Server,

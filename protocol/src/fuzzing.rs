@@ -1,0 +1,497 @@
+//! Entry points for the fuzz targets in `fuzz/` (and the replay test that feeds them every
+//! committed corpus and regression file on stable). Each panics on a broken property.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use arbitrary::{Result, Unstructured};
+use bytes::{Bytes, BytesMut};
+
+use crate::codec::FrameCodec;
+use crate::frame::*;
+use crate::session::{Config, Event, Session, Time};
+use crate::testing::{Carry, Pair, Side, test_agent_identity, test_server_identity};
+
+fn text(u: &mut Unstructured<'_>, max: usize) -> Result<String> {
+    let s: String = u.arbitrary()?;
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    Ok(s[..end].to_owned())
+}
+
+fn ascii(u: &mut Unstructured<'_>, max: usize) -> Result<String> {
+    let n = u.int_in_range(1..=max)?;
+    (0..n)
+        .map(|_| Ok(char::from(u.int_in_range(0x21u8..=0x7e)?)))
+        .collect()
+}
+
+fn settings(u: &mut Unstructured<'_>) -> Result<Settings> {
+    let opt = |u: &mut Unstructured<'_>, lo: u32, hi: u32| -> Result<Option<u32>> {
+        Ok(if u.arbitrary()? {
+            Some(u.int_in_range(lo..=hi)?)
+        } else {
+            None
+        })
+    };
+    let mut unknown = BTreeMap::new();
+    for _ in 0..u.int_in_range(0..=3)? {
+        unknown.insert(SettingId(u.int_in_range(5..=u16::MAX)?), u.arbitrary()?);
+    }
+    Ok(Settings {
+        initial_window: opt(u, 1, MAX_WINDOW)?,
+        max_frame_size: opt(u, MIN_MAX_FRAME_SIZE, MAX_PAYLOAD_LIMIT)?,
+        max_concurrent_streams: opt(u, 0, u32::MAX)?,
+        keepalive_interval: opt(u, 0, u32::MAX)?,
+        unknown: unknown.into_iter().collect(),
+    })
+}
+
+fn identifier(u: &mut Unstructured<'_>) -> Result<Identifier> {
+    Ok(match u.int_in_range(0..=6)? {
+        0 => Identifier::Host(ascii(u, 40)?),
+        1 => Identifier::Ipv4(Ipv4Addr::from(u.arbitrary::<[u8; 4]>()?)),
+        2 => Identifier::Ipv6(Ipv6Addr::from(u.arbitrary::<[u8; 16]>()?)),
+        3 => Identifier::Cidr(
+            IpAddr::from(u.arbitrary::<[u8; 4]>()?),
+            u.int_in_range(0..=32)?,
+        ),
+        4 => Identifier::Cidr(
+            IpAddr::from(u.arbitrary::<[u8; 16]>()?),
+            u.int_in_range(0..=128)?,
+        ),
+        5 => Identifier::DefaultRoute,
+        _ => Identifier::Unknown(
+            IdentifierKind(u.int_in_range(6..=u8::MAX)?),
+            {
+                let n = u.int_in_range(0..=8)?;
+                u.bytes(n)?
+            }
+            .to_vec(),
+        ),
+    })
+}
+
+/// A valid frame, any kind. `stream` picks the id of stream frames.
+pub fn arbitrary_frame_with(
+    u: &mut Unstructured<'_>,
+    stream: &mut dyn FnMut(&mut Unstructured<'_>) -> Result<StreamId>,
+) -> Result<Frame> {
+    Ok(match u.int_in_range(0..=9)? {
+        0 => {
+            let mut versions: Vec<u16> = (0..u.int_in_range(1..=4)?)
+                .map(|_| u.arbitrary())
+                .collect::<Result<_>>()?;
+            versions.sort_unstable();
+            versions.dedup();
+            Frame::Hello(Hello {
+                versions,
+                agent_id: ascii(u, 30)?,
+                identifiers: (0..u.int_in_range(0..=4)?)
+                    .map(|_| identifier(u))
+                    .collect::<Result<_>>()?,
+                settings: settings(u)?,
+                token: if u.arbitrary()? {
+                    Token::new(ascii(u, 64)?).ok()
+                } else {
+                    None
+                },
+            })
+        }
+        1 => Frame::Welcome(Welcome {
+            version: u.arbitrary()?,
+            server_id: ascii(u, 30)?,
+            server_count: u.int_in_range(1..=u16::MAX)?,
+            settings: settings(u)?,
+        }),
+        2 => Frame::Dial(Dial {
+            stream: stream(u)?,
+            protocol: Protocol(u.arbitrary()?),
+            host: ascii(u, 40)?,
+            port: u.int_in_range(1..=u16::MAX)?,
+        }),
+        3 => Frame::DialOk(DialOk { stream: stream(u)? }),
+        4 => Frame::Data(Data {
+            stream: stream(u)?,
+            fin: u.arbitrary()?,
+            payload: Bytes::copy_from_slice({
+                let n = u.int_in_range(0..=64)?;
+                u.bytes(n)?
+            }),
+        }),
+        5 => Frame::Window(WindowUpdate {
+            stream: stream(u)?,
+            increment: u.int_in_range(1..=MAX_WINDOW)?,
+        }),
+        6 => Frame::Reset(Reset {
+            stream: stream(u)?,
+            code: ErrorCode(u.arbitrary()?),
+            reason: text(u, 40)?,
+        }),
+        7 => Frame::Ping(Ping {
+            ack: u.arbitrary()?,
+            payload: u.arbitrary()?,
+        }),
+        8 => Frame::GoAway(GoAway {
+            last_stream: StreamId(u.int_in_range(0..=MAX_STREAM_ID)?),
+            code: ErrorCode(u.arbitrary()?),
+            reason: text(u, 40)?,
+        }),
+        _ => Frame::Unknown(Unknown {
+            kind: FrameKind(u.int_in_range(0x0a..=u8::MAX)?),
+            flags: u.arbitrary()?,
+            stream: StreamId(u.int_in_range(0..=MAX_STREAM_ID)?),
+            payload: Bytes::copy_from_slice({
+                let n = u.int_in_range(0..=16)?;
+                u.bytes(n)?
+            }),
+        }),
+    })
+}
+
+/// A valid frame of any kind, stream ids over the whole range.
+pub fn arbitrary_frame(u: &mut Unstructured<'_>) -> Result<Frame> {
+    arbitrary_frame_with(u, &mut |u| Ok(StreamId(u.int_in_range(1..=MAX_STREAM_ID)?)))
+}
+
+/// Target `frame_decode`: arbitrary bytes through the streaming decoder never panic, and every
+/// frame that decodes re-encodes to exactly the bytes it came from.
+pub fn frame_decode(data: &[u8]) {
+    let mut codec = FrameCodec::with_max_payload(4096);
+    let mut buf = BytesMut::from(data);
+    let mut at = 0;
+    while let Ok(Some(frame)) = codec.decode(&mut buf) {
+        let used = data.len() - at - buf.len();
+        let mut again = BytesMut::new();
+        frame.encode(&mut again);
+        assert_eq!(&again[..], &data[at..at + used], "re-encoding {frame}");
+        at += used;
+    }
+}
+
+/// Target `frame_roundtrip`: a valid frame encodes and decodes to itself.
+pub fn frame_roundtrip(data: &[u8]) {
+    let mut u = Unstructured::new(data);
+    let Ok(frame) = arbitrary_frame(&mut u) else {
+        return;
+    };
+    let mut buf = BytesMut::new();
+    frame.encode(&mut buf);
+    assert_eq!(buf.len(), frame.encoded_len());
+    let mut codec = FrameCodec::with_max_payload(MAX_PAYLOAD_LIMIT);
+    let back = codec.decode(&mut buf).expect("a valid frame decodes");
+    assert_eq!(back.as_ref(), Some(&frame));
+    assert!(buf.is_empty());
+}
+
+/// Target `codec_chunks`: a byte stream cut into arbitrary chunks decodes to the same frames
+/// (and the same error, if any) as the whole.
+pub fn codec_chunks(data: &[u8]) {
+    let Some((&n, rest)) = data.split_first() else {
+        return;
+    };
+    let cuts = usize::from(n % 16).min(rest.len());
+    let (sizes, stream) = rest.split_at(cuts);
+    let whole = crate::codec::decode_all(stream, 4096);
+    let mut codec = FrameCodec::with_max_payload(4096);
+    let mut buf = BytesMut::new();
+    let mut frames = Vec::new();
+    let mut error = None;
+    let mut at = 0;
+    let mut k = 0;
+    'feed: while at < stream.len() {
+        let size = usize::from(sizes.get(k).copied().unwrap_or(255)).max(1);
+        k = (k + 1) % sizes.len().max(1);
+        let end = (at + size).min(stream.len());
+        buf.extend_from_slice(&stream[at..end]);
+        at = end;
+        loop {
+            match codec.decode(&mut buf) {
+                Ok(Some(f)) => frames.push(f),
+                Ok(None) => break,
+                Err(e) => {
+                    error = Some(e);
+                    break 'feed;
+                }
+            }
+        }
+    }
+    assert_eq!((frames, error), whole);
+}
+
+/// Target `session_ops`: arbitrary inbound frames, commands and timeouts applied to one session;
+/// no panic, and `check_invariants()` holds after every step.
+pub fn session_ops(data: &[u8]) {
+    let mut u = Unstructured::new(data);
+    let _ = run_session_ops(&mut u);
+}
+
+fn fuzz_config(u: &mut Unstructured<'_>) -> Result<Config> {
+    Ok(Config {
+        initial_window: u.int_in_range(1..=100_000)?,
+        max_frame_size: u.int_in_range(MIN_MAX_FRAME_SIZE..=70_000)?,
+        max_concurrent_streams: u.int_in_range(0..=4)?,
+        keepalive_interval_ms: u.int_in_range(0..=2000)?,
+        keepalive_timeout_ms: u.int_in_range(1..=5000)?,
+        handshake_timeout_ms: u.int_in_range(0..=5000)?,
+        stream_id_limit: u.int_in_range(1..=40)?,
+        ..Config::default()
+    })
+}
+
+fn run_session_ops(u: &mut Unstructured<'_>) -> Result<()> {
+    let server_cfg = fuzz_config(u)?;
+    let agent_cfg = fuzz_config(u)?;
+    let as_server: bool = u.arbitrary()?;
+    let mut s = if u.arbitrary()? {
+        // Start established, so that stream frames reach the stream machinery.
+        let mut p = Pair::new(server_cfg, agent_cfg);
+        p.run();
+        let _ = p.server.accept_hello(p.now);
+        p.run();
+        if as_server { p.server } else { p.agent }
+    } else if as_server {
+        Session::server(server_cfg, test_server_identity(), Time(0))
+            .map_err(|_| arbitrary::Error::IncorrectFormat)?
+    } else {
+        Session::agent(agent_cfg, test_agent_identity(), Time(0))
+            .map_err(|_| arbitrary::Error::IncorrectFormat)?
+    };
+    let mut now = Time(0);
+    for _ in 0..512 {
+        if u.is_empty() {
+            break;
+        }
+        let id = StreamId(u.int_in_range(1..=12)?);
+        match u.int_in_range(0..=17)? {
+            0..=4 => {
+                let f = arbitrary_frame_with(u, &mut |u| Ok(StreamId(u.int_in_range(1..=12)?)))?;
+                s.handle_frame(now, f);
+            }
+            5 => {
+                let mut buf = BytesMut::from({
+                    let n = u.int_in_range(0..=64)?;
+                    u.bytes(n)?
+                });
+                s.handle_bytes(now, &mut buf);
+            }
+            6 => {
+                let _ = s.open(Protocol::TCP, "h", 1);
+            }
+            7 => {
+                let _ = s.accept(id);
+            }
+            8 => {
+                let _ = s.reject(id, ErrorCode::DIAL_REFUSED, "no");
+            }
+            9 => {
+                let n = u.int_in_range(0..=5000)?;
+                let _ = s.send(id, Bytes::from(vec![1u8; n]));
+            }
+            10 => {
+                let _ = s.finish(id);
+            }
+            11 => {
+                let _ = s.reset(id, ErrorCode(u.arbitrary()?), "r");
+            }
+            12 => {
+                let n = u.arbitrary()?;
+                let _ = s.release(id, n);
+            }
+            13 => {
+                let _ = s.ping(now);
+            }
+            14 => {
+                let _ = if u.arbitrary()? {
+                    s.go_away("bye")
+                } else {
+                    s.close(ErrorCode(u.arbitrary()?), "close")
+                };
+            }
+            15 => {
+                now = now.plus_ms(u.int_in_range(0..=3000)?);
+                s.handle_timeout(now);
+            }
+            16 => {
+                while s.poll_frame().is_some() {}
+                while s.poll_event().is_some() {}
+            }
+            _ => {
+                if u.ratio(1, 8)? {
+                    s.handle_transport_closed();
+                }
+            }
+        }
+        assert_eq!(s.check_invariants(), Ok(()));
+        if let Some(t) = s.poll_timeout() {
+            assert!(
+                t >= now || s.is_closed() || t.0 < now.0,
+                "timeouts are times"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Target `session_pair`: two sessions through the pair harness with arbitrary commands, chunk
+/// splits, stalls and a possible tunnel drop. What each end received on each stream is a prefix
+/// of what the other sent, and once both applications finish everything, nothing leaks.
+pub fn session_pair(data: &[u8]) {
+    let mut u = Unstructured::new(data);
+    let _ = run_session_pair(&mut u);
+}
+
+#[derive(Default)]
+struct Tally {
+    sent: BTreeMap<(Side, StreamId), Vec<u8>>,
+    received: BTreeMap<(Side, StreamId), Vec<u8>>,
+    pending: Vec<(Side, StreamId)>,
+}
+
+impl Tally {
+    fn absorb(&mut self, p: &mut Pair) {
+        for side in [Side::Server, Side::Agent] {
+            for e in p.events(side) {
+                match e {
+                    Event::Data { stream, data } => {
+                        self.received
+                            .entry((side, stream))
+                            .or_default()
+                            .extend_from_slice(&data);
+                    }
+                    Event::DialRequested { stream, .. } => self.pending.push((side, stream)),
+                    _ => {}
+                }
+            }
+        }
+        for ((side, stream), got) in &self.received {
+            let sent = self
+                .sent
+                .get(&(side.peer(), *stream))
+                .map_or(&[][..], |v| &v[..]);
+            assert!(
+                sent.starts_with(got),
+                "{side:?} stream {stream}: received bytes are not a prefix of what was sent"
+            );
+        }
+        assert_eq!(p.server.check_invariants(), Ok(()));
+        assert_eq!(p.agent.check_invariants(), Ok(()));
+    }
+}
+
+fn run_session_pair(u: &mut Unstructured<'_>) -> Result<()> {
+    let mut cfg = fuzz_config(u)?;
+    cfg.keepalive_interval_ms = 0;
+    cfg.max_concurrent_streams = cfg.max_concurrent_streams.max(1);
+    cfg.stream_id_limit = 1_000;
+    let mut p = Pair::established(cfg.clone(), cfg);
+    if u.arbitrary()? {
+        let sizes: Vec<usize> = (0..u.int_in_range(1..=4)?)
+            .map(|_| Ok(usize::from(u.int_in_range(1u16..=3000)?)))
+            .collect::<Result<_>>()?;
+        p.carry = Carry::Bytes(sizes);
+    }
+    let mut t = Tally::default();
+    let mut counter = 0u8;
+    for _ in 0..256 {
+        if u.is_empty() {
+            break;
+        }
+        let side = if u.arbitrary()? {
+            Side::Server
+        } else {
+            Side::Agent
+        };
+        let id = StreamId(u.int_in_range(1..=10)?);
+        match u.int_in_range(0..=11)? {
+            0 => {
+                let _ = p.session(side).open(Protocol::TCP, "dest", 80);
+            }
+            1 => {
+                if let Some(i) = (!t.pending.is_empty())
+                    .then(|| u.choose_index(t.pending.len()))
+                    .transpose()?
+                {
+                    let (s, id) = t.pending.swap_remove(i);
+                    let _ = if u.arbitrary()? {
+                        p.session(s).accept(id)
+                    } else {
+                        p.session(s).reject(id, ErrorCode::DIAL_REFUSED, "no")
+                    };
+                }
+            }
+            2 | 3 => {
+                counter = counter.wrapping_add(1);
+                let len = u.int_in_range(1..=4000)?;
+                let bytes = Bytes::from(vec![counter; len]);
+                if let Ok(n) = p.session(side).send(id, bytes.clone()) {
+                    t.sent
+                        .entry((side, id))
+                        .or_default()
+                        .extend_from_slice(&bytes[..n]);
+                }
+            }
+            4 => {
+                let _ = p.session(side).finish(id);
+            }
+            5 => {
+                let _ = p.session(side).reset(id, ErrorCode::CANCEL, "cancel");
+            }
+            6 => {
+                let n = p.session(side).unreleased(id);
+                let _ = p.session(side).release(id, n);
+            }
+            7 => p.stall(side, u.arbitrary()?),
+            8 => {
+                p.step();
+            }
+            9 => {
+                p.run();
+            }
+            10 => {
+                if u.ratio(1, 16)? {
+                    p.drop_tunnel();
+                }
+            }
+            _ => {
+                let _ = p.session(side).go_away("drain");
+            }
+        }
+        t.absorb(&mut p);
+    }
+    // Both applications now finish everything they have: accept, release, finish.
+    p.stall(Side::Server, false);
+    p.stall(Side::Agent, false);
+    for _ in 0..10_000 {
+        p.run();
+        t.absorb(&mut p);
+        let mut acted = false;
+        for (side, id) in core::mem::take(&mut t.pending) {
+            acted |= p.session(side).accept(id).is_ok();
+        }
+        for side in [Side::Server, Side::Agent] {
+            let ids: Vec<StreamId> = p.session(side).stream_ids().collect();
+            for id in ids {
+                let n = p.session(side).unreleased(id);
+                if n > 0 {
+                    acted |= p.session(side).release(id, n).is_ok();
+                }
+                if p.session(side).queued(id) == 0 {
+                    acted |= p.session(side).finish(id).is_ok();
+                }
+            }
+        }
+        if !acted && !p.in_flight() {
+            break;
+        }
+    }
+    p.run();
+    t.absorb(&mut p);
+    for side in [Side::Server, Side::Agent] {
+        let s = p.session(side);
+        assert_eq!(s.stream_count(), 0, "{side:?}: a stream leaked: {s:?}");
+    }
+    Ok(())
+}
