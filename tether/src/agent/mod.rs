@@ -1,0 +1,268 @@
+//! The agent: dials out to the servers over TLS, serves their dials (DESIGN §9).
+
+pub mod dialer;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use rustls::ClientConfig;
+use rustls_pki_types::ServerName;
+use tether_proto::frame::{Identifier, Protocol, Token};
+use tether_proto::session::AgentIdentity;
+use tether_proto::{Config, ErrorCode, Session};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tokio_rustls::TlsConnector;
+
+pub use dialer::Allowlist;
+
+use crate::pump::pump;
+use crate::tunnel::{Incoming, Tunnel, agent_handshake};
+
+/// What an agent needs to run.
+#[derive(Clone)]
+pub struct AgentConfig {
+    /// Server addresses, `host:port`; each is one server or a load balancer before several.
+    pub servers: Vec<String>,
+    /// The name the servers' certificate must carry; `None`: the host part of each address.
+    pub server_name: Option<String>,
+    /// TLS: the CA that signed the servers' certificate, and the agent's client certificate.
+    pub tls: Arc<ClientConfig>,
+    /// The agent id.
+    pub agent_id: String,
+    /// What the agent can reach (routing at the server).
+    pub identifiers: Vec<Identifier>,
+    /// A bearer token file, read at every connection (tokens rotate).
+    pub token_path: Option<std::path::PathBuf>,
+    /// Which destinations may be dialled.
+    pub allowlist: Allowlist,
+    /// How long a dial to a destination may take.
+    pub dial_timeout: Duration,
+    /// First reconnect delay; doubles up to `sync_interval_cap`, with jitter.
+    pub sync_interval: Duration,
+    /// Longest reconnect delay.
+    pub sync_interval_cap: Duration,
+    /// How long the TLS connection and handshake may take.
+    pub connect_timeout: Duration,
+    /// Session settings (windows, keepalive).
+    pub session: Config,
+}
+
+impl std::fmt::Debug for AgentConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentConfig")
+            .field("servers", &self.servers)
+            .field("agent_id", &self.agent_id)
+            .field("identifiers", &self.identifiers)
+            .field("allowlist", &self.allowlist)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A running agent.
+pub struct Agent {
+    shutdown: watch::Sender<bool>,
+    tunnels: Arc<Mutex<Vec<Tunnel>>>,
+}
+
+impl Agent {
+    /// Starts connecting to every server; returns at once.
+    pub fn start(config: AgentConfig) -> Agent {
+        if config.allowlist.allows_all() {
+            tracing::warn!("no destination allowlist: every destination may be dialled");
+        }
+        let (shutdown, rx) = watch::channel(false);
+        let tunnels = Arc::new(Mutex::new(Vec::new()));
+        let config = Arc::new(config);
+        for addr in config.servers.clone() {
+            tokio::spawn(manage(config.clone(), addr, rx.clone(), tunnels.clone()));
+        }
+        Agent { shutdown, tunnels }
+    }
+
+    /// Tunnels currently open.
+    pub fn connected(&self) -> usize {
+        self.tunnels
+            .lock()
+            .map(|t| t.iter().filter(|t| t.is_usable()).count())
+            .unwrap_or(0)
+    }
+
+    /// Waits until at least `n` tunnels are open, at most `timeout`.
+    pub async fn wait_connected(&self, n: usize, timeout: Duration) -> bool {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if self.connected() >= n {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    }
+
+    /// Drains (SIGTERM): no reconnects, GOAWAY on every tunnel, waits for their streams to
+    /// finish, at most `grace`; then closes what is left.
+    pub async fn drain(&self, grace: Duration) {
+        let _ = self.shutdown.send(true);
+        let tunnels: Vec<Tunnel> = self.tunnels.lock().map(|t| t.clone()).unwrap_or_default();
+        for t in &tunnels {
+            t.go_away("agent shutting down");
+        }
+        let all = futures_all(tunnels.iter().map(|t| t.closed()));
+        if tokio::time::timeout(grace, all).await.is_err() {
+            for t in &tunnels {
+                t.close(ErrorCode::NO_ERROR, "agent shut down");
+            }
+        }
+    }
+}
+
+async fn futures_all<F: std::future::Future>(fs: impl Iterator<Item = F>) {
+    for f in fs {
+        f.await;
+    }
+}
+
+/// Keeps tunnels to one server address: as many as the server count says, to distinct server
+/// ids, reconnecting with exponential backoff and jitter.
+async fn manage(
+    cfg: Arc<AgentConfig>,
+    addr: String,
+    mut shutdown: watch::Receiver<bool>,
+    all: Arc<Mutex<Vec<Tunnel>>>,
+) {
+    let mut backoff = cfg.sync_interval;
+    let mut want = 1usize;
+    let mut by_server: HashMap<String, Tunnel> = HashMap::new();
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        by_server.retain(|_, t| t.close_reason().is_none());
+        if let Ok(mut list) = all.lock() {
+            list.retain(|t| t.close_reason().is_none());
+        }
+        if by_server.len() >= want {
+            tokio::select! {
+                _ = shutdown.changed() => {}
+                () = tokio::time::sleep(cfg.sync_interval.max(Duration::from_millis(50))) => {}
+            }
+            continue;
+        }
+        match connect_once(&cfg, &addr).await {
+            Ok((tunnel, server_id, count)) => {
+                want = usize::from(count.max(1));
+                backoff = cfg.sync_interval;
+                match by_server.entry(server_id) {
+                    std::collections::hash_map::Entry::Occupied(_) => {
+                        // The load balancer sent us to a server we already have.
+                        tunnel.go_away("already connected to this server");
+                        tokio::time::sleep(jitter(cfg.sync_interval)).await;
+                    }
+                    std::collections::hash_map::Entry::Vacant(slot) => {
+                        tracing::info!(%addr, server_id = %slot.key(), server_count = count, "tunnel established");
+                        if let Ok(mut list) = all.lock() {
+                            list.push(tunnel.clone());
+                        }
+                        slot.insert(tunnel);
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(%addr, error = %e, retry_in = ?backoff, "connecting to the server failed");
+                tokio::select! {
+                    _ = shutdown.changed() => {}
+                    () = tokio::time::sleep(jitter(backoff)) => {}
+                }
+                backoff = (backoff * 2).min(cfg.sync_interval_cap);
+            }
+        }
+    }
+}
+
+fn jitter(d: Duration) -> Duration {
+    // Up to +50%, so that agents restarted together do not reconnect in step.
+    let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    Duration::from_millis(ms + rand::rng().random_range(0..=ms / 2))
+}
+
+async fn connect_once(
+    cfg: &Arc<AgentConfig>,
+    addr: &str,
+) -> Result<(Tunnel, String, u16), Box<dyn std::error::Error + Send + Sync>> {
+    let host = addr
+        .rsplit_once(':')
+        .map_or(addr, |(h, _)| h)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let name = cfg.server_name.clone().unwrap_or_else(|| host.to_owned());
+    let server_name = ServerName::try_from(name)?;
+    let epoch = Instant::now();
+    let token = match &cfg.token_path {
+        Some(p) => Some(
+            Token::new(std::fs::read_to_string(p)?.trim())
+                .map_err(|e| format!("token file: {e}"))?,
+        ),
+        None => None,
+    };
+    let identity = AgentIdentity {
+        agent_id: cfg.agent_id.clone(),
+        identifiers: cfg.identifiers.clone(),
+        token,
+    };
+    let setup = async {
+        let tcp = TcpStream::connect(addr).await?;
+        tcp.set_nodelay(true)?;
+        let mut tls = TlsConnector::from(cfg.tls.clone())
+            .connect(server_name, tcp)
+            .await?;
+        let mut session = Session::agent(cfg.session.clone(), identity, tether_proto::Time(0))?;
+        let (leftover, welcome) =
+            agent_handshake(&mut tls, &mut session, epoch, cfg.connect_timeout).await?;
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>((tls, session, leftover, welcome))
+    };
+    let (tls, session, leftover, welcome) = tokio::time::timeout(cfg.connect_timeout, setup)
+        .await
+        .map_err(|_| "connect timed out")??;
+    let (tx, rx) = mpsc::unbounded_channel();
+    let label = format!("agent->{}({addr})", welcome.server_id);
+    let tunnel = Tunnel::spawn(tls, session, leftover, Some(tx), epoch, label);
+    tokio::spawn(serve_dials(cfg.clone(), rx));
+    Ok((tunnel, welcome.server_id, welcome.server_count))
+}
+
+async fn serve_dials(cfg: Arc<AgentConfig>, mut rx: mpsc::UnboundedReceiver<Incoming>) {
+    while let Some(incoming) = rx.recv().await {
+        tokio::spawn(serve_dial(cfg.clone(), incoming));
+    }
+}
+
+async fn serve_dial(cfg: Arc<AgentConfig>, incoming: Incoming) {
+    let (host, port) = (incoming.dial.host.clone(), incoming.dial.port);
+    if incoming.dial.protocol != Protocol::TCP {
+        incoming.reject(ErrorCode::DIAL_UNSUPPORTED, "only TCP is supported");
+        return;
+    }
+    if !cfg.allowlist.allows(&host, port) {
+        tracing::warn!(%host, port, "dial refused: destination not on the allowlist");
+        incoming.reject(
+            ErrorCode::DIAL_FORBIDDEN,
+            "destination not on the agent's allowlist",
+        );
+        return;
+    }
+    match dialer::connect(&host, port, cfg.dial_timeout).await {
+        Ok(socket) => {
+            let stream = incoming.accept();
+            if let Err(e) = pump(stream, socket, bytes::Bytes::new()).await {
+                tracing::debug!(%host, port, error = %e, "stream ended with an error");
+            }
+        }
+        Err((code, reason)) => {
+            tracing::info!(%host, port, %code, %reason, "dial failed");
+            incoming.reject(code, &reason);
+        }
+    }
+}

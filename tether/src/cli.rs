@@ -1,0 +1,85 @@
+//! Helpers shared by the binaries: logging and shutdown signals.
+
+/// Starts tracing logs on stderr; `RUST_LOG` overrides `default`.
+pub fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    use std::io::IsTerminal;
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = match signal(SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Parses Konnectivity's `--agent-identifiers` (`ipv4=1.2.3.4&host=node-1&cidr=10.0.0.0/8&
+/// default-route=true`; a key may repeat).
+pub fn parse_identifiers(s: &str) -> Result<Vec<tether_proto::frame::Identifier>, String> {
+    use std::net::IpAddr;
+    use tether_proto::frame::Identifier;
+    let mut out = Vec::new();
+    for pair in s.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair
+            .split_once('=')
+            .ok_or_else(|| format!("identifier {pair:?} is not key=value"))?;
+        let bad = |what: &str| format!("identifier {pair:?}: {what}");
+        let id = match k {
+            "host" => Identifier::Host(v.to_owned()),
+            "ipv4" => Identifier::Ipv4(v.parse().map_err(|_| bad("not an IPv4 address"))?),
+            "ipv6" => Identifier::Ipv6(v.parse().map_err(|_| bad("not an IPv6 address"))?),
+            "cidr" => {
+                let (a, p) = v.split_once('/').ok_or_else(|| bad("not addr/prefix"))?;
+                let a: IpAddr = a.parse().map_err(|_| bad("bad address"))?;
+                Identifier::Cidr(a, p.parse().map_err(|_| bad("bad prefix"))?)
+            }
+            "default-route" if v == "true" => Identifier::DefaultRoute,
+            "default-route" => continue,
+            _ => return Err(bad("unknown key (host, ipv4, ipv6, cidr, default-route)")),
+        };
+        id.validate().map_err(bad)?;
+        out.push(id);
+    }
+    Ok(out)
+}
+
+/// Parses `10s`, `500ms`, `2m`, `1h`, or a bare number of seconds (flag values).
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map_or((s, "s"), |i| s.split_at(i));
+    let n: f64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("bad duration unit in {s:?} (ms, s, m, h)")),
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("bad duration {s:?}"));
+    }
+    Ok(std::time::Duration::from_secs_f64(secs))
+}

@@ -1,0 +1,115 @@
+//! Moves bytes between a local socket and a tunnel stream, both ways, with half-close.
+
+use std::io;
+
+use bytes::{Bytes, BytesMut};
+use tether_proto::ErrorCode;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::stream::TetherStream;
+
+/// Smallest and largest read buffer: idle connections hold little, busy ones read in bulk.
+const MIN_READ: usize = 4 * 1024;
+const MAX_READ: usize = 256 * 1024;
+
+/// Bytes moved by [`pump`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Moved {
+    /// From the socket into the tunnel.
+    pub up: u64,
+    /// From the tunnel to the socket.
+    pub down: u64,
+}
+
+/// A local socket that can be aborted so its peer sees an error (a TCP RST), not a clean
+/// end: a stream that fails must never look like a complete one (DESIGN §10).
+pub trait Abort {
+    /// Makes the next close an abort.
+    fn abort_on_close(&self);
+}
+
+impl Abort for tokio::net::TcpStream {
+    fn abort_on_close(&self) {
+        let _ = self.set_zero_linger();
+    }
+}
+
+impl Abort for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {
+    fn abort_on_close(&self) {
+        self.get_ref().0.abort_on_close();
+    }
+}
+
+#[cfg(unix)]
+impl Abort for tokio::net::UnixStream {
+    /// A Unix socket has no RST; its peer sees the end of the stream.
+    fn abort_on_close(&self) {}
+}
+
+/// Joins `socket` and `stream` until both directions have ended; on an error, `socket` is
+/// aborted (see [`Abort`]) before it is dropped. `first` is sent before
+/// anything read from the socket (bytes that arrived with a CONNECT request, say).
+///
+/// - socket EOF → FIN on the stream; the stream's FIN → `shutdown` of the socket's write side;
+/// - tunnel bytes are released (credit returned) only after they were written to the socket,
+///   so a slow socket slows its own sender and no other stream (SPEC 6.3);
+/// - a socket error resets the stream with `ABORTED`; a stream error ends the pump.
+pub async fn pump<S>(stream: TetherStream, mut socket: S, first: Bytes) -> io::Result<Moved>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Abort,
+{
+    let result = pump_inner(&stream, &mut socket, first).await;
+    if result.is_err() {
+        socket.abort_on_close();
+    }
+    result
+}
+
+async fn pump_inner<S>(stream: &TetherStream, socket: &mut S, first: Bytes) -> io::Result<Moved>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut rd, mut wr) = tokio::io::split(socket);
+    let up = async {
+        let mut total = first.len() as u64;
+        if !first.is_empty() {
+            stream.send_bytes(first).await?;
+        }
+        let mut want = MIN_READ;
+        let mut buf = BytesMut::new();
+        loop {
+            buf.reserve(want);
+            let n = match rd.read_buf(&mut buf).await {
+                Ok(n) => n,
+                Err(e) => {
+                    stream.reset(ErrorCode::ABORTED, "local socket read failed");
+                    return Err(e);
+                }
+            };
+            if n == 0 {
+                stream.finish();
+                return Ok::<u64, io::Error>(total);
+            }
+            if n >= want {
+                want = (want * 2).min(MAX_READ);
+            }
+            total += n as u64;
+            stream.send_bytes(buf.split().freeze()).await?;
+        }
+    };
+    let down = async {
+        let mut total = 0u64;
+        while let Some(chunk) = stream.recv_chunk().await? {
+            if let Err(e) = wr.write_all(&chunk).await {
+                stream.reset(ErrorCode::ABORTED, "local socket write failed");
+                return Err(e);
+            }
+            total += chunk.len() as u64;
+            stream.release(chunk.len());
+        }
+        wr.shutdown().await?;
+        Ok::<u64, io::Error>(total)
+    };
+    let (up, down) = tokio::try_join!(up, down)?;
+    Ok(Moved { up, down })
+}

@@ -1,0 +1,209 @@
+//! The HTTP CONNECT frontend kube-apiserver's EgressSelectorConfiguration speaks (DESIGN §9).
+//!
+//! `CONNECT host:port HTTP/1.1`, target taken from the request-target authority (never the
+//! Host header, which kube-apiserver sets to `127.0.0.1`). Success is exactly
+//! `HTTP/1.1 200 Connection established\r\n\r\n`, then tunnel bytes. Every failure is a status
+//! with a one-line reason.
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::{DialFailure, ServerCore};
+use crate::pump::{Abort, pump};
+
+/// The largest request head accepted.
+pub const MAX_HEAD: usize = 16 * 1024;
+
+/// An HTTP error answer: status and reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpError {
+    /// Status code.
+    pub status: u16,
+    /// One line for the client and the log.
+    pub reason: String,
+}
+
+fn err(status: u16, reason: impl Into<String>) -> HttpError {
+    HttpError {
+        status,
+        reason: reason.into(),
+    }
+}
+
+fn status_text(status: u16) -> &'static str {
+    match status {
+        400 => "Bad Request",
+        403 => "Forbidden",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        431 => "Request Header Fields Too Large",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => "Error",
+    }
+}
+
+/// Splits `host:port` or `[v6]:port`.
+pub fn parse_authority(target: &str) -> Result<(String, u16), HttpError> {
+    let (host, port) = if let Some(rest) = target.strip_prefix('[') {
+        let (h, after) = rest
+            .split_once(']')
+            .ok_or_else(|| err(400, "request target has an unclosed '['"))?;
+        let port = after
+            .strip_prefix(':')
+            .ok_or_else(|| err(400, "request target has no port"))?;
+        (h, port)
+    } else {
+        target
+            .rsplit_once(':')
+            .ok_or_else(|| err(400, "request target has no port"))?
+    };
+    if host.is_empty() || host.len() > 255 || !host.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(err(400, "request target host is empty or invalid"));
+    }
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| err(400, "request target port is not 1-65535"))?;
+    Ok((host.to_owned(), port))
+}
+
+/// Reads and parses the request head; returns the target and any bytes read past the head.
+pub async fn read_request<S: AsyncRead + Unpin>(
+    conn: &mut S,
+    timeout: Duration,
+) -> Result<((String, u16), Bytes), HttpError> {
+    let mut buf = BytesMut::with_capacity(1024);
+    let read = async {
+        loop {
+            let mut headers = [httparse::EMPTY_HEADER; 64];
+            let mut req = httparse::Request::new(&mut headers);
+            match req.parse(&buf) {
+                Ok(httparse::Status::Complete(len)) => {
+                    let method = req.method.unwrap_or_default();
+                    if method != "CONNECT" {
+                        return Err(err(405, format!("method {method} is not CONNECT")));
+                    }
+                    let target = parse_authority(req.path.unwrap_or_default())?;
+                    let rest = buf.split_off(len).freeze();
+                    return Ok((target, rest));
+                }
+                Ok(httparse::Status::Partial) => {}
+                Err(e) => return Err(err(400, format!("malformed request: {e}"))),
+            }
+            if buf.len() >= MAX_HEAD {
+                return Err(err(431, "request head over 16 KiB"));
+            }
+            buf.reserve(1024);
+            match conn.read_buf(&mut buf).await {
+                Ok(0) => return Err(err(400, "connection closed before the request head ended")),
+                Ok(_) => {}
+                Err(e) => return Err(err(400, format!("reading the request: {e}"))),
+            }
+        }
+    };
+    tokio::time::timeout(timeout, read)
+        .await
+        .unwrap_or_else(|_| Err(err(408, "request head not received in time")))
+}
+
+async fn answer<S: AsyncWrite + Unpin>(conn: &mut S, e: &HttpError) {
+    let body = format!("{}\n", e.reason);
+    let head = format!(
+        "HTTP/1.1 {} {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n{}\r\n",
+        e.status,
+        status_text(e.status),
+        body.len(),
+        if e.status == 405 {
+            "Allow: CONNECT\r\n"
+        } else {
+            ""
+        },
+    );
+    let _ = conn.write_all(head.as_bytes()).await;
+    let _ = conn.write_all(body.as_bytes()).await;
+    let _ = conn.shutdown().await;
+}
+
+/// Serves one CONNECT client connection to its end.
+pub async fn serve<S>(core: &ServerCore, mut conn: S, peer: &str)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Abort,
+{
+    let ((host, port), first) = match read_request(&mut conn, core.header_timeout).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::info!(%peer, status = e.status, reason = %e.reason, "CONNECT refused");
+            core.metrics.connect(e.status);
+            answer(&mut conn, &e).await;
+            return;
+        }
+    };
+    let stream = match core.dial(&host, port).await {
+        Ok(s) => s,
+        Err(f) => {
+            let e = failure_to_http(&f);
+            tracing::info!(%peer, %host, port, status = e.status, reason = %e.reason, "CONNECT failed");
+            core.metrics.connect(e.status);
+            answer(&mut conn, &e).await;
+            return;
+        }
+    };
+    core.metrics.connect(200);
+    if conn
+        .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        .await
+        .is_err()
+    {
+        return;
+    }
+    match pump(stream, conn, first).await {
+        Ok(moved) => {
+            tracing::debug!(%peer, %host, port, up = moved.up, down = moved.down, "CONNECT done")
+        }
+        Err(e) => tracing::debug!(%peer, %host, port, error = %e, "CONNECT ended with an error"),
+    }
+}
+
+/// The status for a failed dial (DESIGN §10): no agent 503, forbidden 403, refused or
+/// unreachable 502, timeout 504.
+pub fn failure_to_http(f: &DialFailure) -> HttpError {
+    use tether_proto::ErrorCode as C;
+    match f {
+        DialFailure::NoAgent => err(503, "no agent connected for this destination"),
+        DialFailure::Timeout => err(504, "dial timed out"),
+        DialFailure::Unavailable(reason) => err(503, format!("no usable tunnel: {reason}")),
+        DialFailure::Failed(e) => {
+            let status = match e.code {
+                C::DIAL_FORBIDDEN => 403,
+                C::DIAL_TIMEOUT => 504,
+                C::REFUSED_STREAM => 503,
+                _ => 502,
+            };
+            err(status, format!("{}: {}", e.code, e.reason))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authorities_parse_with_ipv6_brackets_and_refuse_a_missing_port() {
+        assert_eq!(
+            parse_authority("10.0.0.1:10250").unwrap(),
+            ("10.0.0.1".into(), 10250)
+        );
+        assert_eq!(parse_authority("[::1]:443").unwrap(), ("::1".into(), 443));
+        assert_eq!(parse_authority("node-1:22").unwrap(), ("node-1".into(), 22));
+        assert_eq!(parse_authority("node-1").unwrap_err().status, 400);
+        assert_eq!(parse_authority("node-1:0").unwrap_err().status, 400);
+        assert_eq!(parse_authority(":80").unwrap_err().status, 400);
+        assert_eq!(parse_authority("[::1]").unwrap_err().status, 400);
+    }
+}

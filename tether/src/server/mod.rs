@@ -1,0 +1,376 @@
+//! The server: accepts agent tunnels over TLS, routes dials to them, and serves the HTTP
+//! CONNECT frontend (TCP, optional TLS/mTLS, and a Unix socket) and health and metrics.
+
+pub mod connect;
+mod metrics;
+pub mod registry;
+
+use std::collections::HashSet;
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tether_proto::session::ServerIdentity;
+use tether_proto::{Config, ErrorCode, Session, StreamError};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+
+pub use metrics::Metrics;
+pub use registry::{Registry, Strategy, parse_strategies};
+
+use crate::stream::TetherStream;
+use crate::tunnel::{DialError, Tunnel, server_handshake};
+
+/// What a server needs to run.
+#[derive(Clone)]
+pub struct ServerConfig {
+    /// Where agents connect.
+    pub agent_addr: SocketAddr,
+    /// TLS for agents; with a client CA, agents must present a certificate it signed.
+    pub agent_tls: Arc<rustls::ServerConfig>,
+    /// Accepted bearer tokens; `None`: no token needed (rely on client certificates).
+    pub tokens: Option<HashSet<String>>,
+    /// This server's id (sent in WELCOME).
+    pub server_id: String,
+    /// How many servers the agents should connect to (HA).
+    pub server_count: u16,
+    /// Routing strategies, in order.
+    pub strategies: Vec<Strategy>,
+    /// How long a dial may take before the client gets 504.
+    pub dial_timeout: Duration,
+    /// Session settings (windows, keepalive).
+    pub session: Config,
+    /// HTTP CONNECT on TCP.
+    pub connect_addr: Option<SocketAddr>,
+    /// TLS for the CONNECT frontend (with a client CA: mTLS required).
+    pub connect_tls: Option<Arc<rustls::ServerConfig>>,
+    /// HTTP CONNECT on a Unix socket.
+    pub uds_path: Option<PathBuf>,
+    /// `/healthz`, `/readyz`, `/metrics` on TCP.
+    pub health_addr: Option<SocketAddr>,
+    /// How long a CONNECT client may take to send its request head.
+    pub header_timeout: Duration,
+    /// How long an agent may take for TLS and HELLO.
+    pub handshake_timeout: Duration,
+}
+
+/// Why the server could not give a client a stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DialFailure {
+    /// No connected agent serves the destination.
+    NoAgent,
+    /// The dial did not complete in time.
+    Timeout,
+    /// The agent's session would not open a stream.
+    Unavailable(String),
+    /// The agent refused or failed the dial, or its tunnel ended.
+    Failed(StreamError),
+}
+
+impl std::fmt::Display for DialFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DialFailure::NoAgent => f.write_str("no agent for this destination"),
+            DialFailure::Timeout => f.write_str("dial timed out"),
+            DialFailure::Unavailable(r) => write!(f, "tunnel unavailable: {r}"),
+            DialFailure::Failed(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for DialFailure {}
+
+/// The state every listener shares.
+pub struct ServerCore {
+    /// Connected agents.
+    pub registry: Registry,
+    /// Counters and gauges for `/metrics`.
+    pub metrics: Metrics,
+    strategies: Vec<Strategy>,
+    dial_timeout: Duration,
+    pub(crate) header_timeout: Duration,
+}
+
+impl ServerCore {
+    /// Opens a stream to `host:port` through an agent chosen by the routing strategies.
+    pub async fn dial(&self, host: &str, port: u16) -> Result<TetherStream, DialFailure> {
+        let tunnel = self
+            .registry
+            .route(host, &self.strategies)
+            .ok_or(DialFailure::NoAgent)?;
+        let result = tunnel.dial(host, port, self.dial_timeout).await;
+        self.metrics.dial(match &result {
+            Ok(_) => "ok".to_owned(),
+            Err(DialError::Timeout) => "timeout".to_owned(),
+            Err(DialError::Unavailable(_)) => "unavailable".to_owned(),
+            Err(DialError::Failed(e)) => e.code.to_string(),
+        });
+        result.map_err(|e| match e {
+            DialError::Failed(e) => DialFailure::Failed(e),
+            DialError::Timeout => DialFailure::Timeout,
+            DialError::Unavailable(e) => DialFailure::Unavailable(e.to_string()),
+        })
+    }
+}
+
+/// A running server.
+pub struct Server {
+    core: Arc<ServerCore>,
+    /// Where agents connect (the bound address).
+    pub agent_addr: SocketAddr,
+    /// Where CONNECT clients connect over TCP, if enabled.
+    pub connect_addr: Option<SocketAddr>,
+    /// The Unix socket, if enabled.
+    pub uds_path: Option<PathBuf>,
+    /// Where `/healthz`, `/readyz` and `/metrics` are served, if enabled.
+    pub health_addr: Option<SocketAddr>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Server {
+    /// Binds every listener and starts serving.
+    pub async fn start(config: ServerConfig) -> io::Result<Server> {
+        if config.tokens.is_none() {
+            tracing::info!("no agent tokens configured: agents are authenticated by TLS only");
+        }
+        let core = Arc::new(ServerCore {
+            registry: Registry::default(),
+            metrics: Metrics::new(),
+            strategies: config.strategies.clone(),
+            dial_timeout: config.dial_timeout,
+            header_timeout: config.header_timeout,
+        });
+        let mut tasks = Vec::new();
+        let agents = TcpListener::bind(config.agent_addr).await?;
+        let agent_addr = agents.local_addr()?;
+        tasks.push(tokio::spawn(accept_agents(
+            core.clone(),
+            agents,
+            Arc::new(config.clone()),
+        )));
+        let mut connect_addr = None;
+        if let Some(addr) = config.connect_addr {
+            let l = TcpListener::bind(addr).await?;
+            connect_addr = Some(l.local_addr()?);
+            tasks.push(tokio::spawn(accept_connect_tcp(
+                core.clone(),
+                l,
+                config.connect_tls.clone(),
+            )));
+        }
+        #[cfg(unix)]
+        if let Some(path) = &config.uds_path {
+            let _ = std::fs::remove_file(path);
+            let l = tokio::net::UnixListener::bind(path)?;
+            tasks.push(tokio::spawn(accept_connect_uds(core.clone(), l)));
+        }
+        let mut health_addr = None;
+        if let Some(addr) = config.health_addr {
+            let l = TcpListener::bind(addr).await?;
+            health_addr = Some(l.local_addr()?);
+            tasks.push(tokio::spawn(metrics::serve_health(core.clone(), l)));
+        }
+        tracing::info!(%agent_addr, ?connect_addr, uds = ?config.uds_path, ?health_addr, "server listening");
+        Ok(Server {
+            core,
+            agent_addr,
+            connect_addr,
+            uds_path: config.uds_path,
+            health_addr,
+            tasks,
+        })
+    }
+
+    /// The library API (DESIGN §9): a stream to `host:port` through an agent.
+    pub async fn dial(&self, host: &str, port: u16) -> Result<TetherStream, DialFailure> {
+        self.core.dial(host, port).await
+    }
+
+    /// The shared state (registry, metrics).
+    pub fn core(&self) -> &Arc<ServerCore> {
+        &self.core
+    }
+
+    /// Agents connected now.
+    pub fn agents(&self) -> usize {
+        self.core.registry.len()
+    }
+
+    /// Waits until at least `n` agents are connected, at most `timeout`.
+    pub async fn wait_agents(&self, n: usize, timeout: Duration) -> bool {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if self.agents() >= n {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    }
+
+    /// Stops accepting and closes every tunnel (GOAWAY), after at most `grace` of draining.
+    pub async fn shutdown(self, grace: Duration) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        let tunnels = self.core.registry.tunnels();
+        for t in &tunnels {
+            t.go_away("server shutting down");
+        }
+        let _ = tokio::time::timeout(grace, async {
+            for t in &tunnels {
+                t.closed().await;
+            }
+        })
+        .await;
+        for t in &tunnels {
+            t.close(ErrorCode::NO_ERROR, "server shut down");
+        }
+        if let Some(p) = &self.uds_path {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+async fn accept_agents(core: Arc<ServerCore>, l: TcpListener, cfg: Arc<ServerConfig>) {
+    let acceptor = TlsAcceptor::from(cfg.agent_tls.clone());
+    loop {
+        let Ok((tcp, peer)) = l.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        tokio::spawn(serve_agent(
+            core.clone(),
+            cfg.clone(),
+            acceptor.clone(),
+            tcp,
+            peer,
+        ));
+    }
+}
+
+async fn serve_agent(
+    core: Arc<ServerCore>,
+    cfg: Arc<ServerConfig>,
+    acceptor: TlsAcceptor,
+    tcp: TcpStream,
+    peer: SocketAddr,
+) {
+    let epoch = Instant::now();
+    let setup = async {
+        let mut tls = acceptor
+            .accept(tcp)
+            .await
+            .map_err(|e| format!("TLS: {e}"))?;
+        let identity = ServerIdentity {
+            server_id: cfg.server_id.clone(),
+            server_count: cfg.server_count,
+        };
+        let mut session = Session::server(cfg.session.clone(), identity, tether_proto::Time(0))
+            .map_err(|e| format!("session: {e}"))?;
+        let tokens = cfg.tokens.clone();
+        let (leftover, hello) =
+            server_handshake(&mut tls, &mut session, epoch, cfg.handshake_timeout, |h| {
+                // SPEC 4.2: the protocol carries the token; the server decides.
+                match (&tokens, &h.token) {
+                    (None, _) => Ok(()),
+                    (Some(set), Some(t)) if set.contains(t.expose()) => Ok(()),
+                    (Some(_), _) => Err((
+                        ErrorCode::UNAUTHORIZED,
+                        "invalid or missing token".to_owned(),
+                    )),
+                }
+            })
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+        Ok::<_, String>((tls, session, leftover, hello))
+    };
+    let (tls, session, leftover, hello) =
+        match tokio::time::timeout(cfg.handshake_timeout, setup).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                tracing::warn!(%peer, error = %e, "agent refused");
+                core.metrics.agent_refused();
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(%peer, "agent handshake timed out");
+                core.metrics.agent_refused();
+                return;
+            }
+        };
+    let label = format!("server<-{}({peer})", hello.agent_id);
+    let tunnel = Tunnel::spawn(tls, session, leftover, None, epoch, label);
+    let conn = core.registry.add(
+        hello.agent_id.clone(),
+        hello.identifiers.clone(),
+        tunnel.clone(),
+    );
+    core.metrics.agents(core.registry.len());
+    tracing::info!(%peer, agent_id = %hello.agent_id, identifiers = ?hello.identifiers, "agent connected");
+    let reason = tunnel.closed().await;
+    core.registry.remove(conn);
+    core.metrics.agents(core.registry.len());
+    tracing::info!(%peer, agent_id = %hello.agent_id, %reason, "agent disconnected");
+}
+
+async fn accept_connect_tcp(
+    core: Arc<ServerCore>,
+    l: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) {
+    let acceptor = tls.map(TlsAcceptor::from);
+    loop {
+        let Ok((tcp, peer)) = l.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let core = core.clone();
+        let acceptor = acceptor.clone();
+        tokio::spawn(async move {
+            let peer = peer.to_string();
+            match acceptor {
+                Some(a) => match tokio::time::timeout(core.header_timeout, a.accept(tcp)).await {
+                    Ok(Ok(tls)) => connect::serve(&core, tls, &peer).await,
+                    Ok(Err(e)) => tracing::info!(%peer, error = %e, "CONNECT client TLS failed"),
+                    Err(_) => tracing::info!(%peer, "CONNECT client TLS timed out"),
+                },
+                None => connect::serve(&core, tcp, &peer).await,
+            }
+        });
+    }
+}
+
+#[cfg(unix)]
+async fn accept_connect_uds(core: Arc<ServerCore>, l: tokio::net::UnixListener) {
+    loop {
+        let Ok((s, _)) = l.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let core = core.clone();
+        tokio::spawn(async move { connect::serve(&core, s, "uds").await });
+    }
+}
+
+/// Writes a small HTTP/1.1 response and closes.
+pub(crate) async fn respond<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    status: u16,
+    text: &str,
+    content_type: &str,
+    body: &str,
+) {
+    let head = format!(
+        "HTTP/1.1 {status} {text}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = s.write_all(head.as_bytes()).await;
+    let _ = s.write_all(body.as_bytes()).await;
+    let _ = s.shutdown().await;
+}

@@ -1,0 +1,149 @@
+//! Connected agents, and routing a destination to one of them (DESIGN §9).
+
+use std::net::IpAddr;
+use std::str::FromStr;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use ipnet::IpNet;
+use tether_proto::frame::Identifier;
+
+use crate::tunnel::Tunnel;
+
+/// A routing strategy, tried in the order given (Konnectivity's `--proxy-strategies`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    /// An agent whose identifiers (host, ipv4, ipv6, cidr) match the destination host.
+    DestHost,
+    /// An agent that announced the default route.
+    DefaultRoute,
+    /// Any agent, balanced.
+    Default,
+}
+
+impl FromStr for Strategy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Strategy, String> {
+        match s.trim() {
+            "destHost" => Ok(Strategy::DestHost),
+            "defaultRoute" => Ok(Strategy::DefaultRoute),
+            "default" => Ok(Strategy::Default),
+            other => Err(format!(
+                "unknown proxy strategy {other:?} (destHost, defaultRoute, default)"
+            )),
+        }
+    }
+}
+
+/// Parses `destHost,default`.
+pub fn parse_strategies(s: &str) -> Result<Vec<Strategy>, String> {
+    s.split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(str::parse)
+        .collect()
+}
+
+struct Entry {
+    conn: u64,
+    agent_id: String,
+    identifiers: Vec<Identifier>,
+    tunnel: Tunnel,
+}
+
+/// The agents connected to this server.
+#[derive(Default)]
+pub struct Registry {
+    agents: Mutex<Vec<Entry>>,
+    next_conn: AtomicU64,
+    turn: AtomicUsize,
+}
+
+fn matches_host(id: &Identifier, host: &str, ip: Option<IpAddr>) -> bool {
+    match id {
+        Identifier::Host(h) => h.eq_ignore_ascii_case(host),
+        Identifier::Ipv4(a) => ip == Some(IpAddr::V4(*a)),
+        Identifier::Ipv6(a) => ip == Some(IpAddr::V6(*a)),
+        Identifier::Cidr(addr, prefix) => match (IpNet::new(*addr, *prefix), ip) {
+            (Ok(net), Some(ip)) => net.trunc().contains(&ip),
+            _ => false,
+        },
+        Identifier::DefaultRoute | Identifier::Unknown(..) => false,
+    }
+}
+
+impl Registry {
+    /// Adds an agent's tunnel; returns its registration number.
+    pub fn add(&self, agent_id: String, identifiers: Vec<Identifier>, tunnel: Tunnel) -> u64 {
+        let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut a) = self.agents.lock() {
+            a.push(Entry {
+                conn,
+                agent_id,
+                identifiers,
+                tunnel,
+            });
+        }
+        conn
+    }
+
+    /// Removes a registration (its tunnel ended).
+    pub fn remove(&self, conn: u64) {
+        if let Ok(mut a) = self.agents.lock() {
+            a.retain(|e| e.conn != conn);
+        }
+    }
+
+    /// Agents registered.
+    pub fn len(&self) -> usize {
+        self.agents.lock().map(|a| a.len()).unwrap_or(0)
+    }
+
+    /// Whether no agent is registered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The ids of the registered agents.
+    pub fn agent_ids(&self) -> Vec<String> {
+        self.agents
+            .lock()
+            .map(|a| a.iter().map(|e| e.agent_id.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    /// The tunnel to use for `host`, by the first strategy that finds a usable agent; among
+    /// several, the next in turn.
+    pub fn route(&self, host: &str, strategies: &[Strategy]) -> Option<Tunnel> {
+        let agents = self.agents.lock().ok()?;
+        let ip = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+            .ok();
+        for s in strategies {
+            let candidates: Vec<&Entry> = agents
+                .iter()
+                .filter(|e| e.tunnel.is_usable())
+                .filter(|e| match s {
+                    Strategy::DestHost => e.identifiers.iter().any(|i| matches_host(i, host, ip)),
+                    Strategy::DefaultRoute => e.identifiers.contains(&Identifier::DefaultRoute),
+                    Strategy::Default => true,
+                })
+                .collect();
+            if !candidates.is_empty() {
+                let n = self.turn.fetch_add(1, Ordering::Relaxed);
+                return Some(candidates[n % candidates.len()].tunnel.clone());
+            }
+        }
+        None
+    }
+
+    /// Every registered tunnel.
+    pub fn tunnels(&self) -> Vec<Tunnel> {
+        self.agents
+            .lock()
+            .map(|a| a.iter().map(|e| e.tunnel.clone()).collect())
+            .unwrap_or_default()
+    }
+}

@@ -1,0 +1,245 @@
+//! Shared pieces of the integration tests: a throwaway PKI, a server and agents on loopback,
+//! backends, and a CONNECT client in kube-apiserver's dialect. Every loop is bounded.
+#![allow(dead_code, unreachable_pub, missing_docs)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tether::agent::{Agent, AgentConfig, Allowlist};
+use tether::server::{Server, ServerConfig, Strategy};
+use tether::tls::{self, testpki::Ca};
+use tether_proto::frame::Identifier;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub struct Pki {
+    pub ca: Ca,
+    pub server: tls::testpki::Pem,
+    pub agent: tls::testpki::Pem,
+    pub client: tls::testpki::Pem,
+}
+
+impl Pki {
+    pub fn new() -> Pki {
+        let ca = Ca::new("tether test CA");
+        let server = ca.leaf("tether-server", &["localhost", "127.0.0.1"]);
+        let agent = ca.leaf("agent-1", &["agent-1"]);
+        let client = ca.leaf("kube-apiserver", &["kube-apiserver"]);
+        Pki {
+            ca,
+            server,
+            agent,
+            client,
+        }
+    }
+
+    pub fn ca_pem(&self) -> &[u8] {
+        self.ca.pem.cert.as_bytes()
+    }
+}
+
+pub fn session(keepalive_ms: u64) -> tether_proto::Config {
+    tether_proto::Config {
+        keepalive_interval_ms: keepalive_ms,
+        keepalive_timeout_ms: keepalive_ms.max(1) * 3,
+        ..tether_proto::Config::default()
+    }
+}
+
+pub fn server_config(pki: &Pki) -> ServerConfig {
+    ServerConfig {
+        agent_addr: "127.0.0.1:0".parse().unwrap(),
+        agent_tls: tls::server_config(
+            pki.server.cert.as_bytes(),
+            pki.server.key.as_bytes(),
+            Some(pki.ca_pem()),
+        )
+        .unwrap(),
+        tokens: None,
+        server_id: "server-1".into(),
+        server_count: 1,
+        strategies: vec![Strategy::DestHost, Strategy::Default],
+        dial_timeout: Duration::from_secs(5),
+        session: session(0),
+        connect_addr: Some("127.0.0.1:0".parse().unwrap()),
+        connect_tls: None,
+        uds_path: None,
+        health_addr: Some("127.0.0.1:0".parse().unwrap()),
+        header_timeout: Duration::from_secs(2),
+        handshake_timeout: Duration::from_secs(5),
+    }
+}
+
+pub fn agent_config(pki: &Pki, server: SocketAddr, id: &str) -> AgentConfig {
+    AgentConfig {
+        servers: vec![server.to_string()],
+        server_name: Some("localhost".into()),
+        tls: tls::client_config(
+            pki.ca_pem(),
+            Some((pki.agent.cert.as_bytes(), pki.agent.key.as_bytes())),
+        )
+        .unwrap(),
+        agent_id: id.into(),
+        identifiers: vec![Identifier::Host(id.into())],
+        token_path: None,
+        allowlist: Allowlist::default(),
+        dial_timeout: Duration::from_secs(2),
+        sync_interval: Duration::from_millis(50),
+        sync_interval_cap: Duration::from_millis(400),
+        connect_timeout: Duration::from_secs(5),
+        session: session(0),
+    }
+}
+
+/// A server and one agent, connected.
+pub async fn server_and_agent(pki: &Pki) -> (Server, Agent) {
+    let server = Server::start(server_config(pki)).await.unwrap();
+    let agent = Agent::start(agent_config(pki, server.agent_addr, "agent-1"));
+    assert!(server.wait_agents(1, WAIT).await, "the agent connected");
+    (server, agent)
+}
+
+/// A backend that echoes every byte back and half-closes when its client does.
+pub async fn echo_backend() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// Sends a CONNECT the way kube-apiserver does (`Host: 127.0.0.1`, target in the
+/// request line) and returns the whole response head and what followed it.
+pub async fn connect_request<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    target: &str,
+) -> (String, Vec<u8>) {
+    let req = format!(
+        "CONNECT {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: Go-http-client/1.1\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    read_head(s).await
+}
+
+pub async fn read_head<S: AsyncRead + Unpin>(s: &mut S) -> (String, Vec<u8>) {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    for _ in 0..65_536 {
+        match tokio::time::timeout(WAIT, s.read(&mut byte)).await {
+            Ok(Ok(1)) => buf.push(byte[0]),
+            _ => break,
+        }
+        if buf.ends_with(b"\r\n\r\n") {
+            break;
+        }
+    }
+    let head = String::from_utf8_lossy(&buf).into_owned();
+    (head, Vec::new())
+}
+
+/// CONNECTs over TCP and returns the status code, the head, and the stream.
+pub async fn connect_tcp(frontend: SocketAddr, target: &str) -> (u16, String, TcpStream) {
+    let mut s = TcpStream::connect(frontend).await.unwrap();
+    let (head, _) = connect_request(&mut s, target).await;
+    (status_of(&head), head, s)
+}
+
+pub fn status_of(head: &str) -> u16 {
+    head.split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Reads everything until EOF (bounded by WAIT).
+pub async fn read_to_end<S: AsyncRead + Unpin>(s: &mut S) -> std::io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut out))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "read timed out"))??;
+    Ok(out)
+}
+
+/// Deterministic bytes for a stream numbered `seed`.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()[0]
+        })
+        .collect()
+}
+
+pub fn arc<T>(t: T) -> Arc<T> {
+    Arc::new(t)
+}
+
+/// A loopback TCP forwarder in front of `target` that can go silent (stop moving bytes while
+/// keeping both connections open), as a dead network path or a frozen agent would.
+pub struct Forwarder {
+    pub addr: SocketAddr,
+    pub frozen: Arc<std::sync::atomic::AtomicBool>,
+}
+
+pub async fn forwarder(target: SocketAddr) -> Forwarder {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let frozen = Arc::new(AtomicBool::new(false));
+    let f = frozen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((inbound, _)) = l.accept().await else {
+                return;
+            };
+            let Ok(outbound) = TcpStream::connect(target).await else {
+                continue;
+            };
+            let f = f.clone();
+            tokio::spawn(async move {
+                let (ir, iw) = inbound.into_split();
+                let (or, ow) = outbound.into_split();
+                let copy = |mut r: tokio::net::tcp::OwnedReadHalf,
+                            mut w: tokio::net::tcp::OwnedWriteHalf,
+                            f: Arc<AtomicBool>| async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match r.read(&mut buf).await {
+                            Ok(0) | Err(_) => return (r, w),
+                            Ok(n) => n,
+                        };
+                        if f.load(Ordering::SeqCst) {
+                            // Silent: hold the connections, move nothing, for the test's life.
+                            tokio::time::sleep(Duration::from_secs(3600)).await;
+                        }
+                        if w.write_all(&buf[..n]).await.is_err() {
+                            return (r, w);
+                        }
+                    }
+                };
+                let a = tokio::spawn(copy(ir, ow, f.clone()));
+                let b = tokio::spawn(copy(or, iw, f));
+                let _ = tokio::join!(a, b);
+            });
+        }
+    });
+    Forwarder { addr, frozen }
+}
