@@ -72,6 +72,47 @@ pub fn parse_authority(target: &str) -> Result<(String, u16), HttpError> {
     Ok((host.to_owned(), port))
 }
 
+/// A CONNECT target (host, port) and the length of the request head that named it.
+pub type Head = ((String, u16), usize);
+
+/// Parses a request head at the front of `buf`: `Ok(None)` if it is not complete yet,
+/// otherwise the CONNECT target and the head's length. Pure, so it can be fuzzed.
+pub fn parse_head(buf: &[u8]) -> Result<Option<Head>, HttpError> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => {
+            let method = req.method.unwrap_or_default();
+            if method != "CONNECT" {
+                return Err(err(405, format!("method {method} is not CONNECT")));
+            }
+            // The target is the request-target authority, never the Host header.
+            Ok(Some((parse_authority(req.path.unwrap_or_default())?, len)))
+        }
+        Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => {
+            Err(err(431, "request head over 16 KiB"))
+        }
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(e) => Err(err(400, format!("malformed request: {e}"))),
+    }
+}
+
+/// The fuzz target `connect_head`: no input panics the parser; a complete head is parsed
+/// the same from exactly its own bytes; a target has a valid host and a non-zero port.
+pub fn fuzz_head(data: &[u8]) {
+    match parse_head(data) {
+        Ok(Some(((host, port), len))) => {
+            assert!(len <= data.len());
+            assert!(port != 0 && !host.is_empty() && host.len() <= 255);
+            assert!(host.bytes().all(|b| b.is_ascii_graphic()));
+            let again = parse_head(&data[..len]).expect("the head alone parses");
+            assert_eq!(again, Some(((host, port), len)));
+        }
+        Ok(None) => assert!(data.len() < MAX_HEAD),
+        Err(e) => assert!((400..500).contains(&e.status), "{e:?}"),
+    }
+}
+
 /// Reads and parses the request head; returns the target and any bytes read past the head.
 pub async fn read_request<S: AsyncRead + Unpin>(
     conn: &mut S,
@@ -80,23 +121,8 @@ pub async fn read_request<S: AsyncRead + Unpin>(
     let mut buf = BytesMut::with_capacity(1024);
     let read = async {
         loop {
-            let mut headers = [httparse::EMPTY_HEADER; 64];
-            let mut req = httparse::Request::new(&mut headers);
-            match req.parse(&buf) {
-                Ok(httparse::Status::Complete(len)) => {
-                    let method = req.method.unwrap_or_default();
-                    if method != "CONNECT" {
-                        return Err(err(405, format!("method {method} is not CONNECT")));
-                    }
-                    let target = parse_authority(req.path.unwrap_or_default())?;
-                    let rest = buf.split_off(len).freeze();
-                    return Ok((target, rest));
-                }
-                Ok(httparse::Status::Partial) => {}
-                Err(e) => return Err(err(400, format!("malformed request: {e}"))),
-            }
-            if buf.len() >= MAX_HEAD {
-                return Err(err(431, "request head over 16 KiB"));
+            if let Some((target, len)) = parse_head(&buf)? {
+                return Ok((target, buf.split_off(len).freeze()));
             }
             buf.reserve(1024);
             match conn.read_buf(&mut buf).await {
