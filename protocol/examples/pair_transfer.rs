@@ -7,9 +7,9 @@
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
-use tether_proto::frame::{Data, Frame, Protocol, StreamId};
-use tether_proto::testing::{Carry, Pair, Side};
-use tether_proto::{Config, Event, FrameCodec};
+use tether_proto::frame::{Data, Frame, StreamId};
+use tether_proto::testing::{self, Carry, Pair};
+use tether_proto::{Config, FrameCodec};
 
 fn transfer(total: usize, streams: usize, carry: Carry) -> f64 {
     let config = Config {
@@ -18,43 +18,8 @@ fn transfer(total: usize, streams: usize, carry: Carry) -> f64 {
     };
     let mut p = Pair::established(config.clone(), config);
     p.carry = carry;
-    let mut ids = Vec::new();
-    for _ in 0..streams {
-        let id = p.server.open(Protocol::TCP, "sink", 9).unwrap();
-        p.run();
-        p.events(Side::Agent);
-        p.agent.accept(id).unwrap();
-        p.run();
-        p.events(Side::Server);
-        ids.push(id);
-    }
-    let per_stream = total / streams;
-    let chunk = Bytes::from(vec![0xa5u8; 256 * 1024]);
-    let mut sent = vec![0usize; streams];
-    let mut received = 0usize;
     let start = Instant::now();
-    while received < per_stream * streams {
-        for (i, id) in ids.iter().enumerate() {
-            while sent[i] < per_stream {
-                let want = chunk.len().min(per_stream - sent[i]);
-                let n = p.server.send(*id, chunk.slice(..want)).unwrap();
-                if n == 0 {
-                    break;
-                }
-                sent[i] += n;
-            }
-        }
-        p.run();
-        while let Some(e) = p.agent.poll_event() {
-            if let Event::Data { stream, data } = e {
-                received += data.len();
-                p.agent
-                    .release(stream, u32::try_from(data.len()).unwrap())
-                    .unwrap();
-            }
-        }
-        while p.server.poll_event().is_some() {}
-    }
+    let received = testing::transfer(&mut p, total, streams);
     received as f64 / start.elapsed().as_secs_f64() / (1024.0 * 1024.0 * 1024.0)
 }
 

@@ -336,3 +336,54 @@ impl Pair {
         }
     }
 }
+
+/// Moves `total` bytes from the server end to the agent end over `streams` streams, the
+/// agent releasing credit as it consumes: the pair-transfer workload of the example and the
+/// benches. Returns the bytes received.
+pub fn transfer(pair: &mut Pair, total: usize, streams: usize) -> usize {
+    use crate::frame::Protocol;
+    let streams = streams.max(1);
+    let mut ids = Vec::new();
+    for _ in 0..streams {
+        let id = pair
+            .server
+            .open(Protocol::TCP, "sink", 9)
+            .unwrap_or_else(|e| panic!("open: {e}"));
+        pair.run();
+        pair.events(Side::Agent);
+        pair.agent
+            .accept(id)
+            .unwrap_or_else(|e| panic!("accept: {e}"));
+        pair.run();
+        pair.events(Side::Server);
+        ids.push(id);
+    }
+    let per_stream = total / streams;
+    let chunk = Bytes::from(vec![0xa5u8; 256 * 1024]);
+    let mut sent = vec![0usize; streams];
+    let mut received = 0usize;
+    while received < per_stream * streams {
+        for (i, id) in ids.iter().enumerate() {
+            while sent[i] < per_stream {
+                let want = chunk.len().min(per_stream - sent[i]);
+                match pair.server.send(*id, chunk.slice(..want)) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => sent[i] += n,
+                }
+            }
+        }
+        if pair.run() == 0 && !pair.in_flight() {
+            break;
+        }
+        while let Some(e) = pair.agent.poll_event() {
+            if let Event::Data { stream, data } = e {
+                received += data.len();
+                let _ = pair
+                    .agent
+                    .release(stream, u32::try_from(data.len()).unwrap_or(0));
+            }
+        }
+        while pair.server.poll_event().is_some() {}
+    }
+    received
+}

@@ -1,0 +1,313 @@
+//! The benchmark report: starts real `tether-server` and `tether-agent` processes on loopback
+//! and measures, in one run, throughput beside direct TCP and yamux, dial latency, CPU per GiB
+//! of each process, memory per idle tunnelled connection, and a stalled stream's effect on
+//! another. Prints markdown for docs/BENCHMARKS.md.
+//!
+//! `cargo run -p tether-bench --release --bin report [-- --quick]`
+#![allow(clippy::print_stdout)]
+
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tether_bench::{Pki, Via, backend, dial_latency, quantile, throughput, yamux_pair};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
+
+struct Proc {
+    child: Child,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+fn free_port() -> Result<u16, Error> {
+    Ok(StdListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_seconds(pid: u32) -> Result<f64, Error> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    let hz: f64 = Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0);
+    Ok(ticks / hz)
+}
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> Result<u64, Error> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .ok_or("no VmRSS")?;
+    Ok(line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0))
+}
+
+fn binaries() -> Result<PathBuf, Error> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let ok = Command::new(cargo)
+        .args(["build", "--release", "-p", "tether", "--bins"])
+        .status()?
+        .success();
+    if !ok {
+        return Err("building tether-server and tether-agent failed".into());
+    }
+    let exe = std::env::current_exe()?;
+    Ok(exe.parent().ok_or("no target dir")?.to_path_buf())
+}
+
+async fn ready(health: SocketAddr) -> bool {
+    for _ in 0..500 {
+        if let Ok(mut s) = TcpStream::connect(health).await {
+            let _ = s
+                .write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await;
+            let mut out = Vec::new();
+            let _ = s.read_to_end(&mut out).await;
+            if out.starts_with(b"HTTP/1.1 200") {
+                return true;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+async fn start_tether(
+    bin: &Path,
+    dir: &Path,
+    pki: &Pki,
+) -> Result<(Proc, Proc, SocketAddr), Error> {
+    let write = |name: &str, body: &str| -> Result<PathBuf, Error> {
+        let p = dir.join(name);
+        std::fs::write(&p, body)?;
+        Ok(p)
+    };
+    let ca = write("ca.pem", &pki.ca.pem.cert)?;
+    let scert = write("server.pem", &pki.server.cert)?;
+    let skey = write("server-key.pem", &pki.server.key)?;
+    let acert = write("agent.pem", &pki.agent.cert)?;
+    let akey = write("agent-key.pem", &pki.agent.key)?;
+    let (connect, agents, health) = (free_port()?, free_port()?, free_port()?);
+    let server = Proc {
+        child: Command::new(bin.join("tether-server"))
+            .args([
+                "--agent-bind-address",
+                "127.0.0.1",
+                "--agent-port",
+                &agents.to_string(),
+            ])
+            .args([
+                "--server-port",
+                &connect.to_string(),
+                "--health-port",
+                &health.to_string(),
+            ])
+            .arg("--cluster-cert")
+            .arg(&scert)
+            .arg("--cluster-key")
+            .arg(&skey)
+            .arg("--cluster-ca-cert")
+            .arg(&ca)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()?,
+    };
+    let agent = Proc {
+        child: Command::new(bin.join("tether-agent"))
+            .args([
+                "--proxy-server-host",
+                "127.0.0.1",
+                "--proxy-server-port",
+                &agents.to_string(),
+            ])
+            .args([
+                "--proxy-server-name",
+                "localhost",
+                "--agent-id",
+                "bench-agent",
+            ])
+            .arg("--ca-cert")
+            .arg(&ca)
+            .arg("--agent-cert")
+            .arg(&acert)
+            .arg("--agent-key")
+            .arg(&akey)
+            .args([
+                "--allowed-destinations",
+                "127.0.0.0/8",
+                "--sync-interval",
+                "100ms",
+            ])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()?,
+    };
+    if !ready(SocketAddr::from(([127, 0, 0, 1], health))).await {
+        return Err("the server never became ready".into());
+    }
+    Ok((server, agent, SocketAddr::from(([127, 0, 0, 1], connect))))
+}
+
+fn mibs(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / d.as_secs_f64() / (1024.0 * 1024.0)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<(), Error> {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let bin = binaries()?;
+    let dir = std::env::temp_dir().join(format!("tether-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let pki = Pki::default();
+    let backend = backend().await?;
+    let (server, agent, frontend) = start_tether(&bin, &dir, &pki).await?;
+    let yamux = yamux_pair(&pki, backend).await?;
+    let paths = [Via::Direct, Via::Tether(frontend), Via::Yamux(yamux)];
+    let total: u64 = if quick { 64 << 20 } else { 512 << 20 };
+
+    println!(
+        "## Throughput (MiB/s; {} MiB per run, best of 3)\n",
+        total >> 20
+    );
+    println!(
+        "| direction | streams | direct TCP | tether | yamux | tether / direct | tether / yamux |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    for (download, dir_name) in [(true, "download"), (false, "upload")] {
+        for streams in [1usize, 16] {
+            let mut rates = Vec::new();
+            for via in &paths {
+                let mut best = Duration::MAX;
+                for _ in 0..3 {
+                    best = best.min(throughput(via, backend, download, streams, total).await?);
+                }
+                rates.push(mibs(total, best));
+            }
+            println!(
+                "| {dir_name} | {streams} | {:.0} | {:.0} | {:.0} | {:.0} % | {:.2}× |",
+                rates[0],
+                rates[1],
+                rates[2],
+                100.0 * rates[1] / rates[0],
+                rates[1] / rates[2]
+            );
+        }
+    }
+
+    println!("\n## CPU per GiB moved (seconds of user + system time)\n");
+    println!("| direction | tether-server | tether-agent | both |");
+    println!("| --- | --- | --- | --- |");
+    let gib: u64 = if quick { 256 << 20 } else { 1 << 30 };
+    for (download, dir_name) in [(true, "download"), (false, "upload")] {
+        let (s0, a0) = (cpu_seconds(server.pid())?, cpu_seconds(agent.pid())?);
+        throughput(&paths[1], backend, download, 4, gib).await?;
+        let (s1, a1) = (cpu_seconds(server.pid())?, cpu_seconds(agent.pid())?);
+        let per = GIB / gib as f64;
+        println!(
+            "| {dir_name} | {:.2} | {:.2} | {:.2} |",
+            (s1 - s0) * per,
+            (a1 - a0) * per,
+            (s1 - s0 + a1 - a0) * per
+        );
+    }
+
+    println!("\n## Dial latency (connect → first echoed byte)\n");
+    println!("| path | concurrency | dials | p50 | p99 | dials/s |");
+    println!("| --- | --- | --- | --- | --- | --- |");
+    for via in &paths {
+        for (concurrency, count) in [
+            (1usize, if quick { 200 } else { 2000 }),
+            (64, if quick { 1280 } else { 12_800 }),
+        ] {
+            let start = Instant::now();
+            let lat = dial_latency(via, backend, concurrency, count).await?;
+            let rate = lat.len() as f64 / start.elapsed().as_secs_f64();
+            println!(
+                "| {} | {concurrency} | {} | {:.0} µs | {:.0} µs | {:.0} |",
+                via.name(),
+                lat.len(),
+                quantile(&lat, 500).as_secs_f64() * 1e6,
+                quantile(&lat, 990).as_secs_f64() * 1e6,
+                rate
+            );
+        }
+    }
+
+    println!("\n## Memory\n");
+    let idle = rss_kib(server.pid())? + rss_kib(agent.pid())?;
+    let n = 1000usize;
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut s = paths[1].open(backend).await?;
+        s.write_all(b"E\0\0\0\0\0\0\0\0").await?;
+        held.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let loaded = rss_kib(server.pid())? + rss_kib(agent.pid())?;
+    println!("| measure | value |");
+    println!("| --- | --- |");
+    println!(
+        "| idle RSS, server + agent | {:.1} MiB |",
+        idle as f64 / 1024.0
+    );
+    println!(
+        "| RSS with {n} idle tunnelled connections | {:.1} MiB |",
+        loaded as f64 / 1024.0
+    );
+    println!(
+        "| per idle tunnelled connection | {:.1} KiB |",
+        (loaded.saturating_sub(idle)) as f64 / n as f64
+    );
+    drop(held);
+
+    println!("\n## Head-of-line: one stalled stream beside a transfer\n");
+    let alone = throughput(&paths[1], backend, true, 1, total).await?;
+    // A stream whose client never reads, with its window full.
+    let mut stalled = paths[1].open(backend).await?;
+    let mut cmd = [0u8; 9];
+    cmd[0] = b'D';
+    cmd[1..].copy_from_slice(&(1u64 << 40).to_be_bytes());
+    stalled.write_all(&cmd).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let beside = throughput(&paths[1], backend, true, 1, total).await?;
+    drop(stalled);
+    println!("| measure | MiB/s |");
+    println!("| --- | --- |");
+    println!("| one stream alone | {:.0} |", mibs(total, alone));
+    println!(
+        "| the same, beside a stalled stream | {:.0} ({:.0} %) |",
+        mibs(total, beside),
+        100.0 * alone.as_secs_f64() / beside.as_secs_f64()
+    );
+    let _ = std::fs::remove_dir_all(dir);
+    Ok(())
+}

@@ -1,0 +1,385 @@
+//! tether-bench: the workloads shared by the criterion groups (`benches/`) and the report
+//! runner (`src/bin/report.rs`): a loopback backend, three ways to reach it (direct TCP,
+//! through tether's HTTP CONNECT frontend and TLS tunnel, through yamux over the same kind of
+//! TLS connection), and throughput and dial-latency measurements over any of them.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use futures::future::poll_fn;
+use tether::agent::{Agent, AgentConfig, Allowlist};
+use tether::server::{Server, ServerConfig, Strategy};
+use tether::tls::{self, testpki::Ca, testpki::Pem};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util_compat::compat::{FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
+
+/// A throwaway PKI.
+pub struct Pki {
+    /// The CA.
+    pub ca: Ca,
+    /// The server's certificate (localhost, 127.0.0.1).
+    pub server: Pem,
+    /// The agent's client certificate.
+    pub agent: Pem,
+}
+
+impl Default for Pki {
+    fn default() -> Self {
+        let ca = Ca::new("tether bench CA");
+        let server = ca.leaf("tether-server", &["localhost", "127.0.0.1"]);
+        let agent = ca.leaf("bench-agent", &["bench-agent"]);
+        Pki { ca, server, agent }
+    }
+}
+
+/// A stream to the backend, whichever way it goes.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// The backend: the client sends a command byte and a big-endian u64 `n`.
+/// `D`: the backend sends `n` bytes and closes; `U`: it reads `n` bytes and answers `!`;
+/// `E`: it echoes until EOF.
+pub async fn backend() -> io::Result<SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { return };
+            tokio::spawn(serve_backend(s));
+        }
+    });
+    Ok(addr)
+}
+
+async fn serve_backend(mut s: TcpStream) -> io::Result<()> {
+    s.set_nodelay(true)?;
+    let mut cmd = [0u8; 9];
+    s.read_exact(&mut cmd).await?;
+    let n = u64::from_be_bytes(cmd[1..].try_into().unwrap_or_default());
+    match cmd[0] {
+        b'D' => {
+            let chunk = vec![0x5au8; 256 * 1024];
+            let mut left = n;
+            while left > 0 {
+                let k = usize::try_from(left).unwrap_or(usize::MAX).min(chunk.len());
+                s.write_all(&chunk[..k]).await?;
+                left -= k as u64;
+            }
+            s.shutdown().await
+        }
+        b'U' => {
+            drain(&mut s, n).await?;
+            s.write_all(b"!").await?;
+            s.shutdown().await
+        }
+        _ => {
+            let (mut r, mut w) = s.split();
+            tokio::io::copy(&mut r, &mut w).await?;
+            w.shutdown().await
+        }
+    }
+}
+
+async fn drain<S: AsyncRead + Unpin>(s: &mut S, n: u64) -> io::Result<()> {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut left = n;
+    while left > 0 {
+        let k = s.read(&mut buf).await?;
+        if k == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "short stream"));
+        }
+        left = left.saturating_sub(k as u64);
+    }
+    Ok(())
+}
+
+/// A way to reach the backend.
+#[derive(Clone)]
+pub enum Via {
+    /// Straight TCP.
+    Direct,
+    /// Through a tether server's HTTP CONNECT frontend at this address.
+    Tether(SocketAddr),
+    /// Through yamux over TLS; every stream is forwarded to the backend.
+    Yamux(YamuxClient),
+}
+
+impl Via {
+    /// A name for tables.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Via::Direct => "direct TCP",
+            Via::Tether(_) => "tether",
+            Via::Yamux(_) => "yamux",
+        }
+    }
+
+    /// Opens a stream to `backend`.
+    pub async fn open(&self, backend: SocketAddr) -> io::Result<Box<dyn Io>> {
+        match self {
+            Via::Direct => {
+                let s = TcpStream::connect(backend).await?;
+                s.set_nodelay(true)?;
+                Ok(Box::new(s))
+            }
+            Via::Tether(frontend) => {
+                let mut s = TcpStream::connect(frontend).await?;
+                s.set_nodelay(true)?;
+                s.write_all(
+                    format!("CONNECT {backend} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").as_bytes(),
+                )
+                .await?;
+                let mut head = Vec::with_capacity(64);
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if s.read(&mut byte).await? == 0 || head.len() > 4096 {
+                        return Err(io::Error::other("CONNECT failed"));
+                    }
+                    head.push(byte[0]);
+                }
+                if !head.starts_with(b"HTTP/1.1 200") {
+                    return Err(io::Error::other(
+                        String::from_utf8_lossy(&head).into_owned(),
+                    ));
+                }
+                Ok(Box::new(s))
+            }
+            Via::Yamux(c) => c.open().await,
+        }
+    }
+}
+
+/// Moves `total` bytes from the backend (`download`) or to it over `streams` parallel streams;
+/// returns the wall time.
+pub async fn throughput(
+    via: &Via,
+    backend: SocketAddr,
+    download: bool,
+    streams: usize,
+    total: u64,
+) -> io::Result<Duration> {
+    let per = total / streams.max(1) as u64;
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..streams.max(1) {
+        let via = via.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut s = via.open(backend).await?;
+            let mut cmd = [0u8; 9];
+            cmd[0] = if download { b'D' } else { b'U' };
+            cmd[1..].copy_from_slice(&per.to_be_bytes());
+            s.write_all(&cmd).await?;
+            if download {
+                drain(&mut s, per).await?;
+            } else {
+                let chunk = vec![0xa5u8; 256 * 1024];
+                let mut left = per;
+                while left > 0 {
+                    let k = usize::try_from(left).unwrap_or(usize::MAX).min(chunk.len());
+                    s.write_all(&chunk[..k]).await?;
+                    left -= k as u64;
+                }
+                let mut ok = [0u8; 1];
+                s.read_exact(&mut ok).await?;
+            }
+            Ok::<(), io::Error>(())
+        }));
+    }
+    for t in tasks {
+        t.await.map_err(io::Error::other)??;
+    }
+    Ok(start.elapsed())
+}
+
+/// Opens `count` streams, `concurrency` at a time, each timed from connect to its first echoed
+/// byte; returns the latencies sorted.
+pub async fn dial_latency(
+    via: &Via,
+    backend: SocketAddr,
+    concurrency: usize,
+    count: usize,
+) -> io::Result<Vec<Duration>> {
+    let per = count / concurrency.max(1);
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency.max(1) {
+        let via = via.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut out = Vec::with_capacity(per);
+            for _ in 0..per {
+                let start = Instant::now();
+                let mut s = via.open(backend).await?;
+                s.write_all(b"E\0\0\0\0\0\0\0\0x").await?;
+                let mut b = [0u8; 1];
+                s.read_exact(&mut b).await?;
+                out.push(start.elapsed());
+            }
+            Ok::<_, io::Error>(out)
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.map_err(io::Error::other)??);
+    }
+    all.sort();
+    Ok(all)
+}
+
+/// The quantile of sorted latencies at `permille` (500: the median, 990: p99).
+pub fn quantile(sorted: &[Duration], permille: usize) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = (sorted.len() - 1) * permille.min(1000) / 1000;
+    sorted[i]
+}
+
+/// A tether server and agent in this process, on loopback, with mTLS.
+pub async fn tether_in_process(pki: &Pki) -> io::Result<(Server, Agent)> {
+    let server = Server::start(ServerConfig {
+        agent_addr: "127.0.0.1:0".parse().map_err(io::Error::other)?,
+        agent_tls: tls::server_config(
+            pki.server.cert.as_bytes(),
+            pki.server.key.as_bytes(),
+            Some(pki.ca.pem.cert.as_bytes()),
+        )?,
+        tokens: None,
+        server_id: "bench-server".into(),
+        server_count: 1,
+        strategies: vec![Strategy::Default],
+        dial_timeout: Duration::from_secs(10),
+        session: tether_proto::Config::default(),
+        connect_addr: Some("127.0.0.1:0".parse().map_err(io::Error::other)?),
+        connect_tls: None,
+        uds_path: None,
+        health_addr: None,
+        header_timeout: Duration::from_secs(10),
+        handshake_timeout: Duration::from_secs(10),
+    })
+    .await?;
+    let agent = Agent::start(AgentConfig {
+        servers: vec![server.agent_addr.to_string()],
+        server_name: Some("localhost".into()),
+        tls: tls::client_config(
+            pki.ca.pem.cert.as_bytes(),
+            Some((pki.agent.cert.as_bytes(), pki.agent.key.as_bytes())),
+        )?,
+        agent_id: "bench-agent".into(),
+        identifiers: vec![],
+        token_path: None,
+        allowlist: Allowlist::parse("127.0.0.0/8").map_err(io::Error::other)?,
+        dial_timeout: Duration::from_secs(10),
+        sync_interval: Duration::from_millis(100),
+        sync_interval_cap: Duration::from_secs(1),
+        connect_timeout: Duration::from_secs(10),
+        session: tether_proto::Config::default(),
+    });
+    if !server.wait_agents(1, Duration::from_secs(10)).await {
+        return Err(io::Error::other("the agent did not connect"));
+    }
+    Ok((server, agent))
+}
+
+/// The client end of a yamux connection over TLS.
+#[derive(Clone)]
+pub struct YamuxClient {
+    open: mpsc::Sender<oneshot::Sender<yamux::Stream>>,
+}
+
+impl YamuxClient {
+    async fn open(&self) -> io::Result<Box<dyn Io>> {
+        let (tx, rx) = oneshot::channel();
+        self.open
+            .send(tx)
+            .await
+            .map_err(|_| io::Error::other("yamux connection gone"))?;
+        let s = rx
+            .await
+            .map_err(|_| io::Error::other("yamux open failed"))?;
+        Ok(Box::new(s.compat()))
+    }
+}
+
+/// A yamux server (forwarding every stream to `backend`) and a client, over TLS like tether's
+/// tunnel, on loopback.
+pub async fn yamux_pair(pki: &Pki, backend: SocketAddr) -> io::Result<YamuxClient> {
+    let server_tls = tls::server_config(
+        pki.server.cert.as_bytes(),
+        pki.server.key.as_bytes(),
+        Some(pki.ca.pem.cert.as_bytes()),
+    )?;
+    let client_tls = tls::client_config(
+        pki.ca.pem.cert.as_bytes(),
+        Some((pki.agent.cert.as_bytes(), pki.agent.key.as_bytes())),
+    )?;
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    tokio::spawn(async move {
+        let Ok((tcp, _)) = l.accept().await else {
+            return;
+        };
+        let _ = tcp.set_nodelay(true);
+        let Ok(tls) = tokio_rustls::TlsAcceptor::from(server_tls)
+            .accept(tcp)
+            .await
+        else {
+            return;
+        };
+        let mut conn =
+            yamux::Connection::new(tls.compat(), yamux::Config::default(), yamux::Mode::Server);
+        while let Some(Ok(stream)) = poll_fn(|cx| conn.poll_next_inbound(cx)).await {
+            tokio::spawn(async move {
+                let Ok(mut out) = TcpStream::connect(backend).await else {
+                    return;
+                };
+                let _ = out.set_nodelay(true);
+                let mut s = stream.compat();
+                let _ = tokio::io::copy_bidirectional(&mut s, &mut out).await;
+            });
+        }
+    });
+    let tcp = TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let name = rustls_pki_types::ServerName::try_from("localhost").map_err(io::Error::other)?;
+    let tls = tokio_rustls::TlsConnector::from(client_tls)
+        .connect(name, tcp)
+        .await?;
+    let mut conn =
+        yamux::Connection::new(tls.compat(), yamux::Config::default(), yamux::Mode::Client);
+    let (tx, mut rx) = mpsc::channel::<oneshot::Sender<yamux::Stream>>(1024);
+    tokio::spawn(async move {
+        // yamux's connection only makes progress while it is polled: one task drives it.
+        let mut waiting: Vec<oneshot::Sender<yamux::Stream>> = Vec::new();
+        poll_fn(|cx| {
+            while let std::task::Poll::Ready(Some(w)) = rx.poll_recv(cx) {
+                waiting.push(w);
+            }
+            while !waiting.is_empty() {
+                match conn.poll_new_outbound(cx) {
+                    std::task::Poll::Ready(Ok(s)) => {
+                        let _ = waiting.remove(0).send(s);
+                    }
+                    std::task::Poll::Ready(Err(_)) => return std::task::Poll::Ready(()),
+                    std::task::Poll::Pending => break,
+                }
+            }
+            loop {
+                match conn.poll_next_inbound(cx) {
+                    std::task::Poll::Ready(Some(Ok(_))) => {}
+                    std::task::Poll::Ready(_) => return std::task::Poll::Ready(()),
+                    std::task::Poll::Pending => return std::task::Poll::Pending,
+                }
+            }
+        })
+        .await;
+    });
+    Ok(YamuxClient { open: tx })
+}
+
+/// Whether criterion was started by `cargo bench` (full runs) rather than `cargo test` (each
+/// benchmark once, with small sizes).
+pub fn full_run() -> bool {
+    std::env::args().any(|a| a == "--bench")
+}
