@@ -125,28 +125,9 @@ impl Via {
                 s.set_nodelay(true)?;
                 Ok(Box::new(s))
             }
-            Via::Tether(frontend) => {
-                let mut s = TcpStream::connect(frontend).await?;
-                s.set_nodelay(true)?;
-                s.write_all(
-                    format!("CONNECT {backend} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").as_bytes(),
-                )
-                .await?;
-                let mut head = Vec::with_capacity(64);
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if s.read(&mut byte).await? == 0 || head.len() > 4096 {
-                        return Err(io::Error::other("CONNECT failed"));
-                    }
-                    head.push(byte[0]);
-                }
-                if !head.starts_with(b"HTTP/1.1 200") {
-                    return Err(io::Error::other(
-                        String::from_utf8_lossy(&head).into_owned(),
-                    ));
-                }
-                Ok(Box::new(s))
-            }
+            Via::Tether(frontend) => Ok(Box::new(
+                tether::server::connect::client(*frontend, &backend.to_string()).await?,
+            )),
             Via::Yamux(c) => c.open().await,
         }
     }

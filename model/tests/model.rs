@@ -17,18 +17,8 @@ const ALWAYS: [&str; 7] = [
 /// would be too many states here, so the agent opens none and the reset budget covers cancel.
 fn small() -> Bounds {
     Bounds {
-        server_opens: 1,
-        agent_opens: 0,
-        window: 1,
         chunks: 2,
-        chunk_size: 1,
-        max_streams: 2,
-        resets: 1,
-        pings: 0,
-        goaways: 1,
-        drop: true,
-        keepalive_expiry: false,
-        misbehave: None,
+        ..Bounds::tiny()
     }
 }
 

@@ -107,23 +107,7 @@ async fn get(mut s: TcpStream, backend: SocketAddr, path: &str) -> Result<(u64, 
 
 /// Opens a tunnelled connection to `backend` through the server's CONNECT frontend.
 async fn connect(frontend: SocketAddr, backend: SocketAddr) -> Result<TcpStream, Error> {
-    let mut s = TcpStream::connect(frontend).await?;
-    s.set_nodelay(true)?;
-    s.write_all(format!("CONNECT {backend} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
-        .await?;
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        if s.read(&mut byte).await? == 0 {
-            return Err("the server closed the CONNECT".into());
-        }
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&head);
-    if !head.starts_with("HTTP/1.1 200") {
-        return Err(format!("CONNECT refused: {}", head.trim()).into());
-    }
-    Ok(s)
+    Ok(tether::server::connect::client(frontend, &backend.to_string()).await?)
 }
 
 fn rate(bytes: u64, secs: f64) -> String {

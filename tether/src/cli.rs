@@ -83,3 +83,33 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     }
     Ok(std::time::Duration::from_secs_f64(secs))
 }
+
+/// Flags both binaries share: keepalive, window, drain.
+#[derive(clap::Args, Debug, Clone)]
+pub struct TunnelArgs {
+    /// Keepalive interval on the tunnels.
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    pub keepalive_time: std::time::Duration,
+    /// How long without any frame, once a keepalive PING is out, before a tunnel is dead.
+    #[arg(long, value_parser = parse_duration, default_value = "20s")]
+    pub keepalive_timeout: std::time::Duration,
+    /// Per-stream window in bytes.
+    #[arg(long, default_value_t = 256 * 1024)]
+    pub stream_window: u32,
+    /// How long to drain on SIGTERM.
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    pub drain_grace: std::time::Duration,
+}
+
+impl TunnelArgs {
+    /// The session configuration these flags describe.
+    pub fn session(&self) -> tether_proto::Config {
+        let ms = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        tether_proto::Config {
+            initial_window: self.stream_window,
+            keepalive_interval_ms: ms(self.keepalive_time),
+            keepalive_timeout_ms: ms(self.keepalive_timeout),
+            ..tether_proto::Config::default()
+        }
+    }
+}

@@ -5,7 +5,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use tether_proto::{ErrorCode, StreamError, StreamId};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -170,43 +170,26 @@ impl AsyncRead for TetherStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        let mut sh = this.tunnel.lock();
-        let closed = sh.closed.clone();
-        let Some(slot) = sh.slots.get_mut(&this.id) else {
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::NotConnected,
-                "stream gone",
-            )));
+        let Some(mut chunk) = std::task::ready!(this.poll_chunk(cx))? else {
+            return Poll::Ready(Ok(()));
         };
-        if let Some(front) = slot.recv.front_mut() {
-            let n = front.len().min(buf.remaining());
-            buf.put_slice(&front[..n]);
-            if n == front.len() {
-                slot.recv.pop_front();
-            } else {
-                *front = front.split_off(n);
+        let n = chunk.len().min(buf.remaining());
+        buf.put_slice(&chunk[..n]);
+        chunk.advance(n);
+        {
+            let mut sh = this.tunnel.lock();
+            if !chunk.is_empty()
+                && let Some(slot) = sh.slots.get_mut(&this.id)
+            {
+                slot.recv.push_front(chunk);
             }
+            // Bytes copied into the caller's buffer are consumed: their credit goes back.
             let _ = sh
                 .session
                 .release(this.id, u32::try_from(n).unwrap_or(u32::MAX));
-            drop(sh);
-            this.tunnel.wake_writer();
-            return Poll::Ready(Ok(()));
         }
-        if let Some(e) = &slot.error {
-            return Poll::Ready(Err(stream_io_error(e)));
-        }
-        if slot.fin {
-            return Poll::Ready(Ok(()));
-        }
-        if let Some(r) = closed {
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::ConnectionAborted,
-                r.to_string(),
-            )));
-        }
-        slot.read_waker = Some(cx.waker().clone());
-        Poll::Pending
+        this.tunnel.wake_writer();
+        Poll::Ready(Ok(()))
     }
 }
 

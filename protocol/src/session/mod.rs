@@ -684,16 +684,7 @@ impl Session {
         if self.phase != SessionPhase::AwaitDecision {
             return Err(ApiError::InvalidState("no HELLO awaiting a decision"));
         }
-        check_reason(reason)?;
-        self.shutdown(
-            CloseReason::Local {
-                code,
-                reason: reason.to_owned(),
-            },
-            Some((code, reason)),
-        );
-        self.debug_check();
-        Ok(())
+        self.close(code, reason)
     }
 
     /// Opens a stream to `host:port` (SPEC 5.2): queues a DIAL and returns the new id.

@@ -45,12 +45,6 @@ struct Args {
     /// Longest reconnect delay.
     #[arg(long, value_parser = cli::parse_duration, default_value = "10s")]
     sync_interval_cap: Duration,
-    /// Keepalive interval on the tunnels.
-    #[arg(long, value_parser = cli::parse_duration, default_value = "10s")]
-    keepalive_time: Duration,
-    /// How long without any frame, once a keepalive PING is out, before a tunnel is dead.
-    #[arg(long, value_parser = cli::parse_duration, default_value = "20s")]
-    keepalive_timeout: Duration,
     /// A file holding a bearer token sent to the servers (read at each connection).
     #[arg(long)]
     service_account_token_path: Option<PathBuf>,
@@ -61,12 +55,8 @@ struct Args {
     /// How long a dial to a destination may take.
     #[arg(long, value_parser = cli::parse_duration, default_value = "10s")]
     dial_timeout: Duration,
-    /// Per-stream window in bytes.
-    #[arg(long, default_value_t = 256 * 1024)]
-    stream_window: u32,
-    /// How long to drain on SIGTERM.
-    #[arg(long, value_parser = cli::parse_duration, default_value = "10s")]
-    drain_grace: Duration,
+    #[command(flatten)]
+    tunnel: cli::TunnelArgs,
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -89,7 +79,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     });
     let mut servers = vec![format!("{}:{}", a.proxy_server_host, a.proxy_server_port)];
     servers.extend(a.extra_proxy_servers);
-    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
     let config = AgentConfig {
         servers,
         server_name: a.proxy_server_name,
@@ -102,19 +91,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         sync_interval: a.sync_interval,
         sync_interval_cap: a.sync_interval_cap,
         connect_timeout: Duration::from_secs(10),
-        session: tether_proto::Config {
-            initial_window: a.stream_window,
-            keepalive_interval_ms: ms(a.keepalive_time),
-            keepalive_timeout_ms: ms(a.keepalive_timeout),
-            ..tether_proto::Config::default()
-        },
+        session: a.tunnel.session(),
     };
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let agent = Agent::start(config);
         cli::shutdown_signal().await;
         tracing::info!("shutting down: draining tunnels");
-        agent.drain(a.drain_grace).await;
+        agent.drain(a.tunnel.drain_grace).await;
     });
     Ok(())
 }

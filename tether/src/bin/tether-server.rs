@@ -65,24 +65,14 @@ struct Args {
     /// How long a dial to a node may take before the client gets 504.
     #[arg(long, value_parser = cli::parse_duration, default_value = "10s")]
     backend_dial_timeout: Duration,
-    /// Keepalive interval on agent tunnels.
-    #[arg(long, value_parser = cli::parse_duration, default_value = "10s")]
-    keepalive_time: Duration,
-    /// How long without any frame, once a keepalive PING is out, before a tunnel is dead.
-    #[arg(long, value_parser = cli::parse_duration, default_value = "20s")]
-    keepalive_timeout: Duration,
     /// Address for /healthz, /readyz and /metrics.
     #[arg(long, default_value = "127.0.0.1")]
     health_bind_address: IpAddr,
     /// Port for /healthz, /readyz and /metrics; 0 disables them.
     #[arg(long, default_value_t = 8092)]
     health_port: u16,
-    /// Per-stream window in bytes.
-    #[arg(long, default_value_t = 256 * 1024)]
-    stream_window: u32,
-    /// How long to drain on SIGTERM.
-    #[arg(long, value_parser = cli::parse_duration, default_value = "10s")]
-    drain_grace: Duration,
+    #[command(flatten)]
+    tunnel: cli::TunnelArgs,
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -128,7 +118,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "neither --cluster-ca-cert nor --agent-tokens-file: any agent that completes TLS is accepted"
         );
     }
-    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
     let config = ServerConfig {
         agent_addr: SocketAddr::new(a.agent_bind_address, a.agent_port),
         agent_tls,
@@ -137,12 +126,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         server_count: a.server_count,
         strategies: parse_strategies(&a.proxy_strategies)?,
         dial_timeout: a.backend_dial_timeout,
-        session: tether_proto::Config {
-            initial_window: a.stream_window,
-            keepalive_interval_ms: ms(a.keepalive_time),
-            keepalive_timeout_ms: ms(a.keepalive_timeout),
-            ..tether_proto::Config::default()
-        },
+        session: a.tunnel.session(),
         connect_addr: (a.server_port != 0 || a.uds_name.is_none())
             .then(|| SocketAddr::new(a.server_bind_address, a.server_port)),
         connect_tls,
@@ -157,7 +141,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let server = Server::start(config).await?;
         cli::shutdown_signal().await;
         tracing::info!("shutting down: draining tunnels");
-        server.shutdown(a.drain_grace).await;
+        server.shutdown(a.tunnel.drain_grace).await;
         Ok(())
     })
 }

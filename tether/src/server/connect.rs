@@ -215,6 +215,36 @@ pub fn failure_to_http(f: &DialFailure) -> HttpError {
     }
 }
 
+/// A CONNECT client: opens a TCP connection to `frontend`, asks for `target` (`host:port`)
+/// the way kube-apiserver does, and returns the connection once the tunnel is up. A refusal is
+/// an error carrying the server's status line.
+pub async fn client(
+    frontend: std::net::SocketAddr,
+    target: &str,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let mut s = tokio::net::TcpStream::connect(frontend).await?;
+    s.set_nodelay(true)?;
+    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
+        .await?;
+    // Read byte by byte: nothing past the head may be consumed here.
+    let mut head = Vec::with_capacity(64);
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut byte).await? == 0 || head.len() > MAX_HEAD {
+            return Err(std::io::Error::other("the server closed the CONNECT"));
+        }
+        head.push(byte[0]);
+    }
+    if !head.starts_with(b"HTTP/1.1 200 ") {
+        let line = String::from_utf8_lossy(&head);
+        return Err(std::io::Error::other(format!(
+            "CONNECT refused: {}",
+            line.lines().next().unwrap_or_default()
+        )));
+    }
+    Ok(s)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
