@@ -9,7 +9,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use crate::stream::TetherStream;
 
 /// Smallest and largest read buffer: idle connections hold little, busy ones read in bulk.
-const MIN_READ: usize = 4 * 1024;
+const MIN_READ: usize = 1024;
 const MAX_READ: usize = 256 * 1024;
 
 /// Bytes moved by [`pump`].
