@@ -962,6 +962,49 @@ fn each_protocol_violation_gives_its_goaway_code() {
 }
 
 #[test]
+fn a_window_that_credits_bytes_not_yet_sent_is_a_flow_control_error() {
+    // Found by fuzz/session_ops (regressions/session_ops/window-credits-unsent-bytes): credit
+    // for bytes still queued at the sender, never on the wire, was accepted and broke the
+    // invariant that queued bytes are part of the unacknowledged ones.
+    let mut p = pair();
+    let id = open_accepted(&mut p);
+    p.server.send(id, Bytes::from(vec![1u8; 100])).unwrap();
+    // The 100 bytes are queued, not sent: the peer can have received none of them.
+    p.server.handle_frame(
+        p.now,
+        Frame::Window(WindowUpdate {
+            stream: id,
+            increment: 2,
+        }),
+    );
+    assert_eq!(
+        goaway_code(&drain_frames(&mut p.server)),
+        Some(ErrorCode::FLOW_CONTROL_ERROR)
+    );
+    assert_eq!(p.server.check_invariants(), Ok(()));
+}
+
+#[test]
+fn a_window_for_bytes_sent_is_accepted_while_more_are_queued() {
+    let mut p = Pair::established(small_window(1000), small_window(1000));
+    let id = open_accepted(&mut p);
+    p.server.send(id, Bytes::from(vec![1u8; 600])).unwrap();
+    p.run();
+    p.events(Side::Agent);
+    // 400 more are queued, not sent, when the credit for the first 600 arrives.
+    p.server.send(id, Bytes::from(vec![2u8; 400])).unwrap();
+    p.server.handle_frame(
+        p.now,
+        Frame::Window(WindowUpdate {
+            stream: id,
+            increment: 600,
+        }),
+    );
+    assert!(p.server.is_established());
+    assert_eq!(p.server.send_capacity(id), 600);
+}
+
+#[test]
 fn dial_ok_for_an_established_stream_is_a_protocol_error() {
     let mut p = pair();
     let id = open_accepted(&mut p);

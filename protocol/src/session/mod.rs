@@ -1149,7 +1149,7 @@ impl Session {
         let Some(id) = self.lookup(kind, w.stream)? else {
             return Ok(());
         };
-        let cap = self.peer.initial_window();
+        let initial = self.peer.initial_window();
         let Some(s) = self.streams.get_mut(&id) else {
             return Ok(());
         };
@@ -1163,7 +1163,9 @@ impl Session {
                 ));
             }
         }
-        // SPEC 6.3: credit may only return bytes that were sent.
+        // SPEC 6.3: credit may only return bytes that were sent. Bytes still queued here were
+        // taken from the window but never sent, so the peer cannot have received them.
+        let cap = initial - s.send.queued;
         s.send.window.grow(w.increment, cap).map_err(|_| {
             violation(
                 ErrorCode::FLOW_CONTROL_ERROR,
