@@ -10,10 +10,11 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use tether::agent::{Agent, AgentConfig, Allowlist};
+use tether::server::connect::ClientStream;
 use tether::server::{Server, ServerConfig, Strategy};
 use tether::tls::{self, testpki::Ca};
 use tether_proto::frame::Identifier;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 const PAGE: &str = "<html><body><h1>Hello from behind the tunnel</h1></body></html>\n";
@@ -76,7 +77,11 @@ async fn backend() -> Result<SocketAddr, Error> {
 
 /// GET `path` from `backend` over `s` (already tunnelled, or direct); returns the body length
 /// and the body when it is small.
-async fn get(mut s: TcpStream, backend: SocketAddr, path: &str) -> Result<(u64, String), Error> {
+async fn get<S: AsyncRead + AsyncWrite + Unpin>(
+    mut s: S,
+    backend: SocketAddr,
+    path: &str,
+) -> Result<(u64, String), Error> {
     s.write_all(
         format!("GET {path} HTTP/1.1\r\nHost: {backend}\r\nConnection: close\r\n\r\n").as_bytes(),
     )
@@ -106,7 +111,7 @@ async fn get(mut s: TcpStream, backend: SocketAddr, path: &str) -> Result<(u64, 
 }
 
 /// Opens a tunnelled connection to `backend` through the server's CONNECT frontend.
-async fn connect(frontend: SocketAddr, backend: SocketAddr) -> Result<TcpStream, Error> {
+async fn connect(frontend: SocketAddr, backend: SocketAddr) -> Result<ClientStream, Error> {
     Ok(tether::server::connect::client(frontend, &backend.to_string()).await?)
 }
 
