@@ -24,3 +24,15 @@ pub use agent::{Agent, AgentConfig};
 pub use server::{Server, ServerConfig};
 pub use stream::TetherStream;
 pub use tunnel::{DialError, Tunnel};
+
+/// Polls `ready` every 10 ms until it holds or `timeout` passes; whether it held.
+pub(crate) async fn wait_until(timeout: std::time::Duration, ready: impl Fn() -> bool) -> bool {
+    let end = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < end {
+        if ready() {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    ready()
+}

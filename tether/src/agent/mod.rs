@@ -92,14 +92,7 @@ impl Agent {
 
     /// Waits until at least `n` tunnels are open, at most `timeout`.
     pub async fn wait_connected(&self, n: usize, timeout: Duration) -> bool {
-        let end = Instant::now() + timeout;
-        while Instant::now() < end {
-            if self.connected() >= n {
-                return true;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        false
+        crate::wait_until(timeout, || self.connected() >= n).await
     }
 
     /// Drains (SIGTERM): no reconnects, GOAWAY on every tunnel, waits for their streams to

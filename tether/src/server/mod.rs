@@ -201,14 +201,7 @@ impl Server {
 
     /// Waits until at least `n` agents are connected, at most `timeout`.
     pub async fn wait_agents(&self, n: usize, timeout: Duration) -> bool {
-        let end = Instant::now() + timeout;
-        while Instant::now() < end {
-            if self.agents() >= n {
-                return true;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        false
+        crate::wait_until(timeout, || self.agents() >= n).await
     }
 
     /// Stops accepting and closes every tunnel (GOAWAY), after at most `grace` of draining.
