@@ -174,8 +174,10 @@ impl Tunnel {
         });
         let tunnel = Tunnel { inner };
         let (r, w) = tokio::io::split(io);
-        tokio::spawn(reader(tunnel.clone(), r, leftover));
-        tokio::spawn(writer(tunnel.clone(), w));
+        let reading = tokio::spawn(reader(tunnel.clone(), r, leftover));
+        // The writer ends the reader when the session is over: a dead peer may never send the
+        // EOF that would end it, and its socket must not outlive the session.
+        tokio::spawn(writer(tunnel.clone(), w, reading.abort_handle()));
         tunnel
     }
 
@@ -464,7 +466,11 @@ impl Buf for Outgoing {
     }
 }
 
-async fn writer<W: AsyncWrite + Unpin>(tunnel: Tunnel, mut w: W) {
+async fn writer<W: AsyncWrite + Unpin>(
+    tunnel: Tunnel,
+    mut w: W,
+    reading: tokio::task::AbortHandle,
+) {
     let inner = &tunnel.inner;
     let mut out = Outgoing::default();
     loop {
@@ -481,6 +487,9 @@ async fn writer<W: AsyncWrite + Unpin>(tunnel: Tunnel, mut w: W) {
                 };
                 out.push(&f);
             }
+            // Handing out the last GOAWAY of a drain closes the session: its events (the
+            // close, above all) are dispatched here, not whenever the reader next wakes.
+            dispatch(&mut sh, &tunnel);
             (sh.session.poll_timeout(), sh.session.is_finished())
         };
         if out.len > 0 {
@@ -495,7 +504,8 @@ async fn writer<W: AsyncWrite + Unpin>(tunnel: Tunnel, mut w: W) {
             break;
         }
         if finished {
-            let _ = w.shutdown().await;
+            let _ = tokio::time::timeout(Duration::from_secs(5), w.shutdown()).await;
+            reading.abort();
             return;
         }
         let notified = inner.writer.notified();
@@ -510,9 +520,12 @@ async fn writer<W: AsyncWrite + Unpin>(tunnel: Tunnel, mut w: W) {
         }
     }
     // The transport failed under the writer.
-    let mut sh = tunnel.lock();
-    sh.session.handle_transport_closed();
-    dispatch(&mut sh, &tunnel);
+    {
+        let mut sh = tunnel.lock();
+        sh.session.handle_transport_closed();
+        dispatch(&mut sh, &tunnel);
+    }
+    reading.abort();
 }
 
 /// Why a handshake did not produce a session.
