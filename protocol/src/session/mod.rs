@@ -758,14 +758,7 @@ impl Session {
     /// left (SPEC 6.2). When the count is short or the window is now exhausted, a `Writable`
     /// event follows when credit returns. The bytes are not copied.
     pub fn send(&mut self, id: StreamId, data: Bytes) -> Result<usize, ApiError> {
-        self.check_open()?;
-        let s = self.streams.get_mut(&id).ok_or(ApiError::UnknownStream)?;
-        if s.phase != Phase::Established {
-            return Err(ApiError::InvalidState("send needs an established stream"));
-        }
-        if s.send.state != SendState::Open {
-            return Err(ApiError::InvalidState("send after finish"));
-        }
+        let s = self.sending_stream(id)?;
         let n = s.send.window.available().min(len32(&data));
         let short = (n as usize) < data.len();
         if n > 0 {
@@ -790,14 +783,7 @@ impl Session {
 
     /// Half-closes this end's direction: FIN goes out after the queued bytes (SPEC 5.3).
     pub fn finish(&mut self, id: StreamId) -> Result<(), ApiError> {
-        self.check_open()?;
-        let s = self.streams.get_mut(&id).ok_or(ApiError::UnknownStream)?;
-        if s.phase != Phase::Established {
-            return Err(ApiError::InvalidState("finish needs an established stream"));
-        }
-        if s.send.state != SendState::Open {
-            return Err(ApiError::InvalidState("already finished"));
-        }
+        let s = self.sending_stream(id)?;
         s.send.state = SendState::Finishing;
         s.want_writable = false;
         self.schedule(id);
@@ -894,6 +880,21 @@ impl Session {
         );
         self.debug_check();
         Ok(())
+    }
+
+    /// The stream `id` if it is established and this end may still send on it.
+    fn sending_stream(&mut self, id: StreamId) -> Result<&mut Stream, ApiError> {
+        self.check_open()?;
+        let s = self.streams.get_mut(&id).ok_or(ApiError::UnknownStream)?;
+        if s.phase != Phase::Established {
+            return Err(ApiError::InvalidState("the stream is not established"));
+        }
+        if s.send.state != SendState::Open {
+            return Err(ApiError::InvalidState(
+                "this end already finished the stream",
+            ));
+        }
+        Ok(s)
     }
 
     fn check_open(&self) -> Result<(), ApiError> {
