@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use futures::future::poll_fn;
 use tether::agent::{Agent, AgentConfig, Allowlist};
-use tether::server::{Server, ServerConfig, Strategy};
+use tether::server::{Server, ServerConfig};
 use tether::tls::{self, testpki::Ca, testpki::Pem};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -219,43 +219,30 @@ pub fn quantile(sorted: &[Duration], permille: usize) -> Duration {
 
 /// A tether server and agent in this process, on loopback, with mTLS.
 pub async fn tether_in_process(pki: &Pki) -> io::Result<(Server, Agent)> {
+    let server_tls = tls::server_config(
+        pki.server.cert.as_bytes(),
+        pki.server.key.as_bytes(),
+        Some(pki.ca.pem.cert.as_bytes()),
+    )?;
+    let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
     let server = Server::start(ServerConfig {
-        agent_addr: "127.0.0.1:0".parse().map_err(io::Error::other)?,
-        agent_tls: tls::server_config(
-            pki.server.cert.as_bytes(),
-            pki.server.key.as_bytes(),
-            Some(pki.ca.pem.cert.as_bytes()),
-        )?,
-        tokens: None,
         server_id: "bench-server".into(),
-        server_count: 1,
-        strategies: vec![Strategy::Default],
-        dial_timeout: Duration::from_secs(10),
-        session: tether_proto::Config::default(),
-        connect_addr: Some("127.0.0.1:0".parse().map_err(io::Error::other)?),
-        connect_tls: None,
-        uds_path: None,
-        health_addr: None,
-        header_timeout: Duration::from_secs(10),
-        handshake_timeout: Duration::from_secs(10),
+        ..ServerConfig::new(loopback, server_tls)
     })
     .await?;
+    let agent_tls = tls::client_config(
+        pki.ca.pem.cert.as_bytes(),
+        Some((pki.agent.cert.as_bytes(), pki.agent.key.as_bytes())),
+    )?;
     let agent = Agent::start(AgentConfig {
-        servers: vec![server.agent_addr.to_string()],
         server_name: Some("localhost".into()),
-        tls: tls::client_config(
-            pki.ca.pem.cert.as_bytes(),
-            Some((pki.agent.cert.as_bytes(), pki.agent.key.as_bytes())),
-        )?,
-        agent_id: "bench-agent".into(),
-        identifiers: vec![],
-        token_path: None,
         allowlist: Allowlist::parse("127.0.0.0/8").map_err(io::Error::other)?,
-        dial_timeout: Duration::from_secs(10),
         sync_interval: Duration::from_millis(100),
-        sync_interval_cap: Duration::from_secs(1),
-        connect_timeout: Duration::from_secs(10),
-        session: tether_proto::Config::default(),
+        ..AgentConfig::new(
+            vec![server.agent_addr.to_string()],
+            agent_tls,
+            "bench-agent",
+        )
     });
     if !server.wait_agents(1, Duration::from_secs(10)).await {
         return Err(io::Error::other("the agent did not connect"));

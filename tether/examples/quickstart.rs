@@ -130,48 +130,37 @@ async fn main() -> Result<(), Error> {
     let agent_pem = ca.leaf("quickstart-agent", &["quickstart-agent"]);
 
     // 2. The server: agents on one port, HTTP CONNECT on another, health on a third.
+    let agent_tls = tls::server_config(
+        server_pem.cert.as_bytes(),
+        server_pem.key.as_bytes(),
+        Some(ca.pem.cert.as_bytes()),
+    )?;
     let server = Server::start(ServerConfig {
-        agent_addr: "127.0.0.1:0".parse()?,
-        agent_tls: tls::server_config(
-            server_pem.cert.as_bytes(),
-            server_pem.key.as_bytes(),
-            Some(ca.pem.cert.as_bytes()),
-        )?,
-        tokens: None,
         server_id: "quickstart-server".into(),
-        server_count: 1,
         strategies: vec![Strategy::DestHost, Strategy::Default],
-        dial_timeout: Duration::from_secs(5),
-        session: tether_proto::Config::default(),
-        connect_addr: Some("127.0.0.1:0".parse()?),
-        connect_tls: None,
-        uds_path: None,
         health_addr: Some("127.0.0.1:0".parse()?),
-        header_timeout: Duration::from_secs(10),
-        handshake_timeout: Duration::from_secs(10),
+        ..ServerConfig::new("127.0.0.1:0".parse()?, agent_tls)
     })
     .await?;
 
     // 3. The agent dials out to the server over mTLS.
+    let agent_tls = tls::client_config(
+        ca.pem.cert.as_bytes(),
+        Some((agent_pem.cert.as_bytes(), agent_pem.key.as_bytes())),
+    )?;
     let agent = Agent::start(AgentConfig {
-        servers: vec![server.agent_addr.to_string()],
         server_name: Some("localhost".into()),
-        tls: tls::client_config(
-            ca.pem.cert.as_bytes(),
-            Some((agent_pem.cert.as_bytes(), agent_pem.key.as_bytes())),
-        )?,
-        agent_id: "quickstart-agent".into(),
         identifiers: vec![
             Identifier::Host("quickstart-agent".into()),
             Identifier::DefaultRoute,
         ],
-        token_path: None,
         allowlist: Allowlist::parse("127.0.0.0/8")?,
-        dial_timeout: Duration::from_secs(5),
         sync_interval: Duration::from_millis(200),
-        sync_interval_cap: Duration::from_secs(5),
-        connect_timeout: Duration::from_secs(10),
-        session: tether_proto::Config::default(),
+        ..AgentConfig::new(
+            vec![server.agent_addr.to_string()],
+            agent_tls,
+            "quickstart-agent",
+        )
     });
     if !server.wait_agents(1, Duration::from_secs(10)).await {
         return Err("the agent did not connect".into());

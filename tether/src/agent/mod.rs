@@ -50,6 +50,32 @@ pub struct AgentConfig {
     pub session: Config,
 }
 
+impl AgentConfig {
+    /// A configuration with the defaults the binary uses: `servers` over `tls`, no
+    /// identifiers, no token, everything allowed, a 10 s dial timeout, reconnects from 1 s
+    /// doubling to 10 s.
+    pub fn new(
+        servers: Vec<String>,
+        tls: Arc<ClientConfig>,
+        agent_id: impl Into<String>,
+    ) -> AgentConfig {
+        AgentConfig {
+            servers,
+            server_name: None,
+            tls,
+            agent_id: agent_id.into(),
+            identifiers: Vec::new(),
+            token_path: None,
+            allowlist: Allowlist::default(),
+            dial_timeout: Duration::from_secs(10),
+            sync_interval: Duration::from_secs(1),
+            sync_interval_cap: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+            session: Config::default(),
+        }
+    }
+}
+
 impl std::fmt::Debug for AgentConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AgentConfig")

@@ -57,6 +57,30 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
 }
 
+impl ServerConfig {
+    /// A configuration with the defaults the binary uses: agents on `agent_addr` with
+    /// `agent_tls`, no tokens, strategy `default`, a 10 s dial timeout, CONNECT on
+    /// 127.0.0.1 (an ephemeral port), no Unix socket, no health endpoint.
+    pub fn new(agent_addr: SocketAddr, agent_tls: Arc<rustls::ServerConfig>) -> ServerConfig {
+        ServerConfig {
+            agent_addr,
+            agent_tls,
+            tokens: None,
+            server_id: "tether-server".into(),
+            server_count: 1,
+            strategies: vec![Strategy::Default],
+            dial_timeout: Duration::from_secs(10),
+            session: Config::default(),
+            connect_addr: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+            connect_tls: None,
+            uds_path: None,
+            health_addr: None,
+            header_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
 /// Why the server could not give a client a stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DialFailure {

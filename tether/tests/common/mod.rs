@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tether::agent::{Agent, AgentConfig, Allowlist};
+use tether::agent::{Agent, AgentConfig};
 use tether::server::{Server, ServerConfig, Strategy};
 use tether::tls::{self, testpki::Ca};
 use tether_proto::frame::Identifier;
@@ -50,47 +50,39 @@ pub fn session(keepalive_ms: u64) -> tether_proto::Config {
 }
 
 pub fn server_config(pki: &Pki) -> ServerConfig {
+    let agent_tls = tls::server_config(
+        pki.server.cert.as_bytes(),
+        pki.server.key.as_bytes(),
+        Some(pki.ca_pem()),
+    )
+    .unwrap();
     ServerConfig {
-        agent_addr: "127.0.0.1:0".parse().unwrap(),
-        agent_tls: tls::server_config(
-            pki.server.cert.as_bytes(),
-            pki.server.key.as_bytes(),
-            Some(pki.ca_pem()),
-        )
-        .unwrap(),
-        tokens: None,
         server_id: "server-1".into(),
-        server_count: 1,
         strategies: vec![Strategy::DestHost, Strategy::Default],
         dial_timeout: Duration::from_secs(5),
         session: session(0),
-        connect_addr: Some("127.0.0.1:0".parse().unwrap()),
-        connect_tls: None,
-        uds_path: None,
         health_addr: Some("127.0.0.1:0".parse().unwrap()),
         header_timeout: Duration::from_secs(2),
         handshake_timeout: Duration::from_secs(5),
+        ..ServerConfig::new("127.0.0.1:0".parse().unwrap(), agent_tls)
     }
 }
 
 pub fn agent_config(pki: &Pki, server: SocketAddr, id: &str) -> AgentConfig {
+    let tls = tls::client_config(
+        pki.ca_pem(),
+        Some((pki.agent.cert.as_bytes(), pki.agent.key.as_bytes())),
+    )
+    .unwrap();
     AgentConfig {
-        servers: vec![server.to_string()],
         server_name: Some("localhost".into()),
-        tls: tls::client_config(
-            pki.ca_pem(),
-            Some((pki.agent.cert.as_bytes(), pki.agent.key.as_bytes())),
-        )
-        .unwrap(),
-        agent_id: id.into(),
         identifiers: vec![Identifier::Host(id.into())],
-        token_path: None,
-        allowlist: Allowlist::default(),
         dial_timeout: Duration::from_secs(2),
         sync_interval: Duration::from_millis(50),
         sync_interval_cap: Duration::from_millis(400),
         connect_timeout: Duration::from_secs(5),
         session: session(0),
+        ..AgentConfig::new(vec![server.to_string()], tls, id)
     }
 }
 
