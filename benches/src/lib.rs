@@ -5,6 +5,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::poll_fn;
@@ -103,6 +104,9 @@ pub enum Via {
     Direct,
     /// Through a tether server's HTTP CONNECT frontend at this address.
     Tether(SocketAddr),
+    /// Through a tether server and agent in this process, opened with the library's
+    /// [`Server::dial`] (no HTTP CONNECT hop): the same shape as [`Via::Yamux`].
+    Dial(Arc<Server>),
     /// Through yamux over TLS; every stream is forwarded to the backend.
     Yamux(YamuxClient),
 }
@@ -113,6 +117,7 @@ impl Via {
         match self {
             Via::Direct => "direct TCP",
             Via::Tether(_) => "tether",
+            Via::Dial(_) => "tether (dial API)",
             Via::Yamux(_) => "yamux",
         }
     }
@@ -127,6 +132,12 @@ impl Via {
             }
             Via::Tether(frontend) => Ok(Box::new(
                 tether::server::connect::client(*frontend, &backend.to_string()).await?,
+            )),
+            Via::Dial(server) => Ok(Box::new(
+                server
+                    .dial(&backend.ip().to_string(), backend.port())
+                    .await
+                    .map_err(|e| io::Error::other(e.to_string()))?,
             )),
             Via::Yamux(c) => c.open().await,
         }

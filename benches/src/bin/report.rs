@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tether_bench::{Pki, Via, backend, dial_latency, quantile, throughput, yamux_pair};
+use tether_bench::{
+    Pki, Via, backend, dial_latency, quantile, tether_in_process, throughput, yamux_pair,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -57,18 +59,29 @@ fn cpu_seconds(pid: u32) -> Result<f64, Error> {
     Ok(ticks / hz)
 }
 
-/// Resident memory of a process, in KiB.
-fn rss_kib(pid: u32) -> Result<u64, Error> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = status
+/// A `Field:  123 kB` line of a /proc file, in KiB.
+fn proc_kib(path: &str, field: &str) -> Result<u64, Error> {
+    let text = std::fs::read_to_string(path)?;
+    let line = text
         .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .ok_or("no VmRSS")?;
+        .find(|l| l.strip_prefix(field).is_some_and(|r| r.starts_with(':')))
+        .ok_or_else(|| format!("no {field} in {path}"))?;
     Ok(line
         .split_whitespace()
         .nth(1)
         .and_then(|v| v.parse().ok())
         .unwrap_or(0))
+}
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> Result<u64, Error> {
+    proc_kib(&format!("/proc/{pid}/status"), "VmRSS")
+}
+
+/// Resident anonymous memory (heap, stacks) of a process, in KiB; the rest of its RSS is
+/// mapped files (the binary's code, libc).
+fn anon_kib(pid: u32) -> Result<u64, Error> {
+    proc_kib(&format!("/proc/{pid}/smaps_rollup"), "Anonymous")
 }
 
 fn binaries() -> Result<PathBuf, Error> {
@@ -183,8 +196,24 @@ fn mibs(bytes: u64, d: Duration) -> f64 {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<(), Error> {
-    let quick = std::env::args().any(|a| a == "--quick");
-    let bin = binaries()?;
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    // `--only throughput,cpu,dial,memory,hol`: run just those sections (for profiling).
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
+    let run = |section: &str| {
+        only.as_ref()
+            .is_none_or(|o| o.split(',').any(|s| s == section))
+    };
+    // `--bin-dir DIR`: use the tether-server and tether-agent already built there (to compare
+    // builds) instead of building them.
+    let bin = match args.iter().position(|a| a == "--bin-dir") {
+        Some(i) => PathBuf::from(args.get(i + 1).ok_or("--bin-dir needs a directory")?),
+        None => binaries()?,
+    };
     let dir = std::env::temp_dir().join(format!("tether-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let pki = Pki::default();
@@ -194,133 +223,157 @@ async fn main() -> Result<(), Error> {
     // Idle: before any transfer has grown the allocators' pools.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let idle = rss_kib(server.pid())? + rss_kib(agent.pid())?;
-    let paths = [Via::Direct, Via::Tether(frontend), Via::Yamux(yamux)];
+    let idle_anon = anon_kib(server.pid())? + anon_kib(agent.pid())?;
+    // tether and its agent in this process as well, reached through the library's dial API:
+    // the same shape as the yamux path, for a like-for-like multiplexer comparison.
+    let (embedded, _embedded_agent) = tether_in_process(&pki).await?;
+    let paths = [
+        Via::Direct,
+        Via::Tether(frontend),
+        Via::Dial(std::sync::Arc::new(embedded)),
+        Via::Yamux(yamux),
+    ];
     let total: u64 = if quick { 64 << 20 } else { 512 << 20 };
 
-    println!(
-        "## Throughput (MiB/s; {} MiB per run, best of 3)\n",
-        total >> 20
-    );
-    println!(
-        "| direction | streams | direct TCP | tether | yamux | tether / direct | tether / yamux |"
-    );
-    println!("| --- | --- | --- | --- | --- | --- | --- |");
-    for (download, dir_name) in [(true, "download"), (false, "upload")] {
-        for streams in [1usize, 16] {
-            let mut rates = Vec::new();
-            for via in &paths {
-                let mut best = Duration::MAX;
-                for _ in 0..3 {
-                    best = best.min(throughput(via, backend, download, streams, total).await?);
+    if run("throughput") {
+        println!(
+            "## Throughput (MiB/s; {} MiB per run, best of 3)\n",
+            total >> 20
+        );
+        println!(
+            "| direction | streams | direct TCP | tether | tether (dial API) | yamux | tether / direct | dial API / yamux |"
+        );
+        println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+        for (download, dir_name) in [(true, "download"), (false, "upload")] {
+            for streams in [1usize, 16] {
+                let mut rates = Vec::new();
+                for via in &paths {
+                    let mut best = Duration::MAX;
+                    for _ in 0..3 {
+                        best = best.min(throughput(via, backend, download, streams, total).await?);
+                    }
+                    rates.push(mibs(total, best));
                 }
-                rates.push(mibs(total, best));
+                println!(
+                    "| {dir_name} | {streams} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} % | {:.2}× |",
+                    rates[0],
+                    rates[1],
+                    rates[2],
+                    rates[3],
+                    100.0 * rates[1] / rates[0],
+                    rates[2] / rates[3]
+                );
             }
+        }
+    }
+
+    if run("cpu") {
+        println!("\n## CPU per GiB moved (seconds of user + system time)\n");
+        println!("| direction | tether-server | tether-agent | both |");
+        println!("| --- | --- | --- | --- |");
+        let gib: u64 = if quick { 256 << 20 } else { 1 << 30 };
+        for (download, dir_name) in [(true, "download"), (false, "upload")] {
+            let (s0, a0) = (cpu_seconds(server.pid())?, cpu_seconds(agent.pid())?);
+            throughput(&paths[1], backend, download, 4, gib).await?;
+            let (s1, a1) = (cpu_seconds(server.pid())?, cpu_seconds(agent.pid())?);
+            let per = GIB / gib as f64;
             println!(
-                "| {dir_name} | {streams} | {:.0} | {:.0} | {:.0} | {:.0} % | {:.2}× |",
-                rates[0],
-                rates[1],
-                rates[2],
-                100.0 * rates[1] / rates[0],
-                rates[1] / rates[2]
+                "| {dir_name} | {:.2} | {:.2} | {:.2} |",
+                (s1 - s0) * per,
+                (a1 - a0) * per,
+                (s1 - s0 + a1 - a0) * per
             );
         }
     }
 
-    println!("\n## CPU per GiB moved (seconds of user + system time)\n");
-    println!("| direction | tether-server | tether-agent | both |");
-    println!("| --- | --- | --- | --- |");
-    let gib: u64 = if quick { 256 << 20 } else { 1 << 30 };
-    for (download, dir_name) in [(true, "download"), (false, "upload")] {
-        let (s0, a0) = (cpu_seconds(server.pid())?, cpu_seconds(agent.pid())?);
-        throughput(&paths[1], backend, download, 4, gib).await?;
-        let (s1, a1) = (cpu_seconds(server.pid())?, cpu_seconds(agent.pid())?);
-        let per = GIB / gib as f64;
+    if run("dial") {
+        println!("\n## Dial latency (connect → first echoed byte)\n");
+        println!("| path | concurrency | dials | p50 | p99 | dials/s |");
+        println!("| --- | --- | --- | --- | --- | --- |");
+        for via in &paths {
+            for (concurrency, count) in [
+                (1usize, if quick { 200 } else { 2000 }),
+                (64, if quick { 1280 } else { 12_800 }),
+            ] {
+                let start = Instant::now();
+                let lat = dial_latency(via, backend, concurrency, count).await?;
+                let rate = lat.len() as f64 / start.elapsed().as_secs_f64();
+                println!(
+                    "| {} | {concurrency} | {} | {:.0} µs | {:.0} µs | {:.0} |",
+                    via.name(),
+                    lat.len(),
+                    quantile(&lat, 500).as_secs_f64() * 1e6,
+                    quantile(&lat, 990).as_secs_f64() * 1e6,
+                    rate
+                );
+            }
+        }
+    }
+
+    if run("memory") {
+        println!("\n## Memory\n");
+        let before = rss_kib(server.pid())? + rss_kib(agent.pid())?;
+        let n = 1000usize;
+        let mut held = Vec::with_capacity(n);
+        for _ in 0..n {
+            let mut s = paths[1].open(backend).await?;
+            s.write_all(b"E\0\0\0\0\0\0\0\0").await?;
+            held.push(s);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let loaded = rss_kib(server.pid())? + rss_kib(agent.pid())?;
+        println!("| measure | value |");
+        println!("| --- | --- |");
         println!(
-            "| {dir_name} | {:.2} | {:.2} | {:.2} |",
-            (s1 - s0) * per,
-            (a1 - a0) * per,
-            (s1 - s0 + a1 - a0) * per
+            "| idle RSS, server + agent, at start | {:.1} MiB |",
+            idle as f64 / 1024.0
+        );
+        println!(
+            "| of which anonymous (heap, stacks; the rest is mapped code) | {:.1} MiB |",
+            idle_anon as f64 / 1024.0
+        );
+        println!(
+            "| RSS after the transfers above | {:.1} MiB |",
+            before as f64 / 1024.0
+        );
+        println!(
+            "| RSS with {n} idle tunnelled connections | {:.1} MiB |",
+            loaded as f64 / 1024.0
+        );
+        println!(
+            "| per idle tunnelled connection | {:.1} KiB |",
+            (loaded.saturating_sub(before)) as f64 / n as f64
+        );
+        drop(held);
+    }
+
+    if run("hol") {
+        println!("\n## Head-of-line: one stalled stream beside a transfer\n");
+        let mut alone = Duration::MAX;
+        for _ in 0..3 {
+            alone = alone.min(throughput(&paths[1], backend, true, 1, total).await?);
+        }
+        // A stream whose client never reads, with its window full.
+        let mut stalled = paths[1].open(backend).await?;
+        let mut cmd = [0u8; 9];
+        cmd[0] = b'D';
+        cmd[1..].copy_from_slice(&(1u64 << 40).to_be_bytes());
+        stalled.write_all(&cmd).await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut beside = Duration::MAX;
+        for _ in 0..3 {
+            beside = beside.min(throughput(&paths[1], backend, true, 1, total).await?);
+        }
+        drop(stalled);
+        println!("| measure | MiB/s |");
+        println!("| --- | --- |");
+        println!("| one stream alone | {:.0} |", mibs(total, alone));
+        println!(
+            "| the same, beside a stalled stream | {:.0} ({:.0} %) |",
+            mibs(total, beside),
+            100.0 * alone.as_secs_f64() / beside.as_secs_f64()
         );
     }
-
-    println!("\n## Dial latency (connect → first echoed byte)\n");
-    println!("| path | concurrency | dials | p50 | p99 | dials/s |");
-    println!("| --- | --- | --- | --- | --- | --- |");
-    for via in &paths {
-        for (concurrency, count) in [
-            (1usize, if quick { 200 } else { 2000 }),
-            (64, if quick { 1280 } else { 12_800 }),
-        ] {
-            let start = Instant::now();
-            let lat = dial_latency(via, backend, concurrency, count).await?;
-            let rate = lat.len() as f64 / start.elapsed().as_secs_f64();
-            println!(
-                "| {} | {concurrency} | {} | {:.0} µs | {:.0} µs | {:.0} |",
-                via.name(),
-                lat.len(),
-                quantile(&lat, 500).as_secs_f64() * 1e6,
-                quantile(&lat, 990).as_secs_f64() * 1e6,
-                rate
-            );
-        }
-    }
-
-    println!("\n## Memory\n");
-    let before = rss_kib(server.pid())? + rss_kib(agent.pid())?;
-    let n = 1000usize;
-    let mut held = Vec::with_capacity(n);
-    for _ in 0..n {
-        let mut s = paths[1].open(backend).await?;
-        s.write_all(b"E\0\0\0\0\0\0\0\0").await?;
-        held.push(s);
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let loaded = rss_kib(server.pid())? + rss_kib(agent.pid())?;
-    println!("| measure | value |");
-    println!("| --- | --- |");
-    println!(
-        "| idle RSS, server + agent, at start | {:.1} MiB |",
-        idle as f64 / 1024.0
-    );
-    println!(
-        "| RSS after the transfers above | {:.1} MiB |",
-        before as f64 / 1024.0
-    );
-    println!(
-        "| RSS with {n} idle tunnelled connections | {:.1} MiB |",
-        loaded as f64 / 1024.0
-    );
-    println!(
-        "| per idle tunnelled connection | {:.1} KiB |",
-        (loaded.saturating_sub(before)) as f64 / n as f64
-    );
-    drop(held);
-
-    println!("\n## Head-of-line: one stalled stream beside a transfer\n");
-    let mut alone = Duration::MAX;
-    for _ in 0..3 {
-        alone = alone.min(throughput(&paths[1], backend, true, 1, total).await?);
-    }
-    // A stream whose client never reads, with its window full.
-    let mut stalled = paths[1].open(backend).await?;
-    let mut cmd = [0u8; 9];
-    cmd[0] = b'D';
-    cmd[1..].copy_from_slice(&(1u64 << 40).to_be_bytes());
-    stalled.write_all(&cmd).await?;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut beside = Duration::MAX;
-    for _ in 0..3 {
-        beside = beside.min(throughput(&paths[1], backend, true, 1, total).await?);
-    }
-    drop(stalled);
-    println!("| measure | MiB/s |");
-    println!("| --- | --- |");
-    println!("| one stream alone | {:.0} |", mibs(total, alone));
-    println!(
-        "| the same, beside a stalled stream | {:.0} ({:.0} %) |",
-        mibs(total, beside),
-        100.0 * alone.as_secs_f64() / beside.as_secs_f64()
-    );
     let _ = std::fs::remove_dir_all(dir);
     Ok(())
 }
