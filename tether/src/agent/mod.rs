@@ -235,7 +235,7 @@ async fn connect_once(
         let tcp = TcpStream::connect(addr).await?;
         tcp.set_nodelay(true)?;
         let mut tls = TlsConnector::from(cfg.tls.clone())
-            .connect(server_name, tcp)
+            .connect(server_name, crate::tls::tunnel_transport(tcp))
             .await?;
         let mut session = Session::agent(cfg.session.clone(), identity, tether_proto::Time(0))?;
         let (leftover, welcome) =

@@ -280,7 +280,7 @@ async fn serve_agent(
     let epoch = Instant::now();
     let setup = async {
         let mut tls = acceptor
-            .accept(tcp)
+            .accept(crate::tls::tunnel_transport(tcp))
             .await
             .map_err(|e| format!("TLS: {e}"))?;
         let identity = ServerIdentity {
