@@ -315,7 +315,11 @@ fn run_session_ops(u: &mut Unstructured<'_>) -> Result<()> {
                 s.handle_timeout(now);
             }
             16 => {
-                while s.poll_frame().is_some() {}
+                let wants = s.wants_transmit();
+                if s.poll_frame().is_some() {
+                    assert!(wants, "a frame was ready while wants_transmit() said no");
+                    while s.poll_frame().is_some() {}
+                }
                 while s.poll_event().is_some() {}
             }
             _ => {

@@ -455,6 +455,28 @@ fn window_exhausted_then_reopened_when_the_receiver_releases() {
 }
 
 #[test]
+fn a_release_under_the_batch_threshold_leaves_nothing_to_transmit() {
+    let mut p = Pair::established(small_window(1000), small_window(1000));
+    let id = open_accepted(&mut p);
+    assert_eq!(
+        p.server.send(id, Bytes::from(vec![1u8; 1000])).unwrap(),
+        1000
+    );
+    p.run();
+    p.events(Side::Agent);
+    assert!(!p.agent.wants_transmit(), "all sent, nothing due");
+    p.agent.release(id, 400).unwrap();
+    assert!(
+        !p.agent.wants_transmit(),
+        "400 < half the window: no WINDOW is due, a writer need not wake"
+    );
+    p.agent.release(id, 100).unwrap();
+    assert!(p.agent.wants_transmit(), "half the window: a WINDOW is due");
+    assert!(matches!(p.agent.poll_frame(), Some(Frame::Window(_))));
+    assert!(!p.agent.wants_transmit());
+}
+
+#[test]
 fn a_send_that_uses_the_last_of_the_window_is_told_when_credit_returns() {
     let mut p = Pair::established(small_window(10), small_window(10));
     let id = open_accepted(&mut p);

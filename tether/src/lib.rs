@@ -13,6 +13,7 @@
 //! See `docs/ARCHITECTURE.md`.
 
 pub mod agent;
+mod buffer;
 pub mod cli;
 pub mod pump;
 pub mod server;

@@ -2,10 +2,11 @@
 
 use std::io;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use tether_proto::ErrorCode;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::buffer::Recycled;
 use crate::stream::TetherStream;
 
 /// Smallest and largest read buffer: idle connections hold little, busy ones read in bulk.
@@ -76,10 +77,12 @@ where
             stream.send_bytes(first).await?;
         }
         let mut want = MIN_READ;
-        let mut buf = BytesMut::new();
+        let mut buf = Recycled::new(0, 1);
         loop {
-            buf.reserve(want);
-            let n = match rd.read_buf(&mut buf).await {
+            // At full speed an allocation holds two reads, so one can be sent while the next
+            // is read; below it, one.
+            buf.reserve(want, if want == MAX_READ { 2 * want } else { want });
+            let n = match rd.read_buf(buf.get()).await {
                 Ok(n) => n,
                 Err(e) => {
                     stream.reset(ErrorCode::ABORTED, "local socket read failed");
@@ -92,9 +95,15 @@ where
             }
             if n >= want {
                 want = (want * 2).min(MAX_READ);
+            } else if n < want / 4 && want > MIN_READ {
+                // Quieter: read in smaller pieces, and hold no spare allocation when idle.
+                want /= 2;
+                if want == MIN_READ {
+                    buf.shed();
+                }
             }
             total += n as u64;
-            stream.send_bytes(buf.split().freeze()).await?;
+            stream.send_bytes(buf.get().split().freeze()).await?;
         }
     };
     let down = async {

@@ -86,14 +86,15 @@ impl TetherStream {
 
     /// Returns `n` bytes of credit to the peer: they were consumed.
     pub fn release(&self, n: usize) {
-        let more = {
+        let due = {
             let mut sh = self.tunnel.lock();
             let _ = sh
                 .session
                 .release(self.id, u32::try_from(n).unwrap_or(u32::MAX));
-            true
+            // Credit goes back in batches (SPEC 6.4): most releases leave nothing to send.
+            sh.session.wants_transmit()
         };
-        if more {
+        if due {
             self.tunnel.wake_writer();
         }
     }
@@ -176,19 +177,14 @@ impl AsyncRead for TetherStream {
         let n = chunk.len().min(buf.remaining());
         buf.put_slice(&chunk[..n]);
         chunk.advance(n);
-        {
+        if !chunk.is_empty() {
             let mut sh = this.tunnel.lock();
-            if !chunk.is_empty()
-                && let Some(slot) = sh.slots.get_mut(&this.id)
-            {
+            if let Some(slot) = sh.slots.get_mut(&this.id) {
                 slot.recv.push_front(chunk);
             }
-            // Bytes copied into the caller's buffer are consumed: their credit goes back.
-            let _ = sh
-                .session
-                .release(this.id, u32::try_from(n).unwrap_or(u32::MAX));
         }
-        this.tunnel.wake_writer();
+        // Bytes copied into the caller's buffer are consumed: their credit goes back.
+        this.release(n);
         Poll::Ready(Ok(()))
     }
 }

@@ -25,10 +25,15 @@ use tether_proto::{CloseReason, ErrorCode, Event, Frame, Session, StreamError, S
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Notify, mpsc, oneshot};
 
+use crate::buffer::Recycled;
 use crate::stream::TetherStream;
 
-/// Bytes read from the transport per read call, at most.
-const READ_CHUNK: usize = 256 * 1024;
+/// Free space the reader wants before each read, and the size of its allocations: DATA
+/// payloads are slices of them, so one is reused once every payload read into it is gone.
+const READ_MIN: usize = 64 * 1024;
+const READ_BLOCK: usize = 512 * 1024;
+/// Older read allocations the reader keeps for reuse.
+const READ_SPARES: usize = 2;
 /// Bytes of frames gathered into one vectored write, at most.
 const WRITE_BATCH: usize = 512 * 1024;
 /// DATA payloads at least this long go out as their own slice instead of being copied.
@@ -375,12 +380,13 @@ pub(crate) fn dispatch(sh: &mut Shared, tunnel: &Tunnel) {
     }
 }
 
-async fn reader<R: AsyncRead + Unpin>(tunnel: Tunnel, mut r: R, mut buf: BytesMut) {
+async fn reader<R: AsyncRead + Unpin>(tunnel: Tunnel, mut r: R, leftover: BytesMut) {
     let inner = &tunnel.inner;
+    let mut buf = Recycled::from(leftover, READ_SPARES);
     loop {
-        if !buf.is_empty() {
+        if !buf.get().is_empty() {
             let mut sh = tunnel.lock();
-            sh.session.handle_bytes(inner.now(), &mut buf);
+            sh.session.handle_bytes(inner.now(), buf.get());
             dispatch(&mut sh, &tunnel);
             let done = sh.session.is_closed();
             drop(sh);
@@ -389,8 +395,8 @@ async fn reader<R: AsyncRead + Unpin>(tunnel: Tunnel, mut r: R, mut buf: BytesMu
                 return;
             }
         }
-        buf.reserve(READ_CHUNK);
-        match r.read_buf(&mut buf).await {
+        buf.reserve(READ_MIN, READ_BLOCK);
+        match r.read_buf(buf.get()).await {
             Ok(0) | Err(_) => {
                 let mut sh = tunnel.lock();
                 sh.session.handle_transport_closed();
@@ -409,7 +415,10 @@ async fn reader<R: AsyncRead + Unpin>(tunnel: Tunnel, mut r: R, mut buf: BytesMu
 struct Outgoing {
     chunks: VecDeque<Bytes>,
     head: BytesMut,
+    /// Bytes pushed since the last `seal`.
     len: usize,
+    /// Bytes in `chunks`.
+    queued: usize,
 }
 
 impl Outgoing {
@@ -426,16 +435,19 @@ impl Outgoing {
         self.len += f.encoded_len();
     }
 
+    /// Ends a batch: everything pushed is in `chunks`.
     fn seal(&mut self) {
         if !self.head.is_empty() {
             self.chunks.push_back(self.head.split().freeze());
         }
+        self.queued += self.len;
+        self.len = 0;
     }
 }
 
 impl Buf for Outgoing {
     fn remaining(&self) -> usize {
-        self.chunks.iter().map(Bytes::len).sum()
+        self.queued
     }
 
     fn chunk(&self) -> &[u8] {
@@ -443,6 +455,7 @@ impl Buf for Outgoing {
     }
 
     fn advance(&mut self, mut cnt: usize) {
+        self.queued -= cnt.min(self.queued);
         while cnt > 0 {
             let Some(front) = self.chunks.front_mut() else {
                 return;
@@ -494,7 +507,6 @@ async fn writer<W: AsyncWrite + Unpin>(
         };
         if out.len > 0 {
             out.seal();
-            out.len = 0;
             if w.write_all_buf(&mut out).await.is_err() {
                 break;
             }

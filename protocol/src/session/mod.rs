@@ -411,6 +411,23 @@ impl Session {
         self.streams.get(&id).map_or(0, |s| s.send.queued)
     }
 
+    /// Whether [`Session::poll_frame`] may have a frame now: a transport writer that is
+    /// idle needs waking only when this holds (after a `release` that stayed under the
+    /// WINDOW batch threshold, say, it does not). It may answer `true` when
+    /// `poll_frame` then finds nothing, never `false` when a frame is ready.
+    pub fn wants_transmit(&self) -> bool {
+        if self.is_closed() {
+            return self.goaway_out.is_some();
+        }
+        self.handshake_out.is_some()
+            || self.goaway_out.is_some()
+            || (self.is_established()
+                && (self.pong_out.is_some()
+                    || self.ping_out.is_some()
+                    || !self.refusals.is_empty()
+                    || !self.ready.is_empty()))
+    }
+
     /// Events waiting in the queue.
     pub fn pending_events(&self) -> usize {
         self.events.len()

@@ -193,10 +193,15 @@ impl Pair {
         let mut n = 0;
         for side in [Side::Server, Side::Agent] {
             let deliver_at = self.now.plus_ms(self.latency_ms);
+            let wants = self.session(side).wants_transmit();
             let mut frames = Vec::new();
             while let Some(f) = self.session(side).poll_frame() {
                 frames.push(f);
             }
+            assert!(
+                wants || frames.is_empty(),
+                "a frame was ready while wants_transmit() said no"
+            );
             n += frames.len();
             if self.record {
                 let log = match side {

@@ -1,0 +1,109 @@
+//! Read buffers whose allocations are reused.
+//!
+//! Bytes read from a socket are handed on as `Bytes` slices of the read buffer (no copy), so
+//! a buffer cannot be reused until every slice of it has been dropped. Allocating a fresh
+//! buffer for each read instead costs a page fault per 4 KiB touched, and that was a seventh
+//! of the CPU time of a busy tunnel (docs/BENCHMARKS.md). A [`Recycled`] buffer keeps a few
+//! older allocations aside and takes one back as soon as nothing refers to it any more.
+
+use bytes::BytesMut;
+
+/// A read buffer that reuses up to `spares` older allocations.
+#[derive(Debug)]
+pub(crate) struct Recycled {
+    buf: BytesMut,
+    spares: Vec<BytesMut>,
+    max_spares: usize,
+}
+
+impl Recycled {
+    /// An empty buffer of `capacity` bytes that keeps at most `max_spares` older allocations.
+    pub(crate) fn new(capacity: usize, max_spares: usize) -> Recycled {
+        Recycled::from(BytesMut::with_capacity(capacity), max_spares)
+    }
+
+    /// Wraps `buf` (which may already hold bytes).
+    pub(crate) fn from(buf: BytesMut, max_spares: usize) -> Recycled {
+        Recycled {
+            buf,
+            spares: Vec::new(),
+            max_spares,
+        }
+    }
+
+    /// The buffer: read into its spare capacity, split off what was read.
+    pub(crate) fn get(&mut self) -> &mut BytesMut {
+        &mut self.buf
+    }
+
+    /// Makes room for at least `want` more bytes, keeping what the buffer holds. A new
+    /// allocation, when one is needed, has at least `block` bytes.
+    pub(crate) fn reserve(&mut self, want: usize, block: usize) {
+        if self.buf.capacity() - self.buf.len() >= want || self.buf.try_reclaim(want) {
+            return;
+        }
+        let need = want + self.buf.len();
+        let reusable = self.spares.iter_mut().position(|s| s.try_reclaim(need));
+        let mut next = match reusable {
+            Some(i) => self.spares.swap_remove(i),
+            None => BytesMut::with_capacity(need.max(block)),
+        };
+        next.extend_from_slice(&self.buf);
+        let mut old = std::mem::replace(&mut self.buf, next);
+        if self.spares.len() < self.max_spares {
+            old.clear();
+            self.spares.push(old);
+        }
+    }
+
+    /// Lets go of the spare allocations (an idle connection should not hold them).
+    pub(crate) fn shed(&mut self) {
+        self.spares.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_allocation_is_reused_once_its_slices_are_dropped() {
+        let mut r = Recycled::new(1024, 1);
+        r.get().extend_from_slice(&[1; 1024]);
+        let first = r.get().split().freeze();
+        let first_ptr = first.as_ptr();
+        // The buffer is full and its allocation is still referenced: a new one is made.
+        r.reserve(1024, 1024);
+        r.get().extend_from_slice(&[2; 1024]);
+        let second = r.get().split().freeze();
+        assert_ne!(second.as_ptr(), first_ptr);
+        drop(first);
+        // The first allocation is free again: it is taken back instead of a third.
+        r.reserve(1024, 1024);
+        assert_eq!(r.get().as_ptr(), first_ptr);
+        drop(second);
+    }
+
+    #[test]
+    fn bytes_held_when_growing_are_kept() {
+        let mut r = Recycled::new(8, 2);
+        r.get().extend_from_slice(b"abcdefgh");
+        let held = r.get().split_to(6).freeze();
+        r.reserve(64, 64);
+        assert_eq!(&r.get()[..], b"gh");
+        assert!(r.get().capacity() >= 66);
+        assert_eq!(&held[..], b"abcdef");
+    }
+
+    #[test]
+    fn shedding_lets_go_of_spares() {
+        let mut r = Recycled::new(16, 2);
+        r.get().extend_from_slice(&[0; 16]);
+        let held = r.get().split().freeze();
+        r.reserve(16, 16);
+        assert_eq!(r.spares.len(), 1);
+        r.shed();
+        assert!(r.spares.is_empty());
+        drop(held);
+    }
+}
