@@ -2,13 +2,23 @@
 
 /// Starts tracing logs on stderr; `RUST_LOG` overrides `default`.
 pub fn init_logging(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     use std::io::IsTerminal;
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    // `Targets` takes RUST_LOG's `level` and `target=level,...` forms without linking a regex
+    // engine (an idle process maps less code).
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| v.parse::<tracing_subscriber::filter::Targets>().ok())
+        .or_else(|| default.parse().ok())
+        .unwrap_or_default();
+    let _ = tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(std::io::stderr().is_terminal())
+                .with_writer(std::io::stderr),
+        )
+        .with(filter)
         .try_init();
 }
 
@@ -99,9 +109,24 @@ pub struct TunnelArgs {
     /// How long to drain on SIGTERM.
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
     pub drain_grace: std::time::Duration,
+    /// Runtime worker threads; 0 runs everything on the main thread.
+    #[arg(long, default_value_t = 0)]
+    pub worker_threads: usize,
 }
 
 impl TunnelArgs {
+    /// The tokio runtime these flags describe.
+    pub fn runtime(&self) -> std::io::Result<tokio::runtime::Runtime> {
+        let mut b = if self.worker_threads == 0 {
+            tokio::runtime::Builder::new_current_thread()
+        } else {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(self.worker_threads);
+            b
+        };
+        b.enable_all().build()
+    }
+
     /// The session configuration these flags describe.
     pub fn session(&self) -> tether_proto::Config {
         let ms = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);

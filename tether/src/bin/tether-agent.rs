@@ -93,7 +93,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         connect_timeout: Duration::from_secs(10),
         session: a.tunnel.session(),
     };
-    let rt = tokio::runtime::Runtime::new()?;
+    let rt = a.tunnel.runtime()?;
     rt.block_on(async {
         let agent = Agent::start(config);
         cli::shutdown_signal().await;

@@ -136,7 +136,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         header_timeout: Duration::from_secs(10),
         handshake_timeout: Duration::from_secs(10),
     };
-    let rt = tokio::runtime::Runtime::new()?;
+    let rt = a.tunnel.runtime()?;
     rt.block_on(async {
         let server = Server::start(config).await?;
         cli::shutdown_signal().await;
