@@ -109,24 +109,24 @@ pub struct TunnelArgs {
     /// How long to drain on SIGTERM.
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
     pub drain_grace: std::time::Duration,
-    /// Runtime worker threads; 0 runs everything on the main thread.
-    #[arg(long, default_value_t = 0)]
-    pub worker_threads: usize,
+}
+
+/// A tokio runtime with `threads` workers: 1 runs everything on the calling thread (no task
+/// ever hops threads, the least CPU and memory per byte), 0 one worker per core.
+pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut b = match threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        0 => tokio::runtime::Builder::new_multi_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+    };
+    b.enable_all().build()
 }
 
 impl TunnelArgs {
-    /// The tokio runtime these flags describe.
-    pub fn runtime(&self) -> std::io::Result<tokio::runtime::Runtime> {
-        let mut b = if self.worker_threads == 0 {
-            tokio::runtime::Builder::new_current_thread()
-        } else {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
-            b.worker_threads(self.worker_threads);
-            b
-        };
-        b.enable_all().build()
-    }
-
     /// The session configuration these flags describe.
     pub fn session(&self) -> tether_proto::Config {
         let ms = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);

@@ -64,6 +64,10 @@ struct Args {
     dial_timeout: Duration,
     #[command(flatten)]
     tunnel: cli::TunnelArgs,
+    /// Runtime worker threads: 1 everything on the main thread (an agent serves few tunnels; one
+    /// thread costs the node least), 0 one per core.
+    #[arg(long, default_value_t = 1)]
+    worker_threads: usize,
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -100,7 +104,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         connect_timeout: Duration::from_secs(10),
         session: a.tunnel.session(),
     };
-    let rt = a.tunnel.runtime()?;
+    let rt = cli::runtime(a.worker_threads)?;
     rt.block_on(async {
         let agent = Agent::start(config);
         cli::shutdown_signal().await;

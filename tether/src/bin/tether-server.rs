@@ -80,6 +80,9 @@ struct Args {
     health_port: u16,
     #[command(flatten)]
     tunnel: cli::TunnelArgs,
+    /// Runtime worker threads: 0 one per core, 1 everything on the main thread.
+    #[arg(long, default_value_t = 0)]
+    worker_threads: usize,
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -143,7 +146,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         header_timeout: Duration::from_secs(10),
         handshake_timeout: Duration::from_secs(10),
     };
-    let rt = a.tunnel.runtime()?;
+    let rt = cli::runtime(a.worker_threads)?;
     rt.block_on(async {
         let server = Server::start(config).await?;
         cli::shutdown_signal().await;
