@@ -1,6 +1,7 @@
 //! End to end on loopback, TLS on the tunnel as deployed: direct TCP, tether (client → HTTP
-//! CONNECT → server → TLS tunnel → agent → backend) and yamux over the same kind of TLS
-//! connection, same payloads, same run. Throughput (1 and 16 streams, up and down) and dial
+//! CONNECT → server → TLS tunnel → agent → backend), tether through its dial API (no CONNECT
+//! hop, the same shape as yamux) and yamux over the same kind of TLS connection, same payloads,
+//! same run. Throughput (1 and 16 streams, up and down) and dial
 //! latency (connect to first echoed byte).
 #![allow(missing_docs)]
 
@@ -22,9 +23,11 @@ fn e2e(c: &mut Criterion) {
         let yamux = yamux_pair(&pki, backend).await.expect("yamux");
         (backend, server, agent, yamux)
     });
+    let frontend = server.connect_addr.expect("frontend");
     let paths = [
         Via::Direct,
-        Via::Tether(server.connect_addr.expect("frontend")),
+        Via::Tether(frontend),
+        Via::Dial(std::sync::Arc::new(server)),
         Via::Yamux(yamux),
     ];
     let total: u64 = if tether_bench::full_run() {
