@@ -6,7 +6,10 @@
 //! of the CPU time of a busy tunnel (docs/BENCHMARKS.md). A [`Recycled`] buffer keeps a few
 //! older allocations aside and takes one back as soon as nothing refers to it any more.
 
-use bytes::BytesMut;
+use std::collections::VecDeque;
+use std::io::IoSlice;
+
+use bytes::{Buf, Bytes, BytesMut};
 
 /// A read buffer that reuses up to `spares` older allocations.
 #[derive(Debug)]
@@ -62,6 +65,57 @@ impl Recycled {
     }
 }
 
+/// A list of `Bytes` written with one vectored write (`AsyncWriteExt::write_all_buf`).
+#[derive(Debug, Default)]
+pub(crate) struct Chunks {
+    chunks: VecDeque<Bytes>,
+    len: usize,
+}
+
+impl Chunks {
+    /// Appends `b` (an empty one is skipped).
+    pub(crate) fn push(&mut self, b: Bytes) {
+        if !b.is_empty() {
+            self.len += b.len();
+            self.chunks.push_back(b);
+        }
+    }
+}
+
+impl Buf for Chunks {
+    fn remaining(&self) -> usize {
+        self.len
+    }
+
+    fn chunk(&self) -> &[u8] {
+        self.chunks.front().map_or(&[], |c| &c[..])
+    }
+
+    fn advance(&mut self, mut cnt: usize) {
+        self.len -= cnt.min(self.len);
+        while cnt > 0 {
+            let Some(front) = self.chunks.front_mut() else {
+                return;
+            };
+            if cnt < front.len() {
+                front.advance(cnt);
+                return;
+            }
+            cnt -= front.len();
+            self.chunks.pop_front();
+        }
+    }
+
+    fn chunks_vectored<'a>(&'a self, dst: &mut [IoSlice<'a>]) -> usize {
+        let mut n = 0;
+        for (slot, c) in dst.iter_mut().zip(self.chunks.iter()) {
+            *slot = IoSlice::new(c);
+            n += 1;
+        }
+        n
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -93,6 +147,23 @@ mod tests {
         assert_eq!(&r.get()[..], b"gh");
         assert!(r.get().capacity() >= 66);
         assert_eq!(&held[..], b"abcdef");
+    }
+
+    #[test]
+    fn chunks_advance_across_pieces_and_count_what_is_left() {
+        let mut c = Chunks::default();
+        c.push(Bytes::from_static(b"abc"));
+        c.push(Bytes::new());
+        c.push(Bytes::from_static(b"defg"));
+        assert_eq!(c.remaining(), 7);
+        let mut slices = [IoSlice::new(&[]); 4];
+        assert_eq!(c.chunks_vectored(&mut slices), 2);
+        c.advance(4);
+        assert_eq!(c.remaining(), 3);
+        assert_eq!(c.chunk(), b"efg");
+        c.advance(3);
+        assert_eq!(c.remaining(), 0);
+        assert!(c.chunk().is_empty());
     }
 
     #[test]

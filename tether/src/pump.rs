@@ -2,16 +2,18 @@
 
 use std::io;
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use tether_proto::ErrorCode;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::buffer::Recycled;
+use crate::buffer::{Chunks, Recycled};
 use crate::stream::TetherStream;
 
 /// Smallest and largest read buffer: idle connections hold little, busy ones read in bulk.
 const MIN_READ: usize = 1024;
 const MAX_READ: usize = 256 * 1024;
+/// Bytes of a stream's queue written to the socket with one call, at most.
+const MAX_WRITE: usize = 256 * 1024;
 
 /// Bytes moved by [`pump`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -108,13 +110,16 @@ where
     };
     let down = async {
         let mut total = 0u64;
-        while let Some(chunk) = stream.recv_chunk().await? {
-            if let Err(e) = wr.write_all(&chunk).await {
+        let mut out = Chunks::default();
+        // Everything queued on the stream goes out in one vectored write.
+        while stream.recv_chunks(&mut out, MAX_WRITE).await? {
+            let n = out.remaining();
+            if let Err(e) = wr.write_all_buf(&mut out).await {
                 stream.reset(ErrorCode::ABORTED, "local socket write failed");
                 return Err(e);
             }
-            total += chunk.len() as u64;
-            stream.release(chunk.len());
+            total += n as u64;
+            stream.release(n);
         }
         wr.shutdown().await?;
         Ok::<u64, io::Error>(total)

@@ -9,6 +9,7 @@ use bytes::{Buf, Bytes};
 use tether_proto::{ErrorCode, StreamError, StreamId};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::buffer::Chunks;
 use crate::tunnel::Tunnel;
 
 /// One stream through a tunnel.
@@ -54,6 +55,26 @@ impl TetherStream {
     /// only after writing the bytes on makes a slow destination slow its own sender.
     pub async fn recv_chunk(&self) -> io::Result<Option<Bytes>> {
         std::future::poll_fn(|cx| self.poll_chunk(cx)).await
+    }
+
+    /// Waits for bytes from the peer and moves what is queued, up to about `max` bytes, into
+    /// `out` without copying; `false` at the peer's FIN. Credit is returned only by
+    /// [`TetherStream::release`], as for [`TetherStream::recv_chunk`].
+    pub(crate) async fn recv_chunks(&self, out: &mut Chunks, max: usize) -> io::Result<bool> {
+        let Some(first) = self.recv_chunk().await? else {
+            return Ok(false);
+        };
+        out.push(first);
+        let mut sh = self.tunnel.lock();
+        if let Some(slot) = sh.slots.get_mut(&self.id) {
+            while out.remaining() < max {
+                let Some(c) = slot.recv.pop_front() else {
+                    break;
+                };
+                out.push(c);
+            }
+        }
+        Ok(true)
     }
 
     fn poll_chunk(&self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {

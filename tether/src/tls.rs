@@ -33,6 +33,10 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(p)
 }
 
+/// Encrypted bytes rustls may hold for a tunnel before the writer must flush them: rustls's
+/// default, 64 KiB, splits each of the writer's batches (up to 512 KiB) into eight writes.
+pub const TUNNEL_SEND_BUFFER: usize = 1024 * 1024;
+
 /// Bytes a tunnel's TCP connection reads at once, beneath TLS.
 const TUNNEL_READ_BUFFER: usize = 128 * 1024;
 

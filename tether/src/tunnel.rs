@@ -13,19 +13,19 @@
 //! the session enforces; credit goes back only when the stream's consumer releases it.
 
 use std::collections::{HashMap, VecDeque};
-use std::io::{self, IoSlice};
+use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use tether_proto::frame::{Dial, Hello, Protocol, Welcome};
 use tether_proto::session::Time;
 use tether_proto::{CloseReason, ErrorCode, Event, Frame, Session, StreamError, StreamId};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use crate::buffer::Recycled;
+use crate::buffer::{Chunks, Recycled};
 use crate::stream::TetherStream;
 
 /// Free space the reader wants before each read, and the size of its allocations: DATA
@@ -413,12 +413,10 @@ async fn reader<R: AsyncRead + Unpin>(tunnel: Tunnel, mut r: R, leftover: BytesM
 /// Frames gathered for one vectored write: small ones coalesced, large payloads by reference.
 #[derive(Default)]
 struct Outgoing {
-    chunks: VecDeque<Bytes>,
+    chunks: Chunks,
     head: BytesMut,
     /// Bytes pushed since the last `seal`.
     len: usize,
-    /// Bytes in `chunks`.
-    queued: usize,
 }
 
 impl Outgoing {
@@ -427,8 +425,8 @@ impl Outgoing {
         header.encode(&mut self.head);
         match f.payload_bytes() {
             Some(p) if p.len() >= ZERO_COPY_MIN => {
-                self.chunks.push_back(self.head.split().freeze());
-                self.chunks.push_back(p.clone());
+                self.chunks.push(self.head.split().freeze());
+                self.chunks.push(p.clone());
             }
             _ => f.encode_payload(&mut self.head),
         }
@@ -436,46 +434,12 @@ impl Outgoing {
     }
 
     /// Ends a batch: everything pushed is in `chunks`.
-    fn seal(&mut self) {
+    fn seal(&mut self) -> &mut Chunks {
         if !self.head.is_empty() {
-            self.chunks.push_back(self.head.split().freeze());
+            self.chunks.push(self.head.split().freeze());
         }
-        self.queued += self.len;
         self.len = 0;
-    }
-}
-
-impl Buf for Outgoing {
-    fn remaining(&self) -> usize {
-        self.queued
-    }
-
-    fn chunk(&self) -> &[u8] {
-        self.chunks.front().map_or(&[], |c| &c[..])
-    }
-
-    fn advance(&mut self, mut cnt: usize) {
-        self.queued -= cnt.min(self.queued);
-        while cnt > 0 {
-            let Some(front) = self.chunks.front_mut() else {
-                return;
-            };
-            if cnt < front.len() {
-                front.advance(cnt);
-                return;
-            }
-            cnt -= front.len();
-            self.chunks.pop_front();
-        }
-    }
-
-    fn chunks_vectored<'a>(&'a self, dst: &mut [IoSlice<'a>]) -> usize {
-        let mut n = 0;
-        for (slot, c) in dst.iter_mut().zip(self.chunks.iter()) {
-            *slot = IoSlice::new(c);
-            n += 1;
-        }
-        n
+        &mut self.chunks
     }
 }
 
@@ -506,8 +470,7 @@ async fn writer<W: AsyncWrite + Unpin>(
             (sh.session.poll_timeout(), sh.session.is_finished())
         };
         if out.len > 0 {
-            out.seal();
-            if w.write_all_buf(&mut out).await.is_err() {
+            if w.write_all_buf(out.seal()).await.is_err() {
                 break;
             }
             continue;

@@ -237,6 +237,9 @@ async fn connect_once(
         let mut tls = TlsConnector::from(cfg.tls.clone())
             .connect(server_name, crate::tls::tunnel_transport(tcp))
             .await?;
+        tls.get_mut()
+            .1
+            .set_buffer_limit(Some(crate::tls::TUNNEL_SEND_BUFFER));
         let mut session = Session::agent(cfg.session.clone(), identity, tether_proto::Time(0))?;
         let (leftover, welcome) =
             agent_handshake(&mut tls, &mut session, epoch, cfg.connect_timeout).await?;

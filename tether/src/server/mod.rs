@@ -283,6 +283,9 @@ async fn serve_agent(
             .accept(crate::tls::tunnel_transport(tcp))
             .await
             .map_err(|e| format!("TLS: {e}"))?;
+        tls.get_mut()
+            .1
+            .set_buffer_limit(Some(crate::tls::TUNNEL_SEND_BUFFER));
         let identity = ServerIdentity {
             server_id: cfg.server_id.clone(),
             server_count: cfg.server_count,
