@@ -122,7 +122,14 @@ pub async fn read_request<S: AsyncRead + Unpin>(
     let read = async {
         loop {
             if let Some((target, len)) = parse_head(&buf)? {
-                return Ok((target, buf.split_off(len).freeze()));
+                // Bytes after the head (a client that did not wait for the 200) go first into
+                // the tunnel; none is an empty `Bytes` that keeps no buffer alive.
+                let first = if buf.len() > len {
+                    buf.split_off(len).freeze()
+                } else {
+                    Bytes::new()
+                };
+                return Ok((target, first));
             }
             buf.reserve(1024);
             match conn.read_buf(&mut buf).await {

@@ -352,17 +352,19 @@ async fn accept_connect_tcp(
         let _ = tcp.set_nodelay(true);
         let core = core.clone();
         let acceptor = acceptor.clone();
-        tokio::spawn(async move {
-            let peer = peer.to_string();
-            match acceptor {
-                Some(a) => match tokio::time::timeout(core.header_timeout, a.accept(tcp)).await {
+        // Two kinds of task, so a plain connection's task is not sized for a TLS one (a
+        // rustls connection is over 1 KiB, and every idle connection would carry it).
+        let peer = peer.to_string();
+        match acceptor {
+            Some(a) => tokio::spawn(async move {
+                match tokio::time::timeout(core.header_timeout, a.accept(tcp)).await {
                     Ok(Ok(tls)) => connect::serve(&core, tls, &peer).await,
                     Ok(Err(e)) => tracing::info!(%peer, error = %e, "CONNECT client TLS failed"),
                     Err(_) => tracing::info!(%peer, "CONNECT client TLS timed out"),
-                },
-                None => connect::serve(&core, tcp, &peer).await,
-            }
-        });
+                }
+            }),
+            None => tokio::spawn(async move { connect::serve(&core, tcp, &peer).await }),
+        };
     }
 }
 
