@@ -1,8 +1,6 @@
 //! tether-agent: flags into configuration, nothing more.
 
-/// jemalloc keeps freed pages for reuse (for 10 s by default), where glibc's malloc returns the
-/// large read buffers of a busy tunnel to the kernel and faults them in again: that was a
-/// tenth of the CPU time per byte (docs/BENCHMARKS.md).
+/// jemalloc, as in tether-server (docs/ARCHITECTURE.md, "Read buffers").
 #[cfg(all(unix, not(target_env = "musl")))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
