@@ -10,7 +10,7 @@ use tether_proto::{ErrorCode, StreamError, StreamId};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::buffer::Chunks;
-use crate::tunnel::Tunnel;
+use crate::tunnel::{Shared, Slot, Tunnel};
 
 /// One stream through a tunnel.
 ///
@@ -61,33 +61,45 @@ impl TetherStream {
     /// `out` without copying; `false` at the peer's FIN. Credit is returned only by
     /// [`TetherStream::release`], as for [`TetherStream::recv_chunk`].
     pub(crate) async fn recv_chunks(&self, out: &mut Chunks, max: usize) -> io::Result<bool> {
-        let Some(first) = self.recv_chunk().await? else {
-            return Ok(false);
-        };
-        out.push(first);
-        let mut sh = self.tunnel.lock();
-        if let Some(slot) = sh.slots.get_mut(&self.id) {
-            while out.remaining() < max {
-                let Some(c) = slot.recv.pop_front() else {
-                    break;
-                };
+        std::future::poll_fn(|cx| {
+            let mut sh = self.tunnel.lock();
+            let Some(slot) = std::task::ready!(self.poll_slot(&mut sh, cx))? else {
+                return Poll::Ready(Ok(false));
+            };
+            // The slot holds at least one chunk: take it, and more while under `max`.
+            while let Some(c) = slot.recv.pop_front() {
                 out.push(c);
+                if out.remaining() >= max {
+                    break;
+                }
             }
-        }
-        Ok(true)
+            Poll::Ready(Ok(true))
+        })
+        .await
     }
 
     fn poll_chunk(&self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
         let mut sh = self.tunnel.lock();
-        let closed = sh.closed.clone();
-        let Some(slot) = sh.slots.get_mut(&self.id) else {
+        let slot = std::task::ready!(self.poll_slot(&mut sh, cx))?;
+        Poll::Ready(Ok(slot.and_then(|s| s.recv.pop_front())))
+    }
+
+    /// The stream's slot once it holds a chunk; `None` at the peer's FIN (nothing queued);
+    /// the stream's or the session's error; or pending, with the reader's waker registered.
+    fn poll_slot<'a>(
+        &self,
+        sh: &'a mut Shared,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<Option<&'a mut Slot>>> {
+        let Shared { slots, closed, .. } = sh;
+        let Some(slot) = slots.get_mut(&self.id) else {
             return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::NotConnected,
                 "stream gone",
             )));
         };
-        if let Some(chunk) = slot.recv.pop_front() {
-            return Poll::Ready(Ok(Some(chunk)));
+        if !slot.recv.is_empty() {
+            return Poll::Ready(Ok(Some(slot)));
         }
         if let Some(e) = &slot.error {
             return Poll::Ready(Err(stream_io_error(e)));
@@ -95,10 +107,10 @@ impl TetherStream {
         if slot.fin {
             return Poll::Ready(Ok(None));
         }
-        if let Some(r) = closed {
+        if let Some(reason) = closed {
             return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::ConnectionAborted,
-                r.to_string(),
+                reason.to_string(),
             )));
         }
         slot.read_waker = Some(cx.waker().clone());
