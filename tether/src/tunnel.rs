@@ -34,6 +34,8 @@ const READ_MIN: usize = 64 * 1024;
 const READ_BLOCK: usize = 512 * 1024;
 /// Older read allocations the reader keeps for reuse.
 const READ_SPARES: usize = 2;
+/// A read shorter than this lets the reader's spare allocations go.
+const QUIET_READ: usize = 4096;
 /// Bytes of frames gathered into one vectored write, at most.
 const WRITE_BATCH: usize = 512 * 1024;
 /// DATA payloads at least this long go out as their own slice instead of being copied.
@@ -405,6 +407,9 @@ async fn reader<R: AsyncRead + Unpin>(tunnel: Tunnel, mut r: R, leftover: BytesM
                 tunnel.wake_writer();
                 return;
             }
+            // A small read is a quiet tunnel (keepalives, a few dials): it keeps no spare
+            // 512 KiB blocks, so thousands of idle tunnels on a server hold one block each.
+            Ok(n) if n < QUIET_READ => buf.shed(),
             Ok(_) => {}
         }
     }
