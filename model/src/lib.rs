@@ -19,9 +19,10 @@ use std::collections::{BTreeMap, VecDeque};
 use bytes::Bytes;
 use stateright::{Model, Property};
 use tether_proto::frame::{Data, Dial, Frame, Protocol, StreamId};
-use tether_proto::session::Time;
 use tether_proto::testing::Pair;
-use tether_proto::{CloseReason, Config, ErrorCode, Event, Initiator, Session, StreamState};
+use tether_proto::{
+    ApiError, CloseReason, Config, ErrorCode, Event, Initiator, Session, StreamState, Time,
+};
 
 /// A way the agent end breaks the protocol on purpose (SPEC 5.4, 6.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -130,6 +131,8 @@ pub enum Outcome {
     Reset(ErrorCode, Initiator),
     /// This end's application reset it.
     ResetLocally,
+    /// This end's application walked away from it (dropped its handle) while it was live.
+    Abandoned,
 }
 
 /// Where a stream is, as one end's application sees it.
@@ -152,11 +155,13 @@ pub struct AppStream {
     pub phase: AppPhase,
     /// Bytes `send` accepted, in order.
     pub sent: Vec<u8>,
-    /// Bytes received in `Data` events, in order.
+    /// Bytes `recv` returned, in order.
     pub received: Vec<u8>,
     /// `finish` was called.
     pub finished: bool,
-    /// `Finished` arrived.
+    /// A `Readable` arrived and `recv` has not yet come up empty.
+    pub readable: bool,
+    /// `recv` returned the end (the peer's FIN).
     pub got_fin: bool,
     /// Credit the peer returned in WINDOW frames it sent.
     pub credited: u64,
@@ -175,6 +180,7 @@ impl AppStream {
             sent: Vec::new(),
             received: Vec::new(),
             finished: false,
+            readable: false,
             got_fin: false,
             credited: 0,
             exhausted: false,
@@ -243,6 +249,10 @@ pub enum Action {
     Finish(usize, StreamId),
     /// End resets the stream.
     Reset(usize, StreamId),
+    /// End's application drops its handle of a live stream (the core's drop policy).
+    Abandon(usize, StreamId),
+    /// End reads what arrived, one chunk at most.
+    Read(usize, StreamId),
     /// End releases one consumed byte.
     Release(usize, StreamId),
     /// End sends a PING.
@@ -316,6 +326,10 @@ impl TunnelModel {
                 }
                 if !st.ended() && end.resets_left > 0 {
                     out.push(Action::Reset(i, id));
+                    out.push(Action::Abandon(i, id));
+                }
+                if st.readable && !st.ended() {
+                    out.push(Action::Read(i, id));
                 }
                 if s.unreleased(id) > 0 {
                     out.push(Action::Release(i, id));
@@ -448,14 +462,12 @@ impl TunnelModel {
                     Event::Reset { stream, error } => {
                         finish(end, stream, Outcome::Reset(error.code, error.by));
                     }
-                    Event::Data { stream, data } => {
-                        if let Some(st) = end.streams.get_mut(&stream) {
-                            st.received.extend_from_slice(&data);
-                        }
-                    }
-                    Event::Finished { stream } => {
-                        if let Some(st) = end.streams.get_mut(&stream) {
-                            st.got_fin = true;
+                    Event::Readable { stream } => {
+                        let st = end.streams.get_mut(&stream);
+                        match st {
+                            Some(st) if !st.ended() => st.readable = true,
+                            // No event after the application's own reset or abandon.
+                            _ => end.double_end = true,
                         }
                     }
                     Event::Writable { stream } => {
@@ -467,15 +479,22 @@ impl TunnelModel {
                     _ => {}
                 }
             }
-            // A stream both ends finished is gone from the session: it completed.
-            let session = &end.session;
+            // A stream that is over only waits for its handle: the application drops it.
+            let session = &mut end.session;
             for (id, st) in end.streams.iter_mut() {
-                if st.phase == AppPhase::Open
-                    && st.finished
-                    && st.got_fin
-                    && session.stream_state(*id).is_none()
-                {
-                    st.phase = AppPhase::Ended(Outcome::Completed);
+                match session.stream_state(*id) {
+                    Some(StreamState::Closed) => {
+                        if st.phase == AppPhase::Open && st.finished && st.got_fin {
+                            st.phase = AppPhase::Ended(Outcome::Completed);
+                        }
+                        let dropped = session.abandon(*id);
+                        debug_assert!(dropped.is_ok(), "a closed stream can be abandoned");
+                    }
+                    Some(StreamState::Failed) => {
+                        let dropped = session.abandon(*id);
+                        debug_assert!(dropped.is_ok(), "a failed stream can be abandoned");
+                    }
+                    _ => {}
                 }
             }
         }
@@ -537,7 +556,7 @@ impl Model for TunnelModel {
 
     fn next_state(&self, last: &ModelState, action: Action) -> Option<ModelState> {
         let mut state = last.clone();
-        let now = Time(state.now);
+        let now = Time::from_millis(state.now);
         let total = self.bounds.total();
         let chunk = usize::from(self.bounds.chunk_size);
         match action {
@@ -587,18 +606,42 @@ impl Model for TunnelModel {
                 st.cancelled = st.phase == AppPhase::Dialing;
                 st.phase = AppPhase::Ended(Outcome::ResetLocally);
             }
+            Action::Abandon(i, id) => {
+                let end = &mut state.ends[i];
+                end.resets_left -= 1;
+                end.session.abandon(id).ok()?;
+                app_stream(end, id)?.phase = AppPhase::Ended(Outcome::Abandoned);
+            }
+            Action::Read(i, id) => {
+                let end = &mut state.ends[i];
+                let got = end.session.recv(id, chunk);
+                let st = app_stream(end, id)?;
+                match got {
+                    Ok(Some(data)) => st.received.extend_from_slice(&data),
+                    Ok(None) => {
+                        st.readable = false;
+                        st.got_fin = true;
+                    }
+                    Err(ApiError::WouldBlock) => st.readable = false,
+                    // A reset's own event ends the stream for the application.
+                    Err(_) => st.readable = false,
+                }
+            }
             Action::Release(i, id) => {
                 state.ends[i].session.release(id, 1).ok()?;
             }
             Action::Ping(i) => {
                 let end = &mut state.ends[i];
                 end.pings_left -= 1;
-                let _ = end.session.ping(now);
+                end.session.ping(now).ok()?;
             }
             Action::GoAway(i) => {
                 let end = &mut state.ends[i];
                 end.goaways_left -= 1;
-                let _ = end.session.go_away("drain");
+                // Refused once the session is closed: the budget is spent all the same.
+                if end.session.go_away("drain").is_err() {
+                    debug_assert!(end.session.is_closed(), "go_away fails only when closed");
+                }
             }
             Action::Deliver(i) => {
                 let f = state.wire[i].pop_front()?;
@@ -606,7 +649,7 @@ impl Model for TunnelModel {
             }
             Action::Timeout(i) => {
                 let t = state.ends[i].session.poll_timeout()?;
-                state.now = state.now.max(t.0);
+                state.now = state.now.max(t.as_millis());
                 state.ends[i].session.handle_timeout(t);
             }
             Action::Drop => {
@@ -684,6 +727,7 @@ impl Model for TunnelModel {
                     !m.is_quiescent(s)
                         || s.ends.iter().all(|e| {
                             e.session.stream_count() == 0
+                                && e.session.stream_ids().next().is_none()
                                 && e.session.pending_events() == 0
                                 && e.streams.values().all(AppStream::ended)
                         })

@@ -41,7 +41,10 @@ fn the_small_configuration_holds_every_property_and_discovers_every_example() {
     }
     checker.assert_properties();
     // Pinned: a change in this count means the explored behaviour changed; look at why.
-    assert_eq!(checker.unique_state_count(), 111_903, "unique states");
+    // 111,903 before the receive buffer moved into the core; reading is now an application
+    // step of its own (`recv` until it comes up empty) and an application may walk away from
+    // a live stream (`abandon`), which multiplies the interleavings by about ten.
+    assert_eq!(checker.unique_state_count(), 1_122_883, "unique states");
 }
 
 fn rogue(m: Misbehavior) -> Bounds {

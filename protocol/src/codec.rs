@@ -109,21 +109,6 @@ impl FrameCodec {
     }
 }
 
-/// Decodes every whole frame of `bytes` with `max_payload` as the limit: the frames, and the
-/// error that stopped decoding, if any. Leftover bytes of an incomplete frame are ignored.
-pub fn decode_all(bytes: &[u8], max_payload: u32) -> (Vec<Frame>, Option<DecodeError>) {
-    let mut codec = FrameCodec::with_max_payload(max_payload);
-    let mut buf = BytesMut::from(bytes);
-    let mut frames = Vec::new();
-    loop {
-        match codec.decode(&mut buf) {
-            Ok(Some(f)) => frames.push(f),
-            Ok(None) => return (frames, None),
-            Err(e) => return (frames, Some(e)),
-        }
-    }
-}
-
 #[cfg(feature = "tokio-codec")]
 mod tokio_impls {
     use bytes::BytesMut;

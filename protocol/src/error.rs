@@ -13,6 +13,7 @@ use crate::frame::{ErrorCode, FrameKind};
 /// The bytes do not parse as a frame. Always the peer's fault; the session answers with GOAWAY
 /// and closes (SPEC 8.2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum DecodeError {
     /// The header announced a payload over the limit; nothing of it was read or allocated.
     TooLarge {
@@ -116,7 +117,8 @@ impl fmt::Display for ProtocolError {
 impl std::error::Error for ProtocolError {}
 
 /// The local caller asked for something the session cannot do now. Nothing was changed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum ApiError {
     /// The handshake has not completed (or the session is closed).
     NotOpen,
@@ -128,12 +130,32 @@ pub enum ApiError {
     StreamLimit,
     /// Every stream id of this session is used: open a new tunnel (the session drains).
     IdsExhausted,
-    /// No such stream (never opened, or already ended).
+    /// No such stream (never opened, never announced, or abandoned).
     UnknownStream,
-    /// The stream is not in a state that allows this call.
-    InvalidState(&'static str),
-    /// An argument is invalid (a DIAL host, a reason over 255 bytes, ...).
-    Invalid(&'static str),
+    /// Nothing to read yet; a `Readable` event follows when there is.
+    WouldBlock,
+    /// The stream ended abnormally (reset by either end, refused, failed dial, tunnel lost).
+    Stream(StreamError),
+    /// The stream is still dialing or pending: nothing may flow yet.
+    NotEstablished,
+    /// This end already finished its direction (or the stream closed cleanly).
+    AlreadyFinished,
+    /// `accept` and `reject` need a pending dial.
+    NotPending,
+    /// The stream was already reset or has ended.
+    StreamEnded,
+    /// `release` of more bytes than `recv` handed out.
+    OverRelease,
+    /// A read of at most 0 bytes.
+    ZeroLength,
+    /// A reason over 255 bytes.
+    ReasonTooLong,
+    /// `accept_hello` or `refuse_hello` with no HELLO awaiting a decision.
+    NoHelloPending,
+    /// The configuration is out of range (SPEC 4.2, 5.1).
+    InvalidConfig(&'static str),
+    /// A frame this end would build is invalid (a DIAL host, a HELLO over its limit, ...).
+    InvalidFrame(&'static str),
 }
 
 impl fmt::Display for ApiError {
@@ -145,8 +167,18 @@ impl fmt::Display for ApiError {
             ApiError::StreamLimit => f.write_str("peer's concurrent stream limit reached"),
             ApiError::IdsExhausted => f.write_str("stream ids exhausted: open a new tunnel"),
             ApiError::UnknownStream => f.write_str("no such stream"),
-            ApiError::InvalidState(s) => write!(f, "invalid stream state: {s}"),
-            ApiError::Invalid(s) => write!(f, "invalid argument: {s}"),
+            ApiError::WouldBlock => f.write_str("nothing to read yet"),
+            ApiError::Stream(e) => write!(f, "stream {e}"),
+            ApiError::NotEstablished => f.write_str("the stream is not established"),
+            ApiError::AlreadyFinished => f.write_str("this end already finished the stream"),
+            ApiError::NotPending => f.write_str("no pending dial on this stream"),
+            ApiError::StreamEnded => f.write_str("the stream already ended"),
+            ApiError::OverRelease => f.write_str("release of more bytes than were read"),
+            ApiError::ZeroLength => f.write_str("a read of zero bytes"),
+            ApiError::ReasonTooLong => f.write_str("reason over 255 bytes"),
+            ApiError::NoHelloPending => f.write_str("no HELLO awaiting a decision"),
+            ApiError::InvalidConfig(s) => write!(f, "invalid configuration: {s}"),
+            ApiError::InvalidFrame(s) => write!(f, "invalid frame: {s}"),
         }
     }
 }
@@ -164,6 +196,7 @@ pub enum Initiator {
 
 /// Why a session ended (SPEC 7.5), as the application sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum CloseReason {
     /// A drain completed: GOAWAYs exchanged, every stream finished.
     Drained,
@@ -232,6 +265,8 @@ impl fmt::Display for CloseReason {
     }
 }
 
+impl std::error::Error for CloseReason {}
+
 /// How a stream ended abnormally, as the application sees it (SPEC 5.5).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct StreamError {
@@ -261,3 +296,15 @@ impl fmt::Display for StreamError {
 }
 
 impl std::error::Error for StreamError {}
+
+impl From<&CloseReason> for StreamError {
+    /// How a stream ends when its whole session does (SPEC 7.5).
+    fn from(reason: &CloseReason) -> Self {
+        StreamError {
+            code: reason.code(),
+            reason: reason.to_string(),
+            by: reason.initiator(),
+            session_closed: true,
+        }
+    }
+}

@@ -7,9 +7,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use arbitrary::{Result, Unstructured};
 use bytes::{Bytes, BytesMut};
 
+use crate::Time;
 use crate::codec::FrameCodec;
 use crate::frame::*;
-use crate::session::{Config, Event, Session, Time};
+use crate::session::{Config, Event, Session, StreamState};
 use crate::testing::{Carry, Pair, Side, test_agent_identity, test_server_identity};
 
 fn text(u: &mut Unstructured<'_>, max: usize) -> Result<String> {
@@ -194,7 +195,7 @@ pub fn codec_chunks(data: &[u8]) {
     };
     let cuts = usize::from(n % 16).min(rest.len());
     let (sizes, stream) = rest.split_at(cuts);
-    let whole = crate::codec::decode_all(stream, 4096);
+    let whole = crate::testing::decode_all(stream, 4096);
     let mut codec = FrameCodec::with_max_payload(4096);
     let mut buf = BytesMut::new();
     let mut frames = Vec::new();
@@ -253,19 +254,19 @@ fn run_session_ops(u: &mut Unstructured<'_>) -> Result<()> {
         p.run();
         if as_server { p.server } else { p.agent }
     } else if as_server {
-        Session::server(server_cfg, test_server_identity(), Time(0))
+        Session::server(server_cfg, test_server_identity(), Time::from_millis(0))
             .map_err(|_| arbitrary::Error::IncorrectFormat)?
     } else {
-        Session::agent(agent_cfg, test_agent_identity(), Time(0))
+        Session::agent(agent_cfg, test_agent_identity(), Time::from_millis(0))
             .map_err(|_| arbitrary::Error::IncorrectFormat)?
     };
-    let mut now = Time(0);
+    let mut now = Time::from_millis(0);
     for _ in 0..512 {
         if u.is_empty() {
             break;
         }
         let id = StreamId(u.int_in_range(1..=12)?);
-        match u.int_in_range(0..=17)? {
+        match u.int_in_range(0..=19)? {
             0..=4 => {
                 let f = arbitrary_frame_with(u, &mut |u| Ok(StreamId(u.int_in_range(1..=12)?)))?;
                 s.handle_frame(now, f);
@@ -313,6 +314,17 @@ fn run_session_ops(u: &mut Unstructured<'_>) -> Result<()> {
             15 => {
                 now = now.plus_ms(u.int_in_range(0..=3000)?);
                 s.handle_timeout(now);
+                assert!(
+                    s.poll_timeout().is_none_or(|t| t > now),
+                    "handle_timeout(now) leaves no timer due at now"
+                );
+            }
+            18 => {
+                let max = u.int_in_range(1..=5000)?;
+                let _ = s.recv(id, max);
+            }
+            19 => {
+                let _ = s.abandon(id);
             }
             16 => {
                 let wants = s.wants_transmit();
@@ -329,12 +341,6 @@ fn run_session_ops(u: &mut Unstructured<'_>) -> Result<()> {
             }
         }
         assert_eq!(s.check_invariants(), Ok(()));
-        if let Some(t) = s.poll_timeout() {
-            assert!(
-                t >= now || s.is_closed() || t.0 < now.0,
-                "timeouts are times"
-            );
-        }
     }
     Ok(())
 }
@@ -359,11 +365,11 @@ impl Tally {
         for side in [Side::Server, Side::Agent] {
             for e in p.events(side) {
                 match e {
-                    Event::Data { stream, data } => {
-                        self.received
-                            .entry((side, stream))
-                            .or_default()
-                            .extend_from_slice(&data);
+                    Event::Readable { stream } => {
+                        let got = self.received.entry((side, stream)).or_default();
+                        while let Ok(Some(data)) = p.session(side).recv(stream, 1500) {
+                            got.extend_from_slice(&data);
+                        }
                     }
                     Event::DialRequested { stream, .. } => self.pending.push((side, stream)),
                     _ => {}
@@ -478,12 +484,20 @@ fn run_session_pair(u: &mut Unstructured<'_>) -> Result<()> {
         for side in [Side::Server, Side::Agent] {
             let ids: Vec<StreamId> = p.session(side).stream_ids().collect();
             for id in ids {
-                let n = p.session(side).unreleased(id);
+                let s = p.session(side);
+                let n = s.unreleased(id);
                 if n > 0 {
-                    acted |= p.session(side).release(id, n).is_ok();
+                    acted |= s.release(id, n).is_ok();
                 }
-                if p.session(side).queued(id) == 0 {
-                    acted |= p.session(side).finish(id).is_ok();
+                if s.queued(id) == 0 {
+                    acted |= s.finish(id).is_ok();
+                }
+                // A stream that is over is let go of, as a dropped handle would.
+                if matches!(
+                    s.stream_state(id),
+                    Some(StreamState::Closed | StreamState::Failed)
+                ) {
+                    acted |= s.abandon(id).is_ok();
                 }
             }
         }
@@ -496,6 +510,11 @@ fn run_session_pair(u: &mut Unstructured<'_>) -> Result<()> {
     for side in [Side::Server, Side::Agent] {
         let s = p.session(side);
         assert_eq!(s.stream_count(), 0, "{side:?}: a stream leaked: {s:?}");
+        assert_eq!(
+            s.stream_ids().count(),
+            0,
+            "{side:?}: a closed stream was kept after it was abandoned: {s:?}"
+        );
     }
     Ok(())
 }

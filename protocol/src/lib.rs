@@ -29,8 +29,10 @@ pub mod fuzzing;
 pub mod session;
 #[cfg(feature = "testing")]
 pub mod testing;
+mod time;
 
 pub use codec::FrameCodec;
 pub use error::{ApiError, CloseReason, DecodeError, Initiator, ProtocolError, StreamError};
 pub use frame::{ErrorCode, Frame, FrameKind, StreamId};
-pub use session::{AgentIdentity, Config, Event, Role, ServerIdentity, Session, StreamState, Time};
+pub use session::{AgentIdentity, Config, Event, Role, ServerIdentity, Session, StreamState};
+pub use time::Time;

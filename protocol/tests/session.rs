@@ -2,10 +2,9 @@
 
 use bytes::{Bytes, BytesMut};
 use tether_proto::frame::*;
-use tether_proto::session::Time;
 use tether_proto::testing::{Carry, Pair, Side};
 use tether_proto::{
-    ApiError, CloseReason, Config, Event, Initiator, ProtocolError, Session, StreamState,
+    ApiError, CloseReason, Config, Event, Initiator, ProtocolError, Session, StreamState, Time,
 };
 
 fn config() -> Config {
@@ -44,15 +43,17 @@ fn open_accepted(p: &mut Pair) -> StreamId {
     id
 }
 
-fn data_of(events: &[Event], id: StreamId) -> Vec<u8> {
-    events
-        .iter()
-        .filter_map(|e| match e {
-            Event::Data { stream, data } if *stream == id => Some(data.to_vec()),
-            _ => None,
-        })
-        .flatten()
-        .collect()
+/// Reads everything `s` has for `id`: the bytes, and whether the peer's FIN was reached.
+fn read_all(s: &mut Session, id: StreamId) -> (Vec<u8>, bool) {
+    let mut got = Vec::new();
+    loop {
+        match s.recv(id, usize::MAX) {
+            Ok(Some(b)) => got.extend_from_slice(&b),
+            Ok(None) => return (got, true),
+            Err(ApiError::WouldBlock) => return (got, false),
+            Err(e) => panic!("recv on {id}: {e}"),
+        }
+    }
 }
 
 fn goaway_code(frames: &[Frame]) -> Option<ErrorCode> {
@@ -168,11 +169,11 @@ fn a_frame_before_hello_is_a_protocol_error() {
     let mut s = Session::server(
         config(),
         tether_proto::testing::test_server_identity(),
-        Time(0),
+        Time::from_millis(0),
     )
     .unwrap();
     s.handle_frame(
-        Time(0),
+        Time::from_millis(0),
         Frame::Ping(Ping {
             ack: false,
             payload: 1,
@@ -190,11 +191,11 @@ fn the_handshake_deadline_closes_a_silent_tunnel() {
     let mut s = Session::server(
         config(),
         tether_proto::testing::test_server_identity(),
-        Time(0),
+        Time::from_millis(0),
     )
     .unwrap();
-    assert_eq!(s.poll_timeout(), Some(Time(10_000)));
-    s.handle_timeout(Time(10_000));
+    assert_eq!(s.poll_timeout(), Some(Time::from_millis(10_000)));
+    s.handle_timeout(Time::from_millis(10_000));
     assert_eq!(
         goaway_code(&drain_frames(&mut s)),
         Some(ErrorCode::HANDSHAKE_TIMEOUT)
@@ -276,7 +277,16 @@ fn a_dial_cancelled_while_pending_releases_the_acceptor() {
         "{events:?}"
     );
     assert_eq!(p.agent.stream_count(), 0);
+    // The entry only says how it ended, until the application lets go of it.
+    assert_eq!(p.agent.stream_state(id), Some(StreamState::Failed));
+    assert_eq!(p.agent.accept(id), Err(ApiError::NotPending));
+    p.agent.abandon(id).unwrap();
     assert_eq!(p.agent.accept(id), Err(ApiError::UnknownStream));
+    p.run();
+    assert!(
+        p.agent.poll_frame().is_none(),
+        "abandoning a failed stream sends nothing"
+    );
 }
 
 #[test]
@@ -323,6 +333,7 @@ fn a_dial_for_an_unannounced_stream_reset_by_the_peer_leaves_no_event() {
 #[test]
 fn half_close_local_first_then_remote_closes_the_stream_at_both_ends() {
     let mut p = pair();
+    p.record = true;
     let id = open_accepted(&mut p);
     p.server.send(id, Bytes::from_static(b"request")).unwrap();
     p.server.finish(id).unwrap();
@@ -335,17 +346,30 @@ fn half_close_local_first_then_remote_closes_the_stream_at_both_ends() {
         p.agent.stream_state(id),
         Some(StreamState::HalfClosedRemote)
     );
-    let ev = p.events(Side::Agent);
-    assert_eq!(data_of(&ev, id), b"request");
-    assert!(matches!(ev.last(), Some(Event::Finished { .. })));
+    assert_eq!(p.events(Side::Agent), vec![Event::Readable { stream: id }]);
+    assert_eq!(read_all(&mut p.agent, id), (b"request".to_vec(), true));
     p.agent.send(id, Bytes::from_static(b"response")).unwrap();
     p.agent.finish(id).unwrap();
     p.run();
-    let ev = p.events(Side::Server);
-    assert_eq!(data_of(&ev, id), b"response");
-    assert!(matches!(ev.last(), Some(Event::Finished { .. })));
+    assert_eq!(p.events(Side::Server), vec![Event::Readable { stream: id }]);
+    assert_eq!(read_all(&mut p.server, id), (b"response".to_vec(), true));
+    // Closed at both ends: nothing counts, and the entries wait for their handles to go.
+    assert_eq!(p.server.stream_state(id), Some(StreamState::Closed));
+    assert_eq!(p.agent.stream_state(id), Some(StreamState::Closed));
+    assert_eq!(p.server.stream_count() + p.agent.stream_count(), 0);
+    p.server.abandon(id).unwrap();
+    p.agent.abandon(id).unwrap();
+    p.run();
     assert_eq!(p.server.stream_state(id), None);
     assert_eq!(p.agent.stream_state(id), None);
+    assert!(
+        !p.sent
+            .0
+            .iter()
+            .chain(&p.sent.1)
+            .any(|f| matches!(f, Frame::Reset(_))),
+        "abandoning a closed stream sends nothing"
+    );
 }
 
 #[test]
@@ -358,13 +382,14 @@ fn half_close_remote_first_then_local_closes_the_stream_at_both_ends() {
         p.server.stream_state(id),
         Some(StreamState::HalfClosedRemote)
     );
-    assert_eq!(p.events(Side::Server), vec![Event::Finished { stream: id }]);
+    assert_eq!(p.events(Side::Server), vec![Event::Readable { stream: id }]);
+    assert_eq!(read_all(&mut p.server, id), (Vec::new(), true));
     // The server may still send after the peer finished.
     p.server.send(id, Bytes::from_static(b"late")).unwrap();
     p.server.finish(id).unwrap();
     p.run();
-    let ev = p.events(Side::Agent);
-    assert_eq!(data_of(&ev, id), b"late");
+    p.events(Side::Agent);
+    assert_eq!(read_all(&mut p.agent, id), (b"late".to_vec(), true));
     assert_eq!(p.server.stream_count() + p.agent.stream_count(), 0);
 }
 
@@ -375,7 +400,7 @@ fn send_after_finish_is_refused_locally() {
     p.server.finish(id).unwrap();
     assert!(matches!(
         p.server.send(id, Bytes::from_static(b"x")),
-        Err(ApiError::InvalidState(_))
+        Err(ApiError::AlreadyFinished)
     ));
 }
 
@@ -430,8 +455,8 @@ fn window_exhausted_then_reopened_when_the_receiver_releases() {
     assert_eq!(accepted, 1000, "only the window is taken");
     assert_eq!(p.server.send_capacity(id), 0);
     p.run();
-    let ev = p.events(Side::Agent);
-    assert_eq!(data_of(&ev, id).len(), 1000);
+    p.events(Side::Agent);
+    assert_eq!(read_all(&mut p.agent, id).0.len(), 1000);
     // Not yet released: no credit returns.
     assert!(p.events(Side::Server).is_empty());
     p.agent.release(id, 400).unwrap();
@@ -464,6 +489,7 @@ fn a_release_under_the_batch_threshold_leaves_nothing_to_transmit() {
     );
     p.run();
     p.events(Side::Agent);
+    read_all(&mut p.agent, id);
     assert!(!p.agent.wants_transmit(), "all sent, nothing due");
     p.agent.release(id, 400).unwrap();
     assert!(
@@ -483,6 +509,7 @@ fn a_send_that_uses_the_last_of_the_window_is_told_when_credit_returns() {
     assert_eq!(p.server.send(id, Bytes::from(vec![1u8; 10])).unwrap(), 10);
     p.run();
     p.events(Side::Agent);
+    read_all(&mut p.agent, id);
     p.agent.release(id, 10).unwrap();
     p.run();
     assert_eq!(p.events(Side::Server), vec![Event::Writable { stream: id }]);
@@ -520,13 +547,16 @@ fn a_stalled_reader_on_one_stream_does_not_stop_a_large_transfer_on_another() {
         p.run();
         for e in p.events(Side::Agent) {
             match e {
-                Event::Data { stream, data } if stream == busy => {
+                Event::Readable { stream } if stream == busy => {
+                    let (data, _) = read_all(&mut p.agent, busy);
                     received += data.len();
                     p.agent
                         .release(busy, u32::try_from(data.len()).unwrap())
                         .unwrap();
                 }
-                Event::Data { stream, data } if stream == stalled => stalled_seen += data.len(),
+                Event::Readable { stream } if stream == stalled => {
+                    stalled_seen += read_all(&mut p.agent, stalled).0.len();
+                }
                 _ => {}
             }
         }
@@ -552,18 +582,16 @@ fn no_payload_byte_is_copied_between_the_two_sessions() {
     let payload = Bytes::from(vec![3u8; 200_000]);
     let n = p.server.send(id, payload.clone()).unwrap();
     p.run();
-    let ev = p.events(Side::Agent);
+    assert_eq!(p.events(Side::Agent), vec![Event::Readable { stream: id }]);
     let mut offset = 0;
-    for e in &ev {
-        if let Event::Data { data, .. } = e {
-            assert_eq!(
-                data.as_ptr(),
-                payload[offset..].as_ptr(),
-                "payload at {offset} arrives as a slice of the sent Bytes"
-            );
-            assert!(data.len() <= Settings::DEFAULT_MAX_FRAME_SIZE as usize);
-            offset += data.len();
-        }
+    while let Ok(Some(data)) = p.agent.recv(id, usize::MAX) {
+        assert_eq!(
+            data.as_ptr(),
+            payload[offset..].as_ptr(),
+            "payload at {offset} arrives as a slice of the sent Bytes"
+        );
+        assert!(data.len() <= Settings::DEFAULT_MAX_FRAME_SIZE as usize);
+        offset += data.len();
     }
     assert_eq!(offset, n);
 }
@@ -581,7 +609,7 @@ fn keepalive_pings_are_answered_and_keep_the_tunnel_alive() {
     for _ in 0..20 {
         p.advance_to_next();
     }
-    assert!(p.now >= Time(5000));
+    assert!(p.now >= Time::from_millis(5000));
     assert!(p.server.is_established() && p.agent.is_established());
 }
 
@@ -610,7 +638,7 @@ fn the_keepalive_deadline_closes_the_session_and_fails_every_stream_and_pending_
         assert!(rounds < 20);
     }
     assert!(
-        p.now <= Time(1000 + 3000),
+        p.now <= Time::from_millis(1000 + 3000),
         "found within interval + timeout"
     );
     for side in [Side::Server, Side::Agent] {
@@ -638,34 +666,38 @@ fn any_frame_from_the_peer_extends_the_keepalive_deadline() {
         keepalive_timeout_ms: 3000,
         ..Config::default()
     };
-    let mut s =
-        Session::server(ka, tether_proto::testing::test_server_identity(), Time(0)).unwrap();
+    let mut s = Session::server(
+        ka,
+        tether_proto::testing::test_server_identity(),
+        Time::from_millis(0),
+    )
+    .unwrap();
     let mut a = Session::agent(
         config(),
         tether_proto::testing::test_agent_identity(),
-        Time(0),
+        Time::from_millis(0),
     )
     .unwrap();
     let mut p = Pair::from_sessions(s.clone(), a.clone());
     p.handshake();
     (s, a) = (p.server, p.agent);
-    s.handle_timeout(Time(1000));
+    s.handle_timeout(Time::from_millis(1000));
     assert!(matches!(
         s.poll_frame(),
         Some(Frame::Ping(Ping { ack: false, .. }))
     ));
-    assert_eq!(s.poll_timeout(), Some(Time(4000)));
+    assert_eq!(s.poll_timeout(), Some(Time::from_millis(4000)));
     // The answer is stuck, but other frames arrive.
     let _ = a;
     s.handle_frame(
-        Time(3500),
+        Time::from_millis(3500),
         Frame::Ping(Ping {
             ack: false,
             payload: 99,
         }),
     );
-    assert_eq!(s.poll_timeout(), Some(Time(6500)));
-    s.handle_timeout(Time(4000));
+    assert_eq!(s.poll_timeout(), Some(Time::from_millis(6500)));
+    s.handle_timeout(Time::from_millis(4000));
     assert!(s.is_established());
 }
 
@@ -731,6 +763,10 @@ fn goaway_drains_open_streams_then_closes_both_ends() {
         .unwrap();
     p.server.finish(id).unwrap();
     p.agent.finish(id).unwrap();
+    p.run();
+    // The drain completes once each application has read its stream to the end.
+    assert_eq!(read_all(&mut p.agent, id), (b"last words".to_vec(), true));
+    assert_eq!(read_all(&mut p.server, id), (Vec::new(), true));
     p.run();
     for side in [Side::Server, Side::Agent] {
         let ev = p.events(side);
@@ -1081,14 +1117,17 @@ fn the_sender_splits_data_to_the_peers_max_frame_size() {
     };
     let mut p = Pair::established(config(), agent);
     p.carry = Carry::Bytes(vec![333]);
+    p.record = true;
     let id = open_accepted(&mut p);
     p.server.send(id, Bytes::from(vec![1u8; 5000])).unwrap();
     p.run();
-    let ev = p.events(Side::Agent);
-    assert_eq!(data_of(&ev, id).len(), 5000);
+    p.events(Side::Agent);
+    assert_eq!(read_all(&mut p.agent, id).0.len(), 5000);
     assert!(
-        ev.iter()
-            .all(|e| !matches!(e, Event::Data { data, .. } if data.len() > 1024))
+        p.sent
+            .0
+            .iter()
+            .all(|f| !matches!(f, Frame::Data(d) if d.payload.len() > 1024))
     );
     assert!(p.agent.is_established());
 }
@@ -1103,7 +1142,8 @@ fn frames_for_closed_streams_are_ignored() {
     p.agent.finish(id).unwrap();
     p.run();
     p.events(Side::Server);
-    assert_eq!(p.server.stream_state(id), None);
+    assert_eq!(read_all(&mut p.server, id), (Vec::new(), true));
+    assert_eq!(p.server.stream_state(id), Some(StreamState::Closed));
     for f in [
         Frame::Window(WindowUpdate {
             stream: id,
@@ -1117,7 +1157,12 @@ fn frames_for_closed_streams_are_ignored() {
         Frame::DialOk(DialOk { stream: id }),
         data(1, false, 3),
     ] {
-        p.server.handle_frame(p.now, f);
+        p.server.handle_frame(p.now, f.clone());
+        // Once the application let go, the id is simply gone: still ignored.
+        let mut gone = p.server.clone();
+        gone.abandon(id).unwrap();
+        gone.handle_frame(p.now, f);
+        assert!(gone.is_established() && gone.stream_state(id).is_none());
     }
     assert!(drain_frames(&mut p.server).is_empty());
     assert!(p.events(Side::Server).is_empty());

@@ -106,6 +106,10 @@ pub struct TunnelArgs {
     /// Per-stream window in bytes.
     #[arg(long, default_value_t = 256 * 1024)]
     pub stream_window: u32,
+    /// How long a tunnel may take from the TCP connection to an established session (TCP,
+    /// TLS, HELLO and WELCOME together); past it the session sends GOAWAY HANDSHAKE_TIMEOUT.
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    pub handshake_timeout: std::time::Duration,
     /// How long to drain on SIGTERM.
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
     pub drain_grace: std::time::Duration,
@@ -134,6 +138,7 @@ impl TunnelArgs {
             initial_window: self.stream_window,
             keepalive_interval_ms: ms(self.keepalive_time),
             keepalive_timeout_ms: ms(self.keepalive_timeout),
+            handshake_timeout_ms: ms(self.handshake_timeout),
             ..tether_proto::Config::default()
         }
     }

@@ -92,7 +92,7 @@ where
                 }
             };
             if n == 0 {
-                stream.finish();
+                stream.finish()?;
                 return Ok::<u64, io::Error>(total);
             }
             if n >= want {

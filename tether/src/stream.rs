@@ -1,36 +1,42 @@
 //! [`TetherStream`]: one stream of a tunnel as `AsyncRead + AsyncWrite` (shutdown is half-close).
+//!
+//! A handle only: the bytes wait in the session's receive and send buffers, and what becomes
+//! of a stream whose handle is dropped is the session's drop policy (`Session::abandon`).
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes};
-use tether_proto::{ErrorCode, StreamError, StreamId};
+use tether_proto::{ApiError, ErrorCode, StreamId};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::buffer::Chunks;
-use crate::tunnel::{Shared, Slot, Tunnel};
+use crate::tunnel::Tunnel;
 
 /// One stream through a tunnel.
 ///
-/// Reading takes bytes the peer sent and returns their credit (SPEC 6.3) as they are taken;
-/// writing is accepted only against credit, so a writer waits while the peer's consumer is
-/// slow. `shutdown` sends FIN (half-close); dropping the stream before both directions finished
-/// resets it with `CANCEL`.
+/// Reading takes bytes the peer sent; their credit (SPEC 6.3) returns when `AsyncRead` copies
+/// them out, or when [`TetherStream::release`] says they were consumed. Writing is accepted
+/// only against credit, so a writer waits while the peer's consumer is slow. `shutdown` sends
+/// FIN (half-close). Dropping the handle resets the stream with CANCEL unless both directions
+/// have finished.
 #[derive(Debug)]
 pub struct TetherStream {
     pub(crate) tunnel: Tunnel,
     pub(crate) id: StreamId,
-    finished: AtomicBool,
     forgotten: bool,
 }
 
-fn stream_io_error(e: &StreamError) -> io::Error {
-    let kind = if e.session_closed {
-        io::ErrorKind::ConnectionAborted
-    } else {
-        io::ErrorKind::ConnectionReset
+/// The `io::Error` for a session command that failed: a stream that ended abnormally is a
+/// reset (or an abort when the whole tunnel went), anything else is a broken pipe.
+pub(crate) fn api_io_error(e: ApiError) -> io::Error {
+    let kind = match &e {
+        ApiError::Stream(s) if s.session_closed => io::ErrorKind::ConnectionAborted,
+        ApiError::Stream(_) => io::ErrorKind::ConnectionReset,
+        ApiError::Closed => io::ErrorKind::ConnectionAborted,
+        ApiError::UnknownStream => io::ErrorKind::NotConnected,
+        _ => io::ErrorKind::BrokenPipe,
     };
     io::Error::new(kind, e.to_string())
 }
@@ -40,7 +46,6 @@ impl TetherStream {
         TetherStream {
             tunnel,
             id,
-            finished: AtomicBool::new(false),
             forgotten: false,
         }
     }
@@ -54,76 +59,64 @@ impl TetherStream {
     /// is not returned until [`TetherStream::release`] is called, so a caller that releases
     /// only after writing the bytes on makes a slow destination slow its own sender.
     pub async fn recv_chunk(&self) -> io::Result<Option<Bytes>> {
-        std::future::poll_fn(|cx| self.poll_chunk(cx)).await
+        std::future::poll_fn(|cx| self.poll_recv(cx, usize::MAX)).await
     }
 
-    /// Waits for bytes from the peer and moves what is queued, up to about `max` bytes, into
-    /// `out` without copying; `false` at the peer's FIN. Credit is returned only by
+    /// Waits for bytes from the peer and moves what is buffered, up to about `max` bytes,
+    /// into `out` without copying; `false` at the peer's FIN. Credit is returned only by
     /// [`TetherStream::release`], as for [`TetherStream::recv_chunk`].
     pub(crate) async fn recv_chunks(&self, out: &mut Chunks, max: usize) -> io::Result<bool> {
         std::future::poll_fn(|cx| {
             let mut sh = self.tunnel.lock();
-            let Some(slot) = std::task::ready!(self.poll_slot(&mut sh, cx))? else {
-                return Poll::Ready(Ok(false));
-            };
-            // The slot holds at least one chunk: take it, and more while under `max`.
-            while let Some(c) = slot.recv.pop_front() {
-                out.push(c);
-                if out.remaining() >= max {
-                    break;
+            loop {
+                let want = max.saturating_sub(out.remaining()).max(1);
+                match sh.session.recv(self.id, want) {
+                    Ok(Some(b)) => {
+                        out.push(b);
+                        if out.remaining() >= max {
+                            return Poll::Ready(Ok(true));
+                        }
+                    }
+                    // What was taken goes first; the end or the error comes with the next call.
+                    _ if out.remaining() > 0 => return Poll::Ready(Ok(true)),
+                    Ok(None) => return Poll::Ready(Ok(false)),
+                    Err(ApiError::WouldBlock) => {
+                        if let Some(w) = sh.wakers.get_mut(&self.id) {
+                            w.read = Some(cx.waker().clone());
+                        }
+                        return Poll::Pending;
+                    }
+                    Err(e) => return Poll::Ready(Err(api_io_error(e))),
                 }
             }
-            Poll::Ready(Ok(true))
         })
         .await
     }
 
-    fn poll_chunk(&self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
+    /// One `recv` of at most `max` bytes; pending (waker registered) while nothing is there.
+    fn poll_recv(&self, cx: &mut Context<'_>, max: usize) -> Poll<io::Result<Option<Bytes>>> {
         let mut sh = self.tunnel.lock();
-        let slot = std::task::ready!(self.poll_slot(&mut sh, cx))?;
-        Poll::Ready(Ok(slot.and_then(|s| s.recv.pop_front())))
-    }
-
-    /// The stream's slot once it holds a chunk; `None` at the peer's FIN (nothing queued);
-    /// the stream's or the session's error; or pending, with the reader's waker registered.
-    fn poll_slot<'a>(
-        &self,
-        sh: &'a mut Shared,
-        cx: &mut Context<'_>,
-    ) -> Poll<io::Result<Option<&'a mut Slot>>> {
-        let Shared { slots, closed, .. } = sh;
-        let Some(slot) = slots.get_mut(&self.id) else {
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::NotConnected,
-                "stream gone",
-            )));
-        };
-        if !slot.recv.is_empty() {
-            return Poll::Ready(Ok(Some(slot)));
+        match sh.session.recv(self.id, max) {
+            Ok(got) => Poll::Ready(Ok(got)),
+            Err(ApiError::WouldBlock) => {
+                if let Some(w) = sh.wakers.get_mut(&self.id) {
+                    w.read = Some(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+            Err(e) => Poll::Ready(Err(api_io_error(e))),
         }
-        if let Some(e) = &slot.error {
-            return Poll::Ready(Err(stream_io_error(e)));
-        }
-        if slot.fin {
-            return Poll::Ready(Ok(None));
-        }
-        if let Some(reason) = closed {
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::ConnectionAborted,
-                reason.to_string(),
-            )));
-        }
-        slot.read_waker = Some(cx.waker().clone());
-        Poll::Pending
     }
 
     /// Returns `n` bytes of credit to the peer: they were consumed.
     pub fn release(&self, n: usize) {
         let due = {
             let mut sh = self.tunnel.lock();
-            let _ = sh
+            let released = sh
                 .session
                 .release(self.id, u32::try_from(n).unwrap_or(u32::MAX));
+            // Only more than was read can fail here, which is this module's bug, not the peer's.
+            debug_assert!(released.is_ok(), "release: {released:?}");
             // Credit goes back in batches (SPEC 6.4): most releases leave nothing to send.
             sh.session.wants_transmit()
         };
@@ -143,21 +136,11 @@ impl TetherStream {
 
     fn poll_send(&self, cx: &mut Context<'_>, data: &Bytes) -> Poll<io::Result<usize>> {
         let mut sh = self.tunnel.lock();
-        if let Some(slot) = sh.slots.get(&self.id)
-            && let Some(e) = &slot.error
-        {
-            return Poll::Ready(Err(stream_io_error(e)));
-        }
-        if let Some(r) = &sh.closed {
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::ConnectionAborted,
-                r.to_string(),
-            )));
-        }
         match sh.session.send(self.id, data.clone()) {
             Ok(0) => {
-                if let Some(slot) = sh.slots.get_mut(&self.id) {
-                    slot.write_waker = Some(cx.waker().clone());
+                // A `Writable` event follows when credit returns (SPEC 6.2).
+                if let Some(w) = sh.wakers.get_mut(&self.id) {
+                    w.write = Some(cx.waker().clone());
                 }
                 Poll::Pending
             }
@@ -166,32 +149,32 @@ impl TetherStream {
                 self.tunnel.wake_writer();
                 Poll::Ready(Ok(n))
             }
-            Err(e) => Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::BrokenPipe,
-                e.to_string(),
-            ))),
+            Err(e) => Poll::Ready(Err(api_io_error(e))),
         }
     }
 
-    /// Half-closes this direction: FIN goes out after the queued bytes.
-    pub fn finish(&self) {
-        if !self.finished.swap(true, Ordering::AcqRel) {
-            let _ = self.tunnel.lock().session.finish(self.id);
-            self.tunnel.wake_writer();
+    /// Half-closes this direction: FIN goes out after the queued bytes. Finishing twice is
+    /// harmless; a stream that failed reports why.
+    pub fn finish(&self) -> io::Result<()> {
+        let finished = self.tunnel.lock().session.finish(self.id);
+        self.tunnel.wake_writer();
+        match finished {
+            Ok(()) | Err(ApiError::AlreadyFinished) => Ok(()),
+            Err(e) => Err(api_io_error(e)),
         }
     }
 
-    /// Aborts the stream with `code`.
+    /// Aborts the stream with `code`. A stream that already ended stays as it ended.
     pub fn reset(&self, code: ErrorCode, reason: &str) {
-        {
-            let mut sh = self.tunnel.lock();
-            let _ = sh.session.reset(self.id, code, reason);
-            sh.slots.remove(&self.id);
+        let reset = self.tunnel.lock().session.reset(self.id, code, reason);
+        if let Err(e) = reset {
+            tracing::debug!(stream = %self.id, error = %e, "reset of a stream that already ended");
         }
         self.tunnel.wake_writer();
     }
 
-    /// Drops the handle without taking the tunnel's lock (used while it is held).
+    /// Drops the handle without taking the tunnel's lock (used while it is held, for a handle
+    /// that never reached the application: the caller rejects the dial itself).
     pub(crate) fn forget(mut self) {
         self.forgotten = true;
     }
@@ -203,21 +186,16 @@ impl AsyncRead for TetherStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
         let this = self.get_mut();
-        let Some(mut chunk) = std::task::ready!(this.poll_chunk(cx))? else {
+        let Some(chunk) = std::task::ready!(this.poll_recv(cx, buf.remaining()))? else {
             return Poll::Ready(Ok(()));
         };
-        let n = chunk.len().min(buf.remaining());
-        buf.put_slice(&chunk[..n]);
-        chunk.advance(n);
-        if !chunk.is_empty() {
-            let mut sh = this.tunnel.lock();
-            if let Some(slot) = sh.slots.get_mut(&this.id) {
-                slot.recv.push_front(chunk);
-            }
-        }
+        buf.put_slice(chunk.chunk());
         // Bytes copied into the caller's buffer are consumed: their credit goes back.
-        this.release(n);
+        this.release(chunk.len());
         Poll::Ready(Ok(()))
     }
 }
@@ -239,8 +217,7 @@ impl AsyncWrite for TetherStream {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.finish();
-        Poll::Ready(Ok(()))
+        Poll::Ready(self.finish())
     }
 }
 
@@ -249,26 +226,17 @@ impl Drop for TetherStream {
         if self.forgotten {
             return;
         }
-        let mut sh = self.tunnel.lock();
-        let live = sh.session.stream_state(self.id).is_some();
-        if let Some(slot) = sh.slots.remove(&self.id) {
-            // Credit for bytes nobody will read goes back, so the peer is not left stalled.
-            let held: usize = slot.recv.iter().map(Bytes::len).sum();
-            let _ = sh
-                .session
-                .release(self.id, u32::try_from(held).unwrap_or(0));
+        let due = {
+            let mut sh = self.tunnel.lock();
+            sh.wakers.remove(&self.id);
+            // SPEC 5.6: the session decides what a dropped handle means.
+            if let Err(e) = sh.session.abandon(self.id) {
+                tracing::debug!(stream = %self.id, error = %e, "abandon");
+            }
+            sh.session.wants_transmit()
+        };
+        if due {
+            self.tunnel.wake_writer();
         }
-        let both_finished = self.finished.load(Ordering::Acquire)
-            && !matches!(
-                sh.session.stream_state(self.id),
-                Some(tether_proto::StreamState::Open | tether_proto::StreamState::HalfClosedLocal)
-            );
-        if live && !both_finished {
-            let _ = sh
-                .session
-                .reset(self.id, ErrorCode::CANCEL, "stream dropped");
-        }
-        drop(sh);
-        self.tunnel.wake_writer();
     }
 }

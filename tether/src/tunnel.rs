@@ -1,27 +1,29 @@
 //! The tunnel driver: one framed TLS stream joined to one [`Session`] (DESIGN §9, STYLE 10).
 //!
-//! The session decides; this module only moves bytes. Two tasks share the session behind a
-//! mutex that is never held across an `.await`:
+//! The session decides; this module only moves bytes and time. Two tasks share the session
+//! behind a mutex that is never held across an `.await`:
 //!
-//! - the **reader** reads whatever the transport has, feeds it to `handle_bytes`, and hands
-//!   the events to the streams. It never waits for the writer.
-//! - the **writer** fires due timers, takes every frame the session has ready, and writes them
-//!   with one vectored write: small frames are coalesced into one buffer, DATA payloads go out
-//!   as the very `Bytes` the application gave (rustls copies them once, into TLS records).
+//! - the **reader** reads whatever the transport has, feeds it to `handle_bytes`, and wakes
+//!   whoever the session's events concern. It never waits for the writer.
+//! - the **writer** fires due timers (the handshake deadline, keepalive, all of them), takes
+//!   every frame the session has ready, and writes them with one vectored write: small frames
+//!   are coalesced into one buffer, DATA payloads go out as the very `Bytes` the application
+//!   gave (rustls copies them once, into TLS records).
 //!
-//! Per-stream buffers hold only what the session delivered, so they are bounded by the window
-//! the session enforces; credit goes back only when the stream's consumer releases it.
+//! The driver starts before the handshake: HELLO, WELCOME and the handshake deadline go
+//! through the same loop as every other frame and timer. Received bytes wait in the session's
+//! per-stream buffers, bounded by the window it enforces; this module holds no stream state,
+//! only the wakers of the tasks waiting on a stream.
 
-use std::collections::{HashMap, VecDeque};
-use std::io;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use tether_proto::frame::{Dial, Hello, Protocol, Welcome};
-use tether_proto::session::Time;
-use tether_proto::{CloseReason, ErrorCode, Event, Frame, Session, StreamError, StreamId};
+use tether_proto::{ApiError, CloseReason, ErrorCode, Event, Frame, Session, StreamId, Time};
+use tether_proto::{StreamError, StreamState};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Notify, mpsc, oneshot};
 
@@ -41,23 +43,27 @@ const WRITE_BATCH: usize = 512 * 1024;
 /// DATA payloads at least this long go out as their own slice instead of being copied.
 const ZERO_COPY_MIN: usize = 2048;
 
-/// A dial from the peer, waiting for this end to accept or reject it.
+/// A dial from the peer, waiting for this end to accept or reject it. Dropping it rejects
+/// the dial with CANCEL (the session's drop policy).
+#[derive(Debug)]
 pub struct Incoming {
-    /// The stream; usable once accepted.
-    pub stream: TetherStream,
-    /// Where the peer wants it to go.
-    pub dial: Dial,
+    stream: TetherStream,
+    dial: Dial,
 }
 
 impl Incoming {
-    /// Accepts: DIAL_OK goes out and the stream is established.
-    pub fn accept(self) -> TetherStream {
-        {
-            let mut sh = self.stream.tunnel.lock();
-            let _ = sh.session.accept(self.stream.id);
-        }
+    /// Where the peer wants the stream to go.
+    pub fn dial(&self) -> &Dial {
+        &self.dial
+    }
+
+    /// Accepts: DIAL_OK goes out and the stream is established. Fails if the peer gave up on
+    /// the dial meanwhile, or the tunnel closed.
+    pub fn accept(self) -> std::io::Result<TetherStream> {
+        let accepted = self.stream.tunnel.lock().session.accept(self.stream.id);
         self.stream.tunnel.wake_writer();
-        self.stream
+        accepted.map_err(crate::stream::api_io_error)?;
+        Ok(self.stream)
     }
 
     /// Rejects with `code` (a `DIAL_*` code) and a short reason.
@@ -66,36 +72,61 @@ impl Incoming {
     }
 }
 
-/// One stream's buffers at this end of the tunnel.
-#[derive(Default)]
-pub(crate) struct Slot {
-    /// Delivered, not yet read by the stream's consumer.
-    pub(crate) recv: VecDeque<Bytes>,
-    /// The peer finished its direction.
-    pub(crate) fin: bool,
-    /// The stream ended abnormally.
-    pub(crate) error: Option<StreamError>,
-    pub(crate) read_waker: Option<Waker>,
-    pub(crate) write_waker: Option<Waker>,
+/// Decides an agent's HELLO at the server end (SPEC 4.2): `Err` refuses it with a GOAWAY
+/// carrying the code and reason.
+pub type HelloPolicy = Box<dyn Fn(&Hello) -> Result<(), (ErrorCode, String)> + Send>;
+
+/// A finished handshake: the agent's HELLO (server end) or the server's WELCOME (agent end).
+#[derive(Debug, Clone)]
+pub enum Handshake {
+    /// Server end: the HELLO the policy accepted.
+    Hello(Hello),
+    /// Agent end: the server's WELCOME.
+    Welcome(Welcome),
 }
 
-impl Slot {
+/// The end of a handshake in progress: [`Handshaking::done`] waits for it.
+#[derive(Debug)]
+pub struct Handshaking(oneshot::Receiver<Result<Handshake, CloseReason>>);
+
+impl Handshaking {
+    /// Waits until the session is established (or has closed: refused, timed out, broken).
+    /// The deadline is the session's own handshake timer, fired by the tunnel's writer.
+    pub async fn done(self) -> Result<Handshake, CloseReason> {
+        self.0.await.unwrap_or(Err(CloseReason::TransportLost))
+    }
+}
+
+/// The tasks waiting on one stream.
+#[derive(Default)]
+pub(crate) struct Wakers {
+    pub(crate) read: Option<Waker>,
+    pub(crate) write: Option<Waker>,
+}
+
+impl Wakers {
     fn wake(&mut self) {
-        if let Some(w) = self.read_waker.take() {
+        if let Some(w) = self.read.take() {
             w.wake();
         }
-        if let Some(w) = self.write_waker.take() {
+        if let Some(w) = self.write.take() {
             w.wake();
         }
     }
 }
 
+/// The handshake's pending result: the HELLO seen so far, and who waits.
+struct PendingHandshake {
+    hello: Option<Hello>,
+    tx: oneshot::Sender<Result<Handshake, CloseReason>>,
+}
+
 pub(crate) struct Shared {
     pub(crate) session: Session,
-    pub(crate) slots: HashMap<StreamId, Slot>,
-    dials: HashMap<StreamId, oneshot::Sender<Result<(), StreamError>>>,
+    pub(crate) wakers: HashMap<StreamId, Wakers>,
     incoming: Option<mpsc::UnboundedSender<Incoming>>,
-    pub(crate) closed: Option<CloseReason>,
+    policy: Option<HelloPolicy>,
+    handshake: Option<PendingHandshake>,
 }
 
 pub(crate) struct Inner {
@@ -118,23 +149,26 @@ impl std::fmt::Debug for Tunnel {
     }
 }
 
-/// Why a dial through a tunnel failed.
+/// Why a stream could not be had.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DialError {
-    /// The acceptor refused or failed it, or the tunnel ended (see the code).
-    Failed(StreamError),
+    /// No connected agent serves the destination.
+    NoAgent,
     /// No answer within the dial timeout; the dial was cancelled.
     Timeout,
     /// The session would not open a stream now (closed, draining, at its limit).
-    Unavailable(tether_proto::ApiError),
+    Unavailable(ApiError),
+    /// The acceptor refused or failed it, or the tunnel ended (see the code).
+    Failed(StreamError),
 }
 
 impl std::fmt::Display for DialError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            DialError::Failed(e) => write!(f, "dial failed: {e}"),
+            DialError::NoAgent => f.write_str("no agent for this destination"),
             DialError::Timeout => f.write_str("dial timed out"),
             DialError::Unavailable(e) => write!(f, "tunnel unavailable: {e}"),
+            DialError::Failed(e) => write!(f, "dial failed: {e}"),
         }
     }
 }
@@ -143,49 +177,63 @@ impl std::error::Error for DialError {}
 
 impl Inner {
     pub(crate) fn now(&self) -> Time {
-        Time(u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX))
+        Time::from_millis(u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX))
     }
 
     fn instant(&self, t: Time) -> Instant {
-        self.epoch + Duration::from_millis(t.0)
+        self.epoch + Duration::from_millis(t.as_millis())
     }
 }
 
+/// How to start a tunnel: besides the transport and the session, who gets the peer's dials,
+/// who decides a HELLO, the session's clock zero, and a name for logs.
+pub struct Start {
+    /// Dials from the peer go here; `None`: they are refused with DIAL_FORBIDDEN.
+    pub incoming: Option<mpsc::UnboundedSender<Incoming>>,
+    /// Server end: what decides the agent's HELLO; `None`: every HELLO is accepted.
+    pub policy: Option<HelloPolicy>,
+    /// The instant the session's `Time` counts from (the session was made at `Time` 0).
+    pub epoch: Instant,
+    /// A name for logs.
+    pub label: String,
+}
+
+/// When the handshake deadline of `session` falls, as an instant of `epoch`'s clock: the TLS
+/// handshake that comes before the tunnel runs under it too (one budget).
+pub fn handshake_deadline(session: &Session, epoch: Instant) -> Option<tokio::time::Instant> {
+    session
+        .poll_timeout()
+        .map(|t| (epoch + Duration::from_millis(t.as_millis())).into())
+}
+
 impl Tunnel {
-    /// Starts the reader and writer tasks over `io`, whose handshake is done: `session` is
-    /// established and `leftover` holds bytes already read past the handshake. Dials from the
-    /// peer go to `incoming` (or are rejected when there is none).
-    pub fn spawn<IO>(
-        io: IO,
-        session: Session,
-        leftover: BytesMut,
-        incoming: Option<mpsc::UnboundedSender<Incoming>>,
-        epoch: Instant,
-        label: String,
-    ) -> Tunnel
+    /// Starts the reader and writer tasks over `io` (TLS already done) with a fresh `session`,
+    /// which handshakes through them. Returns the tunnel and its handshake's outcome.
+    pub fn spawn<IO>(io: IO, session: Session, start: Start) -> (Tunnel, Handshaking)
     where
         IO: AsyncRead + AsyncWrite + Send + 'static,
     {
+        let (tx, rx) = oneshot::channel();
         let inner = Arc::new(Inner {
             state: Mutex::new(Shared {
                 session,
-                slots: HashMap::new(),
-                dials: HashMap::new(),
-                incoming,
-                closed: None,
+                wakers: HashMap::new(),
+                incoming: start.incoming,
+                policy: start.policy,
+                handshake: Some(PendingHandshake { hello: None, tx }),
             }),
             writer: Notify::new(),
             closed: Notify::new(),
-            epoch,
-            label,
+            epoch: start.epoch,
+            label: start.label,
         });
         let tunnel = Tunnel { inner };
         let (r, w) = tokio::io::split(io);
-        let reading = tokio::spawn(reader(tunnel.clone(), r, leftover));
+        let reading = tokio::spawn(reader(tunnel.clone(), r));
         // The writer ends the reader when the session is over: a dead peer may never send the
         // EOF that would end it, and its socket must not outlive the session.
         tokio::spawn(writer(tunnel.clone(), w, reading.abort_handle()));
-        tunnel
+        (tunnel, Handshaking(rx))
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, Shared> {
@@ -208,28 +256,34 @@ impl Tunnel {
         port: u16,
         timeout: Duration,
     ) -> Result<TetherStream, DialError> {
-        let (tx, rx) = oneshot::channel();
-        let id = {
+        let stream = {
             let mut sh = self.lock();
             let id = sh
                 .session
                 .open(Protocol::TCP, host, port)
                 .map_err(DialError::Unavailable)?;
-            sh.slots.insert(id, Slot::default());
-            sh.dials.insert(id, tx);
-            id
+            sh.wakers.insert(id, Wakers::default());
+            TetherStream::new(self.clone(), id)
         };
         self.wake_writer();
-        let stream = TetherStream::new(self.clone(), id);
-        match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(Ok(()))) => Ok(stream),
-            Ok(Ok(Err(e))) => Err(DialError::Failed(e)),
-            Ok(Err(_)) => Err(DialError::Failed(StreamError {
-                code: ErrorCode::CONNECTION_LOST,
-                reason: "tunnel closed".into(),
-                by: tether_proto::Initiator::Peer,
-                session_closed: true,
-            })),
+        let answer = std::future::poll_fn(|cx| {
+            let mut sh = self.lock();
+            let Shared {
+                session, wakers, ..
+            } = &mut *sh;
+            match session.stream_state(stream.id) {
+                Some(StreamState::Dialing) => {
+                    if let Some(w) = wakers.get_mut(&stream.id) {
+                        w.read = Some(cx.waker().clone());
+                    }
+                    std::task::Poll::Pending
+                }
+                _ => std::task::Poll::Ready(session.stream_error(stream.id)),
+            }
+        });
+        match tokio::time::timeout(timeout, answer).await {
+            Ok(None) => Ok(stream),
+            Ok(Some(e)) => Err(DialError::Failed(e)),
             Err(_) => {
                 // SPEC 5.5: a cancelled dial is a RESET; a crossing DIAL_OK is discarded.
                 stream.reset(ErrorCode::CANCEL, "dial timed out");
@@ -240,7 +294,9 @@ impl Tunnel {
 
     /// Starts a graceful drain (GOAWAY); the tunnel closes when its streams are done.
     pub fn go_away(&self, reason: &str) {
-        let _ = self.lock().session.go_away(reason);
+        if let Err(e) = self.lock().session.go_away(reason) {
+            tracing::debug!(tunnel = %self.inner.label, error = %e, "no drain: {e}");
+        }
         self.wake_writer();
     }
 
@@ -248,7 +304,9 @@ impl Tunnel {
     pub fn close(&self, code: ErrorCode, reason: &str) {
         {
             let mut sh = self.lock();
-            let _ = sh.session.close(code, reason);
+            if let Err(e) = sh.session.close(code, reason) {
+                tracing::debug!(tunnel = %self.inner.label, error = %e, "close: {e}");
+            }
             dispatch(&mut sh, self);
         }
         self.wake_writer();
@@ -256,13 +314,12 @@ impl Tunnel {
 
     /// Why the session ended, once it has.
     pub fn close_reason(&self) -> Option<CloseReason> {
-        self.lock().closed.clone()
+        self.lock().session.close_reason().cloned()
     }
 
     /// Whether the session is open and not draining.
     pub fn is_usable(&self) -> bool {
-        let sh = self.lock();
-        sh.session.is_established() && !sh.session.is_draining()
+        self.lock().session.is_usable()
     }
 
     /// Live streams in the session.
@@ -282,109 +339,106 @@ impl Tunnel {
     }
 }
 
-/// Hands the session's events to the streams. Called with the lock held, after any input.
+/// Acts on the session's events: decides a HELLO by the policy, hands dials to `incoming`,
+/// and wakes whoever waits on a stream. Called with the lock held, after any input.
 pub(crate) fn dispatch(sh: &mut Shared, tunnel: &Tunnel) {
+    let label = &tunnel.inner.label;
     while let Some(e) = sh.session.poll_event() {
         match e {
-            Event::Data { stream, data } => match sh.slots.get_mut(&stream) {
-                Some(slot) => {
-                    slot.recv.push_back(data);
-                    slot.wake();
-                }
-                // Nobody reads this stream any more: return the credit at once.
-                None => {
-                    let _ = sh
-                        .session
-                        .release(stream, u32::try_from(data.len()).unwrap_or(0));
-                }
-            },
-            Event::Finished { stream } => {
-                if let Some(slot) = sh.slots.get_mut(&stream) {
-                    slot.fin = true;
-                    slot.wake();
+            Event::Readable { stream } => {
+                if let Some(w) = sh.wakers.get_mut(&stream).and_then(|w| w.read.take()) {
+                    w.wake();
                 }
             }
             Event::Writable { stream } => {
-                if let Some(slot) = sh.slots.get_mut(&stream) {
-                    slot.wake();
+                if let Some(w) = sh.wakers.get_mut(&stream).and_then(|w| w.write.take()) {
+                    w.wake();
                 }
             }
-            Event::Reset { stream, error } => {
-                if let Some(slot) = sh.slots.get_mut(&stream) {
-                    slot.error = Some(error);
-                    slot.wake();
+            Event::DialSucceeded { stream }
+            | Event::DialFailed { stream, .. }
+            | Event::Reset { stream, .. } => {
+                if let Some(w) = sh.wakers.get_mut(&stream) {
+                    w.wake();
                 }
             }
-            Event::DialSucceeded { stream } => {
-                if let Some(tx) = sh.dials.remove(&stream) {
-                    let _ = tx.send(Ok(()));
-                }
-            }
-            Event::DialFailed { stream, error } => {
-                if let Some(slot) = sh.slots.get_mut(&stream) {
-                    slot.error = Some(error.clone());
-                }
-                if let Some(tx) = sh.dials.remove(&stream) {
-                    let _ = tx.send(Err(error));
-                }
-            }
-            Event::DialRequested { stream, dial } => {
-                let offered = match &sh.incoming {
-                    Some(tx) => {
-                        sh.slots.insert(stream, Slot::default());
-                        let incoming = Incoming {
-                            stream: TetherStream::new(tunnel.clone(), stream),
-                            dial,
-                        };
-                        tx.send(incoming).map_err(|e| {
-                            // The receiver is gone; forget the handle without touching the
-                            // lock it would take on drop.
-                            e.0.stream.forget();
-                        })
+            Event::DialRequested { stream, dial } => offer(sh, tunnel, stream, dial),
+            Event::HelloReceived(hello) => {
+                let verdict = sh.policy.as_ref().map_or(Ok(()), |decide| decide(&hello));
+                let decided = match verdict {
+                    Ok(()) => sh.session.accept_hello(tunnel.inner.now()),
+                    Err((code, reason)) => {
+                        tracing::warn!(tunnel = %label, agent_id = %hello.agent_id.escape_debug(), %code, %reason, "agent refused");
+                        sh.session.refuse_hello(code, &reason)
                     }
-                    None => Err(()),
                 };
-                if offered.is_err() {
-                    sh.slots.remove(&stream);
-                    let _ = sh.session.reject(
-                        stream,
-                        ErrorCode::DIAL_FORBIDDEN,
-                        "this end accepts no dials",
-                    );
+                if let Err(e) = decided {
+                    tracing::error!(tunnel = %label, error = %e, "deciding the HELLO failed");
+                }
+                if let Some(p) = &mut sh.handshake {
+                    p.hello = Some(hello);
+                }
+            }
+            Event::Established { welcome, .. } => {
+                if let Some(p) = sh.handshake.take() {
+                    let done = match (p.hello, welcome) {
+                        (Some(h), _) => Ok(Handshake::Hello(h)),
+                        (None, Some(w)) => Ok(Handshake::Welcome(w)),
+                        (None, None) => Err(CloseReason::TransportLost),
+                    };
+                    // Nobody waiting for the handshake is not an error: the tunnel runs on.
+                    drop(p.tx.send(done));
                 }
             }
             Event::GoingAway { reason, .. } => {
-                tracing::info!(tunnel = %tunnel.inner.label, %reason, "peer is going away");
+                tracing::info!(tunnel = %label, %reason, "peer is going away");
             }
             Event::Closed(reason) => {
                 if reason.is_graceful() {
-                    tracing::info!(tunnel = %tunnel.inner.label, %reason, "tunnel closed");
+                    tracing::info!(tunnel = %label, %reason, "tunnel closed");
                 } else {
-                    tracing::warn!(tunnel = %tunnel.inner.label, %reason, "tunnel closed");
+                    tracing::warn!(tunnel = %label, %reason, "tunnel closed");
                 }
-                sh.closed = Some(reason.clone());
-                for slot in sh.slots.values_mut() {
-                    slot.wake();
+                if let Some(p) = sh.handshake.take() {
+                    drop(p.tx.send(Err(reason.clone())));
                 }
-                for (_, tx) in sh.dials.drain() {
-                    let _ = tx.send(Err(StreamError {
-                        code: reason.code(),
-                        reason: reason.to_string(),
-                        by: reason.initiator(),
-                        session_closed: true,
-                    }));
-                }
+                sh.wakers.values_mut().for_each(Wakers::wake);
                 sh.incoming = None;
                 tunnel.inner.closed.notify_waiters();
             }
-            Event::HelloReceived(_) | Event::Established { .. } | Event::PingAnswered { .. } => {}
+            _ => {}
         }
     }
 }
 
-async fn reader<R: AsyncRead + Unpin>(tunnel: Tunnel, mut r: R, leftover: BytesMut) {
+/// Hands a peer's dial to the application, or rejects it when there is none.
+fn offer(sh: &mut Shared, tunnel: &Tunnel, stream: StreamId, dial: Dial) {
+    if let Some(tx) = &sh.incoming {
+        let incoming = Incoming {
+            stream: TetherStream::new(tunnel.clone(), stream),
+            dial,
+        };
+        match tx.send(incoming) {
+            Ok(()) => {
+                sh.wakers.insert(stream, Wakers::default());
+                return;
+            }
+            // The receiver is gone: forget the handle without taking the lock its drop takes.
+            Err(e) => e.0.stream.forget(),
+        }
+    }
+    if let Err(e) = sh.session.reject(
+        stream,
+        ErrorCode::DIAL_FORBIDDEN,
+        "this end accepts no dials",
+    ) {
+        tracing::error!(tunnel = %tunnel.inner.label, %stream, error = %e, "rejecting a dial failed");
+    }
+}
+
+async fn reader<R: AsyncRead + Unpin>(tunnel: Tunnel, mut r: R) {
     let inner = &tunnel.inner;
-    let mut buf = Recycled::from(leftover, READ_SPARES);
+    let mut buf = Recycled::new(0, READ_SPARES);
     loop {
         if !buf.get().is_empty() {
             let mut sh = tunnel.lock();
@@ -461,7 +515,6 @@ async fn writer<W: AsyncWrite + Unpin>(
             let now = inner.now();
             if sh.session.poll_timeout().is_some_and(|t| t <= now) {
                 sh.session.handle_timeout(now);
-                dispatch(&mut sh, &tunnel);
             }
             while out.len < WRITE_BATCH {
                 let Some(f) = sh.session.poll_frame() else {
@@ -469,8 +522,9 @@ async fn writer<W: AsyncWrite + Unpin>(
                 };
                 out.push(&f);
             }
-            // Handing out the last GOAWAY of a drain closes the session: its events (the
-            // close, above all) are dispatched here, not whenever the reader next wakes.
+            // A fired timer, or handing out the last GOAWAY of a drain, may have closed the
+            // session: its events (the close, above all) are dispatched here, not whenever
+            // the reader next wakes.
             dispatch(&mut sh, &tunnel);
             (sh.session.poll_timeout(), sh.session.is_finished())
         };
@@ -484,7 +538,13 @@ async fn writer<W: AsyncWrite + Unpin>(
             break;
         }
         if finished {
-            let _ = tokio::time::timeout(Duration::from_secs(5), w.shutdown()).await;
+            // Bounded: a peer that stops reading must not hold the socket open.
+            if tokio::time::timeout(Duration::from_secs(5), w.shutdown())
+                .await
+                .is_err()
+            {
+                tracing::debug!(tunnel = %inner.label, "transport shutdown timed out");
+            }
             reading.abort();
             return;
         }
@@ -506,125 +566,4 @@ async fn writer<W: AsyncWrite + Unpin>(
         dispatch(&mut sh, &tunnel);
     }
     reading.abort();
-}
-
-/// Why a handshake did not produce a session.
-#[derive(Debug)]
-pub enum HandshakeError {
-    /// The transport failed.
-    Io(io::Error),
-    /// The session closed (refused, version mismatch, timeout, bad frames).
-    Closed(CloseReason),
-}
-
-impl std::fmt::Display for HandshakeError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            HandshakeError::Io(e) => write!(f, "transport: {e}"),
-            HandshakeError::Closed(r) => write!(f, "{r}"),
-        }
-    }
-}
-
-impl std::error::Error for HandshakeError {}
-
-async fn flush_session<IO: AsyncWrite + Unpin>(io: &mut IO, s: &mut Session) -> io::Result<()> {
-    let mut buf = BytesMut::new();
-    s.poll_transmit(&mut buf);
-    if !buf.is_empty() {
-        io.write_all(&buf).await?;
-        io.flush().await?;
-    }
-    Ok(())
-}
-
-/// Runs the handshake on `io` until `decide` has been consulted (server end) or WELCOME has
-/// arrived (agent end). Returns the bytes read past the handshake.
-async fn handshake<IO, F>(
-    io: &mut IO,
-    s: &mut Session,
-    epoch: Instant,
-    timeout: Duration,
-    mut decide: F,
-) -> Result<(BytesMut, Option<Hello>, Option<Welcome>), HandshakeError>
-where
-    IO: AsyncRead + AsyncWrite + Unpin,
-    F: FnMut(&Hello) -> Result<(), (ErrorCode, String)>,
-{
-    let now = || Time(u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX));
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut buf = BytesMut::with_capacity(16 * 1024);
-    let mut hello = None;
-    flush_session(io, s).await.map_err(HandshakeError::Io)?;
-    loop {
-        while let Some(e) = s.poll_event() {
-            match e {
-                Event::HelloReceived(h) => {
-                    match decide(&h) {
-                        Ok(()) => {
-                            let _ = s.accept_hello(now());
-                        }
-                        Err((code, reason)) => {
-                            let _ = s.refuse_hello(code, &reason);
-                        }
-                    }
-                    hello = Some(h);
-                }
-                Event::Established { welcome, .. } => {
-                    flush_session(io, s).await.map_err(HandshakeError::Io)?;
-                    return Ok((buf, hello, welcome));
-                }
-                Event::Closed(r) => {
-                    let _ = flush_session(io, s).await;
-                    let _ = io.shutdown().await;
-                    return Err(HandshakeError::Closed(r));
-                }
-                _ => {}
-            }
-        }
-        flush_session(io, s).await.map_err(HandshakeError::Io)?;
-        buf.reserve(16 * 1024);
-        let read = tokio::time::timeout_at(deadline, io.read_buf(&mut buf)).await;
-        match read {
-            Ok(Ok(0)) => {
-                s.handle_transport_closed();
-            }
-            Ok(Ok(_)) => s.handle_bytes(now(), &mut buf),
-            Ok(Err(e)) => return Err(HandshakeError::Io(e)),
-            Err(_) => {
-                let _ = s.close(ErrorCode::HANDSHAKE_TIMEOUT, "handshake timed out");
-                let _ = flush_session(io, s).await;
-                return Err(HandshakeError::Closed(CloseReason::HandshakeTimeout));
-            }
-        }
-    }
-}
-
-/// The agent end's handshake: HELLO out, WELCOME in.
-pub async fn agent_handshake<IO: AsyncRead + AsyncWrite + Unpin>(
-    io: &mut IO,
-    s: &mut Session,
-    epoch: Instant,
-    timeout: Duration,
-) -> Result<(BytesMut, Welcome), HandshakeError> {
-    let (buf, _, welcome) = handshake(io, s, epoch, timeout, |_| Ok(())).await?;
-    let welcome = welcome.ok_or(HandshakeError::Closed(CloseReason::HandshakeTimeout))?;
-    Ok((buf, welcome))
-}
-
-/// The server end's handshake: HELLO in, `decide`, WELCOME (or a refusing GOAWAY) out.
-pub async fn server_handshake<IO, F>(
-    io: &mut IO,
-    s: &mut Session,
-    epoch: Instant,
-    timeout: Duration,
-    decide: F,
-) -> Result<(BytesMut, Hello), HandshakeError>
-where
-    IO: AsyncRead + AsyncWrite + Unpin,
-    F: FnMut(&Hello) -> Result<(), (ErrorCode, String)>,
-{
-    let (buf, hello, _) = handshake(io, s, epoch, timeout, decide).await?;
-    let hello = hello.ok_or(HandshakeError::Closed(CloseReason::HandshakeTimeout))?;
-    Ok((buf, hello))
 }

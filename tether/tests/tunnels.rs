@@ -290,7 +290,7 @@ async fn the_library_dial_api_gives_an_async_stream_with_half_close() {
         .local_addr()
         .unwrap();
     match server.dial("127.0.0.1", closed.port()).await {
-        Err(tether::server::DialFailure::Failed(e)) => {
+        Err(tether::DialError::Failed(e)) => {
             assert_eq!(e.code, tether_proto::ErrorCode::DIAL_REFUSED)
         }
         other => panic!("{:?}", other.map(|_| ())),

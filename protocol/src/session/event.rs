@@ -1,12 +1,11 @@
-//! What the session tells the application (SPEC 7.6).
-
-use bytes::Bytes;
+//! What the session tells the application (SPEC 7.2).
 
 use crate::error::{CloseReason, StreamError};
 use crate::frame::{Dial, ErrorCode, Hello, Settings, StreamId, Welcome};
 
 /// An application event, from [`super::Session::poll_event`].
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Event {
     /// Server end: an agent said HELLO. Decide with `accept_hello` or `refuse_hello`.
     HelloReceived(Hello),
@@ -38,20 +37,14 @@ pub enum Event {
         /// Why, and who said so.
         error: StreamError,
     },
-    /// Bytes arrived. Call `release` once they are consumed, to return the credit.
-    Data {
-        /// The stream.
-        stream: StreamId,
-        /// The bytes (a slice of the read buffer when decoded by the session).
-        data: Bytes,
-    },
-    /// The peer half-closed its direction (FIN): no more `Data` on this stream.
-    Finished {
+    /// Bytes or the peer's FIN arrived on a stream: call `recv` until it returns
+    /// `WouldBlock` or the end. At most one is queued per stream until `recv` is called.
+    Readable {
         /// The stream.
         stream: StreamId,
     },
-    /// An established or pending stream ended abnormally. Its undelivered `Data` events were
-    /// discarded.
+    /// An established or pending stream ended abnormally; its unread bytes were dropped.
+    /// `recv` and `send` report the same error until the stream is abandoned.
     Reset {
         /// The stream.
         stream: StreamId,
@@ -86,8 +79,7 @@ impl Event {
             Event::DialRequested { stream, .. }
             | Event::DialSucceeded { stream }
             | Event::DialFailed { stream, .. }
-            | Event::Data { stream, .. }
-            | Event::Finished { stream }
+            | Event::Readable { stream }
             | Event::Reset { stream, .. }
             | Event::Writable { stream } => Some(*stream),
             _ => None,

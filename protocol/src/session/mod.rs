@@ -7,9 +7,10 @@
 //!   [`Session::poll_timeout`] has come, [`Session::handle_transport_closed`] when the transport
 //!   ends;
 //! - **commands**: [`Session::open`], [`Session::accept`], [`Session::reject`],
-//!   [`Session::send`], [`Session::finish`], [`Session::reset`], [`Session::release`],
-//!   [`Session::ping`], [`Session::go_away`], [`Session::close`], and at the server end
-//!   [`Session::accept_hello`] / [`Session::refuse_hello`];
+//!   [`Session::send`], [`Session::finish`], [`Session::recv`], [`Session::release`],
+//!   [`Session::reset`], [`Session::abandon`], [`Session::ping`], [`Session::go_away`],
+//!   [`Session::close`], and at the server end [`Session::accept_hello`] /
+//!   [`Session::refuse_hello`];
 //! - **output**: [`Session::poll_frame`] (frames to write, in order), [`Session::poll_event`]
 //!   (what the application must know), [`Session::poll_timeout`] (when to call back).
 //!
@@ -17,50 +18,40 @@
 //! frames, events, or move the deadline. Nothing is produced by polling alone, so a caller that
 //! drains the three after each call has seen everything.
 //!
-//! Time is a [`Time`] in milliseconds of a clock the caller chooses; the session only compares
-//! and adds.
+//! The state has owners, each in its own file: the stream table ([`streams`]), one stream's
+//! halves and buffers ([`stream`]), keepalive and the timer table ([`keepalive`]), the
+//! handshake ([`handshake`]), the application's commands ([`commands`]), inbound frames
+//! ([`inbound`]), how streams and the session end ([`close`]), and the invariants
+//! ([`invariants`]). This file keeps the driver surface and the dispatch.
 
+mod close;
+mod commands;
 mod event;
+mod handshake;
+mod inbound;
+mod invariants;
+mod keepalive;
 mod stream;
+mod streams;
 mod window;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 
 pub use event::Event;
 pub use stream::StreamState;
-pub use window::{Window, WindowError};
 
-use self::stream::{Phase, RecvState, SendState, Stream};
+use self::keepalive::{Keepalive, Timer, TimerTable};
+use self::stream::{Phase, SendState, len32};
+use self::streams::Streams;
+use crate::Time;
 use crate::codec::FrameCodec;
-use crate::error::{ApiError, CloseReason, Initiator, ProtocolError, StreamError};
+use crate::error::{ApiError, CloseReason, ProtocolError};
 use crate::frame::{
-    Data, Dial, DialOk, ErrorCode, Frame, FrameKind, GoAway, HANDSHAKE_MAX_PAYLOAD, Hello,
-    Identifier, MAX_STREAM_ID, MAX_WINDOW, MIN_MAX_FRAME_SIZE, PROTOCOL_VERSION, Ping, Protocol,
-    Reset, Settings, StreamId, Token, Welcome, WindowUpdate,
+    DialOk, ErrorCode, Frame, FrameKind, GoAway, HANDSHAKE_MAX_PAYLOAD, HEADER_LEN, Identifier,
+    MAX_STREAM_ID, PROTOCOL_VERSION, Ping, Reset, Settings, StreamId, Token, WindowUpdate,
 };
-
-/// A point in time, in milliseconds of the caller's monotonic clock.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub struct Time(pub u64);
-
-impl Time {
-    /// `ms` milliseconds after the clock's zero.
-    pub fn from_millis(ms: u64) -> Time {
-        Time(ms)
-    }
-
-    /// Milliseconds since the clock's zero.
-    pub fn as_millis(self) -> u64 {
-        self.0
-    }
-
-    /// `ms` milliseconds later (saturating).
-    pub fn plus_ms(self, ms: u64) -> Time {
-        Time(self.0.saturating_add(ms))
-    }
-}
 
 /// Which end of the tunnel a session is (SPEC 2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -99,7 +90,8 @@ pub struct Config {
     pub keepalive_interval_ms: u64,
     /// How long to wait, with a PING outstanding, for any frame before the tunnel is dead.
     pub keepalive_timeout_ms: u64,
-    /// How long the handshake may take (0: no limit).
+    /// How long the handshake may take, from the session's creation (0: no limit). The one
+    /// handshake deadline of a tunnel: the adapter's TLS handshake runs under it too.
     pub handshake_timeout_ms: u64,
     /// Versions this end speaks.
     pub versions: Vec<u16>,
@@ -136,17 +128,21 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ApiError> {
-        self.settings().validate().map_err(ApiError::Invalid)?;
+        self.settings()
+            .validate()
+            .map_err(ApiError::InvalidConfig)?;
         if self.versions.is_empty() || self.versions.windows(2).any(|w| w[0] >= w[1]) {
-            return Err(ApiError::Invalid(
+            return Err(ApiError::InvalidConfig(
                 "versions must be non-empty and strictly ascending",
             ));
         }
         if self.stream_id_limit > MAX_STREAM_ID {
-            return Err(ApiError::Invalid("stream id limit over 2^31-1"));
+            return Err(ApiError::InvalidConfig("stream id limit over 2^31-1"));
         }
         if self.keepalive_interval_ms > 0 && self.keepalive_timeout_ms == 0 {
-            return Err(ApiError::Invalid("keepalive needs a non-zero timeout"));
+            return Err(ApiError::InvalidConfig(
+                "keepalive needs a non-zero timeout",
+            ));
         }
         Ok(())
     }
@@ -182,16 +178,22 @@ enum SessionPhase {
     AwaitWelcome,
     /// Handshake done.
     Open,
-    /// Ended; only a final GOAWAY may still go out.
-    Closed(CloseReason),
+    /// Ended; `goaway` is the last frame still to go out, if any.
+    Closed {
+        reason: CloseReason,
+        goaway: Option<GoAway>,
+    },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-struct OutstandingPing {
-    payload: u64,
-    sent_at: Time,
-    /// The application asked for it and wants `PingAnswered`.
-    by_app: bool,
+/// The graceful drain (SPEC 7.4), as one state.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Drain {
+    /// No GOAWAY either way.
+    Running,
+    /// This end's GOAWAY is queued; `peer`: the peer's arrived too.
+    Queued { goaway: GoAway, peer: bool },
+    /// This end's GOAWAY has gone out; `peer`: the peer's arrived too.
+    Sent { peer: bool },
 }
 
 /// One end of a tunnel: handshake, streams, flow control, keepalive and drain (SPEC 4–7).
@@ -204,36 +206,14 @@ pub struct Session {
     server_identity: Option<ServerIdentity>,
     phase: SessionPhase,
     version: u16,
-    local: Settings,
     peer: Settings,
     codec: FrameCodec,
-    streams: BTreeMap<StreamId, Stream>,
-    /// The next id this end opens.
-    next_local: u32,
-    /// The highest id the peer opened (0: none).
-    last_peer: u32,
-    local_opened: u32,
-    peer_opened: u32,
-    /// Streams with a frame to send, round robin; each at most once.
-    ready: VecDeque<StreamId>,
-    /// Peer dials refused without entering the table (SPEC 5.4), RESET still to send.
-    refusals: VecDeque<(StreamId, &'static str)>,
+    streams: Streams,
+    /// HELLO or WELCOME, to go out first.
     handshake_out: Option<Frame>,
-    goaway_out: Option<GoAway>,
-    /// This end queued a GOAWAY: it opens no streams and refuses new ones.
-    draining: bool,
-    /// This end's GOAWAY has been handed out by `poll_frame`.
-    goaway_sent: bool,
-    /// The peer's GOAWAY arrived.
-    goaway_received: bool,
-    pong_out: Option<u64>,
-    ping_out: Option<u64>,
-    ping: Option<OutstandingPing>,
-    ping_wanted_by_app: bool,
-    next_ping_payload: u64,
-    ping_deadline: Option<Time>,
-    next_ping: Option<Time>,
-    handshake_deadline: Option<Time>,
+    drain: Drain,
+    keepalive: Keepalive,
+    timers: TimerTable,
     events: VecDeque<Event>,
 }
 
@@ -247,77 +227,25 @@ fn protocol_error(kind: FrameKind, reason: &'static str) -> ProtocolError {
 
 impl Session {
     fn new(role: Role, config: Config, phase: SessionPhase, now: Time) -> Session {
-        let handshake_deadline =
-            (config.handshake_timeout_ms > 0).then(|| now.plus_ms(config.handshake_timeout_ms));
+        let mut timers = TimerTable::default();
+        if config.handshake_timeout_ms > 0 {
+            timers.set(Timer::Handshake, now.plus_ms(config.handshake_timeout_ms));
+        }
         Session {
             role,
-            local: config.settings(),
             config,
             server_identity: None,
             phase,
             version: 0,
             peer: Settings::default(),
             codec: FrameCodec::with_max_payload(HANDSHAKE_MAX_PAYLOAD),
-            streams: BTreeMap::new(),
-            next_local: role.first_stream_id(),
-            last_peer: 0,
-            local_opened: 0,
-            peer_opened: 0,
-            ready: VecDeque::new(),
-            refusals: VecDeque::new(),
+            streams: Streams::new(role),
             handshake_out: None,
-            goaway_out: None,
-            draining: false,
-            goaway_sent: false,
-            goaway_received: false,
-            pong_out: None,
-            ping_out: None,
-            ping: None,
-            ping_wanted_by_app: false,
-            next_ping_payload: 1,
-            ping_deadline: None,
-            next_ping: None,
-            handshake_deadline,
+            drain: Drain::Running,
+            keepalive: Keepalive::default(),
+            timers,
             events: VecDeque::new(),
         }
-    }
-
-    /// The agent end of a new tunnel; its HELLO is the first frame out (SPEC 4.1).
-    pub fn agent(config: Config, identity: AgentIdentity, now: Time) -> Result<Session, ApiError> {
-        config.validate()?;
-        let hello = Hello {
-            versions: config.versions.clone(),
-            agent_id: identity.agent_id,
-            identifiers: identity.identifiers,
-            settings: config.settings(),
-            token: identity.token,
-        };
-        hello.validate().map_err(ApiError::Invalid)?;
-        if hello.encoded_len() > HANDSHAKE_MAX_PAYLOAD as usize {
-            return Err(ApiError::Invalid("HELLO over the handshake payload limit"));
-        }
-        let mut s = Session::new(Role::Agent, config, SessionPhase::AwaitWelcome, now);
-        s.handshake_out = Some(Frame::Hello(hello));
-        Ok(s)
-    }
-
-    /// The server end of a new tunnel; it waits for HELLO (SPEC 4.1).
-    pub fn server(
-        config: Config,
-        identity: ServerIdentity,
-        now: Time,
-    ) -> Result<Session, ApiError> {
-        config.validate()?;
-        let probe = Welcome {
-            version: PROTOCOL_VERSION,
-            server_id: identity.server_id.clone(),
-            server_count: identity.server_count,
-            settings: config.settings(),
-        };
-        probe.validate().map_err(ApiError::Invalid)?;
-        let mut s = Session::new(Role::Server, config, SessionPhase::AwaitHello, now);
-        s.server_identity = Some(identity);
-        Ok(s)
     }
 
     // ----- queries -----
@@ -334,25 +262,30 @@ impl Session {
 
     /// Whether the session has ended (a final GOAWAY may still be queued).
     pub fn is_closed(&self) -> bool {
-        matches!(self.phase, SessionPhase::Closed(_))
+        matches!(self.phase, SessionPhase::Closed { .. })
     }
 
     /// Whether the session has ended and has nothing left to send: close the transport.
     pub fn is_finished(&self) -> bool {
-        self.is_closed() && self.goaway_out.is_none()
+        matches!(self.phase, SessionPhase::Closed { goaway: None, .. })
     }
 
     /// Why the session ended, once it has.
     pub fn close_reason(&self) -> Option<&CloseReason> {
         match &self.phase {
-            SessionPhase::Closed(r) => Some(r),
+            SessionPhase::Closed { reason, .. } => Some(reason),
             _ => None,
         }
     }
 
     /// Whether this end is draining (a GOAWAY was queued or received): no new streams.
     pub fn is_draining(&self) -> bool {
-        self.draining || self.goaway_received
+        self.drain != Drain::Running
+    }
+
+    /// Whether the session is established and may open streams (not draining).
+    pub fn is_usable(&self) -> bool {
+        self.is_established() && !self.is_draining()
     }
 
     /// The negotiated version (0 before the handshake).
@@ -360,9 +293,9 @@ impl Session {
         self.version
     }
 
-    /// The settings this end announced.
-    pub fn local_settings(&self) -> &Settings {
-        &self.local
+    /// The settings this end announces.
+    pub fn local_settings(&self) -> Settings {
+        self.config.settings()
     }
 
     /// The peer's settings (all defaults before the handshake).
@@ -371,19 +304,26 @@ impl Session {
     }
 
     /// The payload limit the decoder applies now (SPEC 3.6). Callers that decode frames
-    /// themselves must use it.
+    /// themselves must use it; [`Session::handle_frame`] treats a larger frame as the decoder
+    /// would.
     pub fn max_inbound_payload(&self) -> u32 {
         self.codec.max_payload()
     }
 
-    /// A stream's state; `None` once it is closed (or if it never existed).
+    /// A stream's state; `None` if the application never learned of it or abandoned it.
     pub fn stream_state(&self, id: StreamId) -> Option<StreamState> {
-        self.streams.get(&id).map(Stream::state)
+        self.streams.get(id).map(stream::Stream::state)
+    }
+
+    /// Why a stream failed: the error `recv` and `send` report for a stream this end reset
+    /// or that ended abnormally; `None` for a live or cleanly closed stream.
+    pub fn stream_error(&self, id: StreamId) -> Option<crate::StreamError> {
+        self.streams.get(id).and_then(stream::Stream::error)
     }
 
     /// How many bytes `send` would accept on `id` now.
     pub fn send_capacity(&self, id: StreamId) -> usize {
-        match self.streams.get(&id) {
+        match self.streams.get(id) {
             Some(s) if s.phase == Phase::Established && s.send.state == SendState::Open => {
                 s.send.window.available() as usize
             }
@@ -391,24 +331,30 @@ impl Session {
         }
     }
 
-    /// Streams in the table (not yet closed), both ends' together.
+    /// Live streams (not closed), both ends' together: what counts against
+    /// MAX_CONCURRENT_STREAMS.
     pub fn stream_count(&self) -> usize {
-        self.streams.len()
+        self.streams.live() as usize
     }
 
-    /// Ids of the streams in the table, ascending.
+    /// Ids of every stream in the table, live or closed and not yet abandoned, ascending.
     pub fn stream_ids(&self) -> impl Iterator<Item = StreamId> + '_ {
-        self.streams.keys().copied()
+        self.streams.iter().map(|(id, _)| id)
     }
 
-    /// Bytes delivered on `id` and not yet released (0 for a closed stream).
+    /// Bytes that arrived on `id` and wait for [`Session::recv`].
+    pub fn buffered(&self, id: StreamId) -> u32 {
+        self.streams.get(id).map_or(0, |s| s.recv.buf.len())
+    }
+
+    /// Bytes handed out by `recv` on `id` and not yet released.
     pub fn unreleased(&self, id: StreamId) -> u32 {
-        self.streams.get(&id).map_or(0, |s| s.recv.unreleased)
+        self.streams.get(id).map_or(0, |s| s.recv.unreleased)
     }
 
     /// Bytes accepted by `send` on `id` and not yet framed.
     pub fn queued(&self, id: StreamId) -> u32 {
-        self.streams.get(&id).map_or(0, |s| s.send.queued)
+        self.streams.get(id).map_or(0, |s| s.send.queued)
     }
 
     /// Whether [`Session::poll_frame`] may have a frame now: a transport writer that is
@@ -416,16 +362,18 @@ impl Session {
     /// WINDOW batch threshold, say, it does not). It may answer `true` when
     /// `poll_frame` then finds nothing, never `false` when a frame is ready.
     pub fn wants_transmit(&self) -> bool {
-        if self.is_closed() {
-            return self.goaway_out.is_some();
+        match &self.phase {
+            SessionPhase::Closed { goaway, .. } => goaway.is_some(),
+            SessionPhase::Open => {
+                self.handshake_out.is_some()
+                    || matches!(self.drain, Drain::Queued { .. })
+                    || self.keepalive.pong_out.is_some()
+                    || self.keepalive.ping_out.is_some()
+                    || !self.streams.refusals.is_empty()
+                    || !self.streams.ready.is_empty()
+            }
+            _ => self.handshake_out.is_some(),
         }
-        self.handshake_out.is_some()
-            || self.goaway_out.is_some()
-            || (self.is_established()
-                && (self.pong_out.is_some()
-                    || self.ping_out.is_some()
-                    || !self.refusals.is_empty()
-                    || !self.ready.is_empty()))
     }
 
     /// Events waiting in the queue.
@@ -435,7 +383,7 @@ impl Session {
 
     fn window_threshold(&self) -> u32 {
         // SPEC 6.4: credit goes back in batches of at least half the window.
-        (self.local.initial_window() / 2).max(1)
+        (self.config.initial_window / 2).max(1)
     }
 
     fn keepalive_interval(&self) -> u64 {
@@ -446,6 +394,11 @@ impl Session {
             (o, 0) => o,
             (o, t) => o.min(t),
         }
+    }
+
+    fn schedule(&mut self, id: StreamId) {
+        let threshold = self.window_threshold();
+        self.streams.schedule(id, threshold);
     }
 
     // ----- input -----
@@ -472,17 +425,31 @@ impl Session {
         }
     }
 
-    /// Feeds one decoded frame. The caller must have decoded it with
-    /// [`Session::max_inbound_payload`] as the limit.
+    /// Feeds one decoded frame. A frame whose payload is over
+    /// [`Session::max_inbound_payload`] is refused as the decoder would refuse it
+    /// (FRAME_TOO_LARGE, SPEC 3.6).
     pub fn handle_frame(&mut self, now: Time, frame: Frame) {
         if self.is_closed() {
             return;
         }
-        if self.ping_deadline.is_some() {
+        if self.timers.is_set(Timer::KeepaliveDeadline) {
             // SPEC 7.3: any frame shows the peer alive.
-            self.ping_deadline = Some(now.plus_ms(self.config.keepalive_timeout_ms));
+            self.timers.set(
+                Timer::KeepaliveDeadline,
+                now.plus_ms(self.config.keepalive_timeout_ms),
+            );
         }
-        if let Err(e) = self.on_frame(now, frame) {
+        let payload = frame.encoded_len().saturating_sub(HEADER_LEN);
+        let result = if payload > self.codec.max_payload() as usize {
+            Err(violation(
+                ErrorCode::FRAME_TOO_LARGE,
+                frame.kind(),
+                "payload over the negotiated maximum",
+            ))
+        } else {
+            self.on_frame(now, frame)
+        };
+        if let Err(e) = result {
             self.fail(e);
         }
         self.debug_check();
@@ -500,22 +467,23 @@ impl Session {
         if self.is_closed() {
             return;
         }
-        if self.handshake_deadline.is_some_and(|d| now >= d) && !self.is_established() {
-            self.shutdown(
+        match self.timers.expired(now) {
+            Some(Timer::Handshake) => self.shutdown(
                 CloseReason::HandshakeTimeout,
                 Some((ErrorCode::HANDSHAKE_TIMEOUT, "handshake timed out")),
-            );
-        } else if self.ping_deadline.is_some_and(|d| now >= d) {
-            self.shutdown(
+            ),
+            Some(Timer::KeepaliveDeadline) => self.shutdown(
                 CloseReason::KeepaliveTimeout,
                 Some((
                     ErrorCode::KEEPALIVE_TIMEOUT,
                     "no frame within the keepalive deadline",
                 )),
-            );
-        } else if self.next_ping.is_some_and(|t| now >= t) {
-            self.next_ping = None;
-            self.send_ping(now, false);
+            ),
+            Some(Timer::NextPing) => {
+                self.timers.stop(Timer::NextPing);
+                self.send_ping(now, false);
+            }
+            None => {}
         }
         self.debug_check();
     }
@@ -523,14 +491,7 @@ impl Session {
     /// When [`Session::handle_timeout`] must next be called, if ever.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Time> {
-        if self.is_closed() {
-            return None;
-        }
-        let handshake = self.handshake_deadline.filter(|_| !self.is_established());
-        [handshake, self.ping_deadline, self.next_ping]
-            .into_iter()
-            .flatten()
-            .min()
+        self.timers.next()
     }
 
     // ----- output -----
@@ -562,7 +523,7 @@ impl Session {
     pub fn poll_event(&mut self) -> Option<Event> {
         let e = self.events.pop_front()?;
         if let Event::DialRequested { stream, .. } = &e
-            && let Some(s) = self.streams.get_mut(stream)
+            && let Some(s) = self.streams.get_mut(*stream)
         {
             s.announced = true;
         }
@@ -570,30 +531,31 @@ impl Session {
     }
 
     fn next_frame(&mut self) -> Option<Frame> {
-        if self.is_closed() {
-            return self.goaway_out.take().map(Frame::GoAway);
+        if let SessionPhase::Closed { goaway, .. } = &mut self.phase {
+            return goaway.take().map(Frame::GoAway);
         }
         if let Some(f) = self.handshake_out.take() {
             return Some(f);
         }
-        if let Some(g) = self.goaway_out.take() {
-            self.goaway_sent = true;
+        if let Drain::Queued { goaway, peer } = &self.drain {
+            let f = Frame::GoAway(goaway.clone());
+            self.drain = Drain::Sent { peer: *peer };
             self.maybe_drained();
-            return Some(Frame::GoAway(g));
+            return Some(f);
         }
         if !self.is_established() {
             return None;
         }
-        if let Some(payload) = self.pong_out.take() {
+        if let Some(payload) = self.keepalive.pong_out.take() {
             return Some(Frame::Ping(Ping { ack: true, payload }));
         }
-        if let Some(payload) = self.ping_out.take() {
+        if let Some(payload) = self.keepalive.ping_out.take() {
             return Some(Frame::Ping(Ping {
                 ack: false,
                 payload,
             }));
         }
-        if let Some((stream, reason)) = self.refusals.pop_front() {
+        if let Some((stream, reason)) = self.streams.refusals.pop_front() {
             let f = Frame::Reset(Reset {
                 stream,
                 code: ErrorCode::REFUSED_STREAM,
@@ -602,11 +564,7 @@ impl Session {
             self.maybe_drained();
             return Some(f);
         }
-        while let Some(id) = self.ready.pop_front() {
-            let Some(s) = self.streams.get_mut(&id) else {
-                continue;
-            };
-            s.scheduled = false;
+        while let Some(id) = self.streams.pop_ready() {
             if let Some(f) = self.stream_frame(id) {
                 self.schedule(id);
                 return Some(f);
@@ -619,20 +577,21 @@ impl Session {
     fn stream_frame(&mut self, id: StreamId) -> Option<Frame> {
         let threshold = self.window_threshold();
         let max_payload = self.peer.max_frame_size() as usize;
-        let local_initial = self.local.initial_window();
-        let s = self.streams.get_mut(&id)?;
+        let local_initial = self.config.initial_window;
+        let s = self.streams.get_mut(id)?;
+        if let (Phase::Resetting { .. }, Some(error)) = (&s.phase, s.error()) {
+            let f = Frame::Reset(Reset {
+                stream: id,
+                code: error.code,
+                reason: error.reason.clone(),
+            });
+            self.end_stream(id, Some(error));
+            return Some(f);
+        }
         match &mut s.phase {
-            Phase::Resetting { code, reason } => {
-                let f = Frame::Reset(Reset {
-                    stream: id,
-                    code: *code,
-                    reason: core::mem::take(reason),
-                });
-                self.remove_stream(id);
-                return Some(f);
-            }
+            Phase::Resetting { .. } => return None,
             Phase::Dialing(dial) => return dial.take().map(Frame::Dial),
-            Phase::Pending => return None,
+            Phase::Pending | Phase::Closed(_) => return None,
             Phase::Established => {}
         }
         if s.dial_ok_queued {
@@ -655,280 +614,30 @@ impl Session {
         let payload = match s.send.queue.front_mut() {
             Some(front) if front.len() > max_payload => front.split_to(max_payload),
             Some(_) => s.send.queue.pop_front().unwrap_or_default(),
-            None => Bytes::new(),
+            None => bytes::Bytes::new(),
         };
         s.send.queued -= len32(&payload);
         let fin = s.send.queue.is_empty() && s.send.state == SendState::Finishing;
         if fin {
             s.send.state = SendState::Finished;
         }
-        let done = s.is_done();
-        if done {
-            self.remove_stream(id);
+        if s.is_done() {
+            self.end_stream(id, None);
         }
-        Some(Frame::Data(Data {
+        Some(Frame::Data(crate::frame::Data {
             stream: id,
             fin,
             payload,
         }))
     }
 
-    // ----- commands -----
-
-    /// Server end: accepts the agent's HELLO and queues WELCOME (SPEC 4.2). Whether the
-    /// agent's credentials are good is the caller's decision.
-    pub fn accept_hello(&mut self, now: Time) -> Result<(), ApiError> {
-        if self.phase != SessionPhase::AwaitDecision {
-            return Err(ApiError::InvalidState("no HELLO awaiting a decision"));
-        }
-        let identity = self
-            .server_identity
-            .clone()
-            .ok_or(ApiError::InvalidState("not a server end"))?;
-        self.handshake_out = Some(Frame::Welcome(Welcome {
-            version: self.version,
-            server_id: identity.server_id,
-            server_count: identity.server_count,
-            settings: self.local.clone(),
-        }));
-        self.establish(now, None);
-        self.debug_check();
-        Ok(())
-    }
-
-    /// Server end: refuses the agent (bad credentials, say) with a GOAWAY and closes.
-    pub fn refuse_hello(&mut self, code: ErrorCode, reason: &str) -> Result<(), ApiError> {
-        if self.phase != SessionPhase::AwaitDecision {
-            return Err(ApiError::InvalidState("no HELLO awaiting a decision"));
-        }
-        self.close(code, reason)
-    }
-
-    /// Opens a stream to `host:port` (SPEC 5.2): queues a DIAL and returns the new id.
-    pub fn open(
-        &mut self,
-        protocol: Protocol,
-        host: &str,
-        port: u16,
-    ) -> Result<StreamId, ApiError> {
-        self.check_open()?;
-        if self.is_draining() {
-            return Err(ApiError::Draining);
-        }
-        if self.local_opened >= self.peer.max_concurrent_streams() {
-            return Err(ApiError::StreamLimit);
-        }
-        if self.next_local > self.config.stream_id_limit {
-            // SPEC 5.1: ids are never reused; a session out of ids drains.
-            self.start_drain("stream ids exhausted");
-            self.debug_check();
-            return Err(ApiError::IdsExhausted);
-        }
-        let id = StreamId(self.next_local);
-        let dial = Dial {
-            stream: id,
-            protocol,
-            host: host.to_owned(),
-            port,
-        };
-        dial.validate().map_err(ApiError::Invalid)?;
-        self.next_local += 2;
-        let stream = Stream::new(
-            Phase::Dialing(Some(dial)),
-            self.peer.initial_window(),
-            self.local.initial_window(),
-            true,
-        );
-        self.streams.insert(id, stream);
-        self.local_opened += 1;
-        self.schedule(id);
-        self.debug_check();
-        Ok(id)
-    }
-
-    /// Accepts a pending dial: queues DIAL_OK; data may flow (SPEC 5.2).
-    pub fn accept(&mut self, id: StreamId) -> Result<(), ApiError> {
-        self.check_open()?;
-        let s = self.streams.get_mut(&id).ok_or(ApiError::UnknownStream)?;
-        if s.phase != Phase::Pending {
-            return Err(ApiError::InvalidState("accept needs a pending dial"));
-        }
-        s.phase = Phase::Established;
-        s.dial_ok_queued = true;
-        s.announced = true;
-        self.schedule(id);
-        self.debug_check();
-        Ok(())
-    }
-
-    /// Rejects a pending dial with a RESET carrying `code` (a `DIAL_*` code, say).
-    pub fn reject(&mut self, id: StreamId, code: ErrorCode, reason: &str) -> Result<(), ApiError> {
-        self.check_open()?;
-        match self.streams.get(&id) {
-            Some(s) if s.phase == Phase::Pending => self.reset(id, code, reason),
-            Some(_) => Err(ApiError::InvalidState("reject needs a pending dial")),
-            None => Err(ApiError::UnknownStream),
-        }
-    }
-
-    /// Queues bytes on an established stream; returns how many were taken, at most the credit
-    /// left (SPEC 6.2). When the count is short or the window is now exhausted, a `Writable`
-    /// event follows when credit returns. The bytes are not copied.
-    pub fn send(&mut self, id: StreamId, data: Bytes) -> Result<usize, ApiError> {
-        let s = self.sending_stream(id)?;
-        let n = s.send.window.available().min(len32(&data));
-        let short = (n as usize) < data.len();
-        if n > 0 {
-            s.send
-                .window
-                .consume(n)
-                .map_err(|_| ApiError::Invalid("window"))?;
-            s.send.queued += n;
-            s.send.queue.push_back(data.slice(..n as usize));
-        }
-        // SPEC 6.2: a writer that was cut short, or that used the last of the window, is told
-        // when credit returns.
-        if short || s.send.window.is_exhausted() {
-            s.want_writable = true;
-        }
-        if n > 0 {
-            self.schedule(id);
-        }
-        self.debug_check();
-        Ok(n as usize)
-    }
-
-    /// Half-closes this end's direction: FIN goes out after the queued bytes (SPEC 5.3).
-    pub fn finish(&mut self, id: StreamId) -> Result<(), ApiError> {
-        let s = self.sending_stream(id)?;
-        s.send.state = SendState::Finishing;
-        s.want_writable = false;
-        self.schedule(id);
-        self.debug_check();
-        Ok(())
-    }
-
-    /// Aborts a stream in any state: a RESET with `code` goes out (or, for a DIAL not yet
-    /// sent, nothing does) and the stream's queued bytes and undelivered events are dropped
-    /// (SPEC 5.5). No event follows for it.
-    pub fn reset(&mut self, id: StreamId, code: ErrorCode, reason: &str) -> Result<(), ApiError> {
-        self.check_open()?;
-        check_reason(reason)?;
-        let s = self.streams.get_mut(&id).ok_or(ApiError::UnknownStream)?;
-        match s.phase {
-            Phase::Resetting { .. } => return Err(ApiError::InvalidState("already reset")),
-            Phase::Dialing(Some(_)) => {
-                // Never on the wire: the peer never learns of it (SPEC 5.1 allows the gap).
-                self.purge_events(id);
-                self.remove_stream(id);
-            }
-            _ => {
-                s.phase = Phase::Resetting {
-                    code,
-                    reason: reason.to_owned(),
-                };
-                s.send.queue.clear();
-                s.send.queued = 0;
-                s.dial_ok_queued = false;
-                s.want_writable = false;
-                self.purge_events(id);
-                self.schedule(id);
-            }
-        }
-        self.debug_check();
-        Ok(())
-    }
-
-    /// Returns `n` bytes of credit on `id`: the application has consumed them (written them
-    /// on). WINDOW frames go out in batches (SPEC 6.4). Releasing on a closed stream does
-    /// nothing.
-    pub fn release(&mut self, id: StreamId, n: u32) -> Result<(), ApiError> {
-        let Some(s) = self.streams.get_mut(&id) else {
-            return Ok(());
-        };
-        if n > s.recv.unreleased {
-            return Err(ApiError::Invalid(
-                "release of more bytes than were delivered",
-            ));
-        }
-        s.recv.unreleased -= n;
-        s.recv.pending += n;
-        self.schedule(id);
-        self.debug_check();
-        Ok(())
-    }
-
-    /// Sends a PING; `PingAnswered` reports the round trip. At most one PING is outstanding:
-    /// a second call while one is waits for the same answer.
-    pub fn ping(&mut self, now: Time) -> Result<(), ApiError> {
-        self.check_open()?;
-        match &mut self.ping {
-            Some(p) => p.by_app = true,
-            None => self.send_ping(now, true),
-        }
-        self.debug_check();
-        Ok(())
-    }
-
-    /// Starts a graceful drain (SPEC 7.4): a GOAWAY with NO_ERROR goes out, no new streams
-    /// either way, existing streams finish, then the session closes with `Drained`.
-    pub fn go_away(&mut self, reason: &str) -> Result<(), ApiError> {
-        self.check_open()?;
-        check_reason(reason)?;
-        if !self.draining {
-            self.start_drain(reason);
-        }
-        self.debug_check();
-        Ok(())
-    }
-
-    /// Closes at once with a GOAWAY carrying `code`; every stream ends with an error.
-    pub fn close(&mut self, code: ErrorCode, reason: &str) -> Result<(), ApiError> {
-        if self.is_closed() {
-            return Err(ApiError::Closed);
-        }
-        check_reason(reason)?;
-        self.shutdown(
-            CloseReason::Local {
-                code,
-                reason: reason.to_owned(),
-            },
-            Some((code, reason)),
-        );
-        self.debug_check();
-        Ok(())
-    }
-
-    /// The stream `id` if it is established and this end may still send on it.
-    fn sending_stream(&mut self, id: StreamId) -> Result<&mut Stream, ApiError> {
-        self.check_open()?;
-        let s = self.streams.get_mut(&id).ok_or(ApiError::UnknownStream)?;
-        if s.phase != Phase::Established {
-            return Err(ApiError::InvalidState("the stream is not established"));
-        }
-        if s.send.state != SendState::Open {
-            return Err(ApiError::InvalidState(
-                "this end already finished the stream",
-            ));
-        }
-        Ok(s)
-    }
-
-    fn check_open(&self) -> Result<(), ApiError> {
-        match self.phase {
-            SessionPhase::Open => Ok(()),
-            SessionPhase::Closed(_) => Err(ApiError::Closed),
-            _ => Err(ApiError::NotOpen),
-        }
-    }
-
-    // ----- inbound frames -----
+    // ----- inbound dispatch -----
 
     fn on_frame(&mut self, now: Time, frame: Frame) -> Result<(), ProtocolError> {
         let kind = frame.kind();
         match (&self.phase, frame) {
             // SPEC 3.2: unknown kinds are ignored in every phase.
-            (_, Frame::Unknown(_)) | (SessionPhase::Closed(_), _) => Ok(()),
+            (_, Frame::Unknown(_)) | (SessionPhase::Closed { .. }, _) => Ok(()),
             (SessionPhase::Open, frame) => self.on_open_frame(now, frame),
             (_, Frame::GoAway(g)) => {
                 self.shutdown(
@@ -942,61 +651,8 @@ impl Session {
             }
             (SessionPhase::AwaitHello, Frame::Hello(h)) => self.on_hello(h),
             (SessionPhase::AwaitWelcome, Frame::Welcome(w)) => self.on_welcome(now, w),
-            (SessionPhase::AwaitHello, _) => Err(protocol_error(kind, "first frame is not HELLO")),
-            (SessionPhase::AwaitWelcome, _) => Err(protocol_error(kind, "frame before WELCOME")),
-            (SessionPhase::AwaitDecision, _) => {
-                Err(protocol_error(kind, "frame after HELLO before WELCOME"))
-            }
+            _ => Err(self.out_of_handshake(kind)),
         }
-    }
-
-    fn on_hello(&mut self, hello: Hello) -> Result<(), ProtocolError> {
-        // SPEC 9: the server picks the highest version both speak.
-        let Some(version) = hello
-            .versions
-            .iter()
-            .rev()
-            .find(|v| self.config.versions.contains(v))
-        else {
-            return Err(violation(
-                ErrorCode::VERSION_MISMATCH,
-                FrameKind::HELLO,
-                "no protocol version in common",
-            ));
-        };
-        self.version = *version;
-        self.peer = hello.settings.clone();
-        self.phase = SessionPhase::AwaitDecision;
-        self.events.push_back(Event::HelloReceived(hello));
-        Ok(())
-    }
-
-    fn on_welcome(&mut self, now: Time, welcome: Welcome) -> Result<(), ProtocolError> {
-        if !self.config.versions.contains(&welcome.version) {
-            return Err(violation(
-                ErrorCode::VERSION_MISMATCH,
-                FrameKind::WELCOME,
-                "WELCOME chose a version that was not offered",
-            ));
-        }
-        self.version = welcome.version;
-        self.peer = welcome.settings.clone();
-        self.establish(now, Some(welcome));
-        Ok(())
-    }
-
-    fn establish(&mut self, now: Time, welcome: Option<Welcome>) {
-        self.phase = SessionPhase::Open;
-        self.handshake_deadline = None;
-        // SPEC 3.6: from here on, frames may be as large as this end announced.
-        self.codec.set_max_payload(self.local.max_frame_size());
-        let interval = self.keepalive_interval();
-        self.next_ping = (interval > 0).then(|| now.plus_ms(interval));
-        self.events.push_back(Event::Established {
-            version: self.version,
-            peer_settings: self.peer.clone(),
-            welcome,
-        });
     }
 
     fn on_open_frame(&mut self, now: Time, frame: Frame) -> Result<(), ProtocolError> {
@@ -1011,7 +667,7 @@ impl Session {
             }
             Frame::Ping(p) => {
                 // SPEC 7.3: one answer is kept; a newer PING replaces an unsent answer.
-                self.pong_out = Some(p.payload);
+                self.keepalive.pong_out = Some(p.payload);
                 Ok(())
             }
             Frame::GoAway(g) => {
@@ -1027,407 +683,12 @@ impl Session {
         }
     }
 
-    /// Finds the stream a frame is about (SPEC 5.4). `Ok(None)`: the stream is closed and the
-    /// frame is ignored; `Err`: the id was never opened.
-    fn lookup(&self, kind: FrameKind, id: StreamId) -> Result<Option<StreamId>, ProtocolError> {
-        let never = || protocol_error(kind, "frame for a stream that was never opened");
-        if self.role.opens(id) {
-            if id.0 >= self.next_local {
-                return Err(never());
-            }
-        } else if id.0 > self.last_peer {
-            return Err(never());
+    fn check_open(&self) -> Result<(), ApiError> {
+        match self.phase {
+            SessionPhase::Open => Ok(()),
+            SessionPhase::Closed { .. } => Err(ApiError::Closed),
+            _ => Err(ApiError::NotOpen),
         }
-        match self.streams.get(&id) {
-            None => Ok(None),
-            Some(s) if matches!(s.phase, Phase::Dialing(Some(_))) => Err(never()),
-            Some(_) => Ok(Some(id)),
-        }
-    }
-
-    fn on_dial(&mut self, d: Dial) -> Result<(), ProtocolError> {
-        let id = d.stream;
-        if self.role.opens(id) {
-            return Err(protocol_error(
-                FrameKind::DIAL,
-                "DIAL with this end's stream id parity",
-            ));
-        }
-        if id.0 <= self.last_peer {
-            return Err(protocol_error(FrameKind::DIAL, "DIAL reuses a stream id"));
-        }
-        if self.goaway_received {
-            return Err(protocol_error(
-                FrameKind::DIAL,
-                "DIAL after the peer's GOAWAY",
-            ));
-        }
-        self.last_peer = id.0;
-        let limit = self.local.max_concurrent_streams();
-        if self.draining || self.peer_opened >= limit {
-            // SPEC 5.4: refused with a RESET the peer can tell apart; bounded (SPEC 10).
-            if self.refusals.len() > limit as usize {
-                return Err(violation(
-                    ErrorCode::ENHANCE_YOUR_CALM,
-                    FrameKind::DIAL,
-                    "too many refused dials queued",
-                ));
-            }
-            let reason = if self.draining {
-                "session is draining"
-            } else {
-                "concurrent stream limit reached"
-            };
-            self.refusals.push_back((id, reason));
-            return Ok(());
-        }
-        let stream = Stream::new(
-            Phase::Pending,
-            self.peer.initial_window(),
-            self.local.initial_window(),
-            false,
-        );
-        self.streams.insert(id, stream);
-        self.peer_opened += 1;
-        self.events.push_back(Event::DialRequested {
-            stream: id,
-            dial: d,
-        });
-        Ok(())
-    }
-
-    fn on_dial_ok(&mut self, id: StreamId) -> Result<(), ProtocolError> {
-        let kind = FrameKind::DIAL_OK;
-        let Some(id) = self.lookup(kind, id)? else {
-            return Ok(());
-        };
-        if !self.role.opens(id) {
-            return Err(protocol_error(kind, "DIAL_OK for a stream the peer opened"));
-        }
-        let Some(s) = self.streams.get_mut(&id) else {
-            return Ok(());
-        };
-        match s.phase {
-            Phase::Dialing(None) => {
-                s.phase = Phase::Established;
-                self.events.push_back(Event::DialSucceeded { stream: id });
-                Ok(())
-            }
-            // SPEC 5.5: a DIAL_OK that crosses our RESET is discarded.
-            Phase::Resetting { .. } => Ok(()),
-            _ => Err(protocol_error(kind, "DIAL_OK for an established stream")),
-        }
-    }
-
-    fn on_data(&mut self, d: Data) -> Result<(), ProtocolError> {
-        let kind = FrameKind::DATA;
-        let Some(id) = self.lookup(kind, d.stream)? else {
-            return Ok(());
-        };
-        let Some(s) = self.streams.get_mut(&id) else {
-            return Ok(());
-        };
-        match s.phase {
-            Phase::Resetting { .. } => return Ok(()),
-            Phase::Established if !s.dial_ok_queued => {}
-            _ => return Err(protocol_error(kind, "DATA before DIAL_OK")),
-        }
-        if s.recv.state == RecvState::Finished {
-            return Err(violation(ErrorCode::STREAM_CLOSED, kind, "DATA after FIN"));
-        }
-        let len = u32::try_from(d.payload.len()).unwrap_or(u32::MAX);
-        // SPEC 6.3: a receiver treats an overrun as a protocol error.
-        s.recv.window.consume(len).map_err(|_| {
-            violation(
-                ErrorCode::FLOW_CONTROL_ERROR,
-                kind,
-                "DATA beyond the window",
-            )
-        })?;
-        s.recv.unreleased += len;
-        if len > 0 {
-            self.events.push_back(Event::Data {
-                stream: id,
-                data: d.payload,
-            });
-        }
-        if d.fin {
-            s.recv.state = RecvState::Finished;
-            let done = s.is_done();
-            self.events.push_back(Event::Finished { stream: id });
-            if done {
-                self.remove_stream(id);
-            }
-        }
-        Ok(())
-    }
-
-    fn on_window(&mut self, w: WindowUpdate) -> Result<(), ProtocolError> {
-        let kind = FrameKind::WINDOW;
-        let Some(id) = self.lookup(kind, w.stream)? else {
-            return Ok(());
-        };
-        let initial = self.peer.initial_window();
-        let Some(s) = self.streams.get_mut(&id) else {
-            return Ok(());
-        };
-        match s.phase {
-            Phase::Resetting { .. } => return Ok(()),
-            Phase::Established if !s.dial_ok_queued => {}
-            _ => {
-                return Err(protocol_error(
-                    kind,
-                    "WINDOW before the stream was established",
-                ));
-            }
-        }
-        // SPEC 6.3: credit may only return bytes that were sent. Bytes still queued here were
-        // taken from the window but never sent, so the peer cannot have received them.
-        let cap = initial - s.send.queued;
-        s.send.window.grow(w.increment, cap).map_err(|_| {
-            violation(
-                ErrorCode::FLOW_CONTROL_ERROR,
-                kind,
-                "WINDOW grants more than was sent",
-            )
-        })?;
-        if s.want_writable && s.send.state == SendState::Open {
-            s.want_writable = false;
-            self.events.push_back(Event::Writable { stream: id });
-        }
-        Ok(())
-    }
-
-    fn on_reset(&mut self, r: Reset) -> Result<(), ProtocolError> {
-        let Some(id) = self.lookup(FrameKind::RESET, r.stream)? else {
-            return Ok(());
-        };
-        let Some(s) = self.streams.get(&id) else {
-            return Ok(());
-        };
-        let error = StreamError {
-            code: r.code,
-            reason: r.reason,
-            by: Initiator::Peer,
-            session_closed: false,
-        };
-        let event = match s.phase {
-            // Both ends reset: each already knows; nothing more to send.
-            Phase::Resetting { .. } => None,
-            Phase::Dialing(_) => Some(Event::DialFailed { stream: id, error }),
-            _ if s.announced => Some(Event::Reset { stream: id, error }),
-            _ => None,
-        };
-        self.purge_events(id);
-        self.remove_stream(id);
-        self.events.extend(event);
-        Ok(())
-    }
-
-    fn on_goaway(&mut self, g: GoAway) {
-        if g.code != ErrorCode::NO_ERROR {
-            self.shutdown(
-                CloseReason::Peer {
-                    code: g.code,
-                    reason: g.reason,
-                },
-                None,
-            );
-            return;
-        }
-        if self.goaway_received {
-            return;
-        }
-        self.goaway_received = true;
-        // SPEC 7.4: streams of this end above last_stream were not processed; they fail with
-        // REFUSED_STREAM and may be opened again elsewhere.
-        let unprocessed: Vec<StreamId> = self
-            .streams
-            .keys()
-            .copied()
-            .filter(|id| self.role.opens(*id) && *id > g.last_stream)
-            .collect();
-        for id in unprocessed {
-            self.fail_local_stream(
-                id,
-                Initiator::Peer,
-                "not processed before the peer's GOAWAY",
-            );
-        }
-        self.events.push_back(Event::GoingAway {
-            last_stream: g.last_stream,
-            reason: g.reason,
-        });
-        if !self.draining {
-            self.start_drain("answering GOAWAY");
-        }
-        self.maybe_drained();
-    }
-
-    fn on_pong(&mut self, now: Time, payload: u64) {
-        match self.ping {
-            Some(p) if p.payload == payload => {
-                self.ping = None;
-                self.ping_deadline = None;
-                if p.by_app {
-                    self.events.push_back(Event::PingAnswered {
-                        rtt_ms: now.0.saturating_sub(p.sent_at.0),
-                    });
-                }
-                let interval = self.keepalive_interval();
-                self.next_ping = (interval > 0).then(|| now.plus_ms(interval));
-            }
-            // An answer to nothing outstanding is ignored (SPEC 7.3).
-            _ => {}
-        }
-    }
-
-    // ----- internals -----
-
-    fn send_ping(&mut self, now: Time, by_app: bool) {
-        let payload = self.next_ping_payload;
-        self.next_ping_payload = self.next_ping_payload.wrapping_add(1);
-        self.ping = Some(OutstandingPing {
-            payload,
-            sent_at: now,
-            by_app: by_app || self.ping_wanted_by_app,
-        });
-        self.ping_wanted_by_app = false;
-        self.ping_out = Some(payload);
-        self.ping_deadline = Some(now.plus_ms(self.config.keepalive_timeout_ms.max(1)));
-    }
-
-    /// Fails a stream this end opened that the peer did not process (REFUSED_STREAM).
-    fn fail_local_stream(&mut self, id: StreamId, by: Initiator, reason: &str) {
-        let Some(s) = self.streams.get(&id) else {
-            return;
-        };
-        let error = StreamError {
-            code: ErrorCode::REFUSED_STREAM,
-            reason: reason.to_owned(),
-            by,
-            session_closed: false,
-        };
-        let event = match s.phase {
-            Phase::Resetting { .. } => None,
-            Phase::Dialing(_) => Some(Event::DialFailed { stream: id, error }),
-            _ => Some(Event::Reset { stream: id, error }),
-        };
-        self.purge_events(id);
-        self.remove_stream(id);
-        self.events.extend(event);
-    }
-
-    fn start_drain(&mut self, reason: &str) {
-        self.draining = true;
-        self.goaway_out = Some(GoAway {
-            last_stream: StreamId(self.last_peer),
-            code: ErrorCode::NO_ERROR,
-            reason: truncate_reason(reason),
-        });
-        // SPEC 7.4: no DIAL goes out after this end's GOAWAY; dials not yet sent fail here.
-        let unsent: Vec<StreamId> = self
-            .streams
-            .iter()
-            .filter(|(_, s)| matches!(s.phase, Phase::Dialing(Some(_))))
-            .map(|(id, _)| *id)
-            .collect();
-        for id in unsent {
-            self.fail_local_stream(id, Initiator::Local, "session is draining");
-        }
-    }
-
-    /// Closes the session once a drain is complete (SPEC 7.4).
-    fn maybe_drained(&mut self) {
-        if self.is_established()
-            && self.goaway_sent
-            && self.goaway_received
-            && self.streams.is_empty()
-            && self.refusals.is_empty()
-        {
-            self.shutdown(CloseReason::Drained, None);
-        }
-    }
-
-    /// A protocol violation by the peer: GOAWAY with its code, then closed (SPEC 8.2).
-    fn fail(&mut self, e: ProtocolError) {
-        self.shutdown(CloseReason::Violation(e), Some((e.code, e.reason)));
-    }
-
-    /// Ends the session: every stream gets its final event, every queue is emptied, and at
-    /// most one GOAWAY stays queued (SPEC 7.5).
-    fn shutdown(&mut self, reason: CloseReason, goaway: Option<(ErrorCode, &str)>) {
-        if self.is_closed() {
-            return;
-        }
-        let text = reason.to_string();
-        let streams = core::mem::take(&mut self.streams);
-        for (id, s) in streams {
-            let error = StreamError {
-                code: reason.code(),
-                reason: text.clone(),
-                by: reason.initiator(),
-                session_closed: true,
-            };
-            self.purge_events(id);
-            match s.phase {
-                Phase::Resetting { .. } => {}
-                Phase::Dialing(_) => self
-                    .events
-                    .push_back(Event::DialFailed { stream: id, error }),
-                _ if s.announced => self.events.push_back(Event::Reset { stream: id, error }),
-                _ => {}
-            }
-        }
-        self.ready.clear();
-        self.refusals.clear();
-        self.local_opened = 0;
-        self.peer_opened = 0;
-        self.handshake_out = None;
-        self.pong_out = None;
-        self.ping_out = None;
-        self.ping = None;
-        self.ping_deadline = None;
-        self.next_ping = None;
-        self.handshake_deadline = None;
-        self.goaway_out = goaway.map(|(code, r)| GoAway {
-            last_stream: StreamId(self.last_peer),
-            code,
-            reason: truncate_reason(r),
-        });
-        self.events.push_back(Event::Closed(reason.clone()));
-        self.phase = SessionPhase::Closed(reason);
-    }
-
-    fn schedule(&mut self, id: StreamId) {
-        let threshold = self.window_threshold();
-        if let Some(s) = self.streams.get_mut(&id)
-            && !s.scheduled
-            && s.has_work(threshold)
-        {
-            s.scheduled = true;
-            self.ready.push_back(id);
-        }
-    }
-
-    fn remove_stream(&mut self, id: StreamId) {
-        if let Some(s) = self.streams.remove(&id) {
-            if s.scheduled {
-                self.ready.retain(|r| *r != id);
-            }
-            if self.role.opens(id) {
-                self.local_opened -= 1;
-            } else {
-                self.peer_opened -= 1;
-            }
-        }
-        self.maybe_drained();
-    }
-
-    /// Drops the events of a stream that ended abnormally (SPEC 5.5): its undelivered data is
-    /// discarded, which bounds the event queue (SPEC 10).
-    fn purge_events(&mut self, id: StreamId) {
-        self.events.retain(|e| e.stream() != Some(id));
     }
 
     #[inline]
@@ -1437,119 +698,11 @@ impl Session {
             panic!("session invariant broken: {broken}\n{self:#?}");
         }
     }
-
-    /// Checks every invariant of the session; `Err` names the one broken, as a sentence.
-    ///
-    /// Called after every transition in debug builds, and by the model checker and the fuzz
-    /// targets.
-    pub fn check_invariants(&self) -> Result<(), &'static str> {
-        let local_initial = self.local.initial_window();
-        let peer_initial = self.peer.initial_window();
-        let threshold = self.window_threshold();
-        if !self.is_established() && !self.streams.is_empty() {
-            return Err("streams exist only while the session is open");
-        }
-        if self.is_closed() && (!self.ready.is_empty() || !self.refusals.is_empty()) {
-            return Err("a closed session has nothing queued but its GOAWAY");
-        }
-        if self.next_local % 2 != self.role.first_stream_id() % 2 {
-            return Err("the next local id has this end's parity");
-        }
-        let (mut local, mut peer) = (0u32, 0u32);
-        let mut scheduled = 0usize;
-        for (id, s) in &self.streams {
-            if id.0 == 0 || id.0 > MAX_STREAM_ID {
-                return Err("stream ids are between 1 and 2^31-1");
-            }
-            if self.role.opens(*id) {
-                local += 1;
-                if id.0 >= self.next_local {
-                    return Err("a local stream id is below the next local id");
-                }
-                if s.phase == Phase::Pending || s.dial_ok_queued {
-                    return Err("only the acceptor has pending dials and queues DIAL_OK");
-                }
-                if !s.announced {
-                    return Err("the application knows every stream it opened");
-                }
-            } else {
-                peer += 1;
-                if id.0 > self.last_peer {
-                    return Err("a peer stream id is at most the last peer id");
-                }
-                if matches!(s.phase, Phase::Dialing(_)) {
-                    return Err("only the opener dials");
-                }
-            }
-            if s.send.window.available() > peer_initial {
-                return Err("a send window never exceeds the peer's initial window");
-            }
-            if s.send.queued > peer_initial - s.send.window.available() {
-                return Err("queued bytes are part of the unacknowledged bytes");
-            }
-            let sum: usize = s.send.queue.iter().map(Bytes::len).sum();
-            if sum != s.send.queued as usize {
-                return Err("queued is the total length of the send queue");
-            }
-            if s.send.queued > 0 && s.phase != Phase::Established {
-                return Err("only established streams queue bytes");
-            }
-            if s.send.state == SendState::Finished && s.send.queued > 0 {
-                return Err("nothing is queued after FIN went out");
-            }
-            let recv_total = u64::from(s.recv.window.available())
-                + u64::from(s.recv.unreleased)
-                + u64::from(s.recv.pending);
-            if recv_total != u64::from(local_initial) {
-                return Err("receive window + unreleased + pending equals the initial window");
-            }
-            if s.is_done() {
-                return Err("a stream with both halves finished is removed");
-            }
-            if s.scheduled {
-                scheduled += 1;
-            } else if s.has_work(threshold) {
-                return Err("every stream with a frame to send is scheduled");
-            }
-        }
-        if local != self.local_opened || peer != self.peer_opened {
-            return Err("the open-stream counters match the table");
-        }
-        if self.is_established() && local > self.peer.max_concurrent_streams() {
-            return Err("this end never opens more streams than the peer allows");
-        }
-        if peer > self.local.max_concurrent_streams() {
-            return Err("the peer never has more streams here than this end allows");
-        }
-        if scheduled != self.ready.len() {
-            return Err("the ready ring holds exactly the scheduled streams");
-        }
-        if self.ready.iter().any(|id| !self.streams.contains_key(id)) {
-            return Err("the ready ring holds only streams in the table");
-        }
-        if self.refusals.len() > self.local.max_concurrent_streams() as usize + 1 {
-            return Err("refusals are bounded by the concurrent stream limit");
-        }
-        if self.draining && !self.goaway_sent && self.goaway_out.is_none() && !self.is_closed() {
-            return Err("a draining end has its GOAWAY queued or sent");
-        }
-        if self.local.initial_window() > MAX_WINDOW
-            || self.codec.max_payload() < MIN_MAX_FRAME_SIZE.min(self.local.max_frame_size())
-        {
-            return Err("settings are in range");
-        }
-        Ok(())
-    }
-}
-
-/// A payload length as `u32`; payloads are bounded far below 4 GiB (SPEC 3.6).
-fn len32(b: &Bytes) -> u32 {
-    u32::try_from(b.len()).unwrap_or(u32::MAX)
 }
 
 fn check_reason(reason: &str) -> Result<(), ApiError> {
     if reason.len() > 255 {
-        return Err(ApiError::Invalid("reason over 255 bytes"));
+        return Err(ApiError::ReasonTooLong);
     }
     Ok(())
 }

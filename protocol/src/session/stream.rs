@@ -6,26 +6,36 @@
 //!  open() -> Dialing{DIAL queued}
 //!            | DIAL sent  ------ DIAL ---->  Pending   (DialRequested)
 //!            |                               | accept()          | reject()
-//!            |            <--- DIAL_OK ----  Established          Resetting -> RESET -> gone
+//!            |            <--- DIAL_OK ----  Established          Resetting -> RESET -> Closed
 //!  Established (DialSucceeded)
 //!
 //!  Established = two halves, each ends on its own (half-close, SPEC 5.3):
 //!    send: Open --finish()--> Finishing --last DATA with FIN sent--> Finished
-//!    recv: Open --DATA with FIN received--> Finished
-//!  both Finished  ==> the stream is closed and removed.
+//!    recv: Open --DATA with FIN received--> FinReceived --recv() returns the end--> Finished
+//!  both Finished  ==> Closed (clean)
 //!
-//!  reset() from any state --> Resetting --RESET sent--> gone
-//!  RESET received in any state --> gone (DialFailed / Reset event)
+//!  reset() from any state --> Resetting --RESET sent--> Closed (reset locally)
+//!  RESET received in any state --> Closed (DialFailed / Reset event)
+//!
+//!  Closed holds nothing but how the stream ended, until the application abandons it;
+//!  abandon() of a live stream resets it unless both halves are finished (SPEC 5.6).
 //! ```
 //!
-//! A stream that is gone has freed everything: its queue, its windows, its table entry.
+//! A closed stream has freed everything but its outcome: its queues, its windows, its place
+//! under MAX_CONCURRENT_STREAMS. An abandoned stream leaves the table the moment it is closed.
 
 use std::collections::VecDeque;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 use super::window::Window;
+use crate::error::{Initiator, StreamError};
 use crate::frame::{Dial, ErrorCode};
+
+/// Payloads shorter than this are copied into the receive buffer's tail instead of being kept
+/// as their own slice, so a peer that sends 1-byte frames costs O(window) memory, not
+/// O(window × per-chunk overhead) (SPEC 10).
+pub(crate) const COALESCE_BELOW: usize = 1024;
 
 /// Where a stream is in its life (SPEC 5.2).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -43,6 +53,9 @@ pub(crate) enum Phase {
         /// The reason to send.
         reason: String,
     },
+    /// Over: `None` if both halves finished, else why it failed. Nothing goes out or comes in;
+    /// the entry waits for the application to abandon it.
+    Closed(Option<StreamError>),
 }
 
 /// The sending half's state (SPEC 5.3).
@@ -61,7 +74,9 @@ pub(crate) enum SendState {
 pub(crate) enum RecvState {
     /// The peer may send.
     Open,
-    /// The peer's FIN arrived.
+    /// The peer's FIN arrived; buffered bytes may still wait for `recv`.
+    FinReceived,
+    /// The application read to the end.
     Finished,
 }
 
@@ -77,16 +92,82 @@ pub(crate) struct SendHalf {
     pub(crate) queued: u32,
 }
 
-/// The receiving half: the peer's credit and what the application still holds.
+/// Bytes that arrived and wait for the application's `recv`, in order.
+///
+/// Large payloads are kept as the slices they arrived as (no copy); payloads under
+/// [`COALESCE_BELOW`] are appended to `tail`, which always holds the newest bytes. So every
+/// chunk but the last is at least `COALESCE_BELOW` long or followed by one that is: a stream
+/// holds at most `2 × window / COALESCE_BELOW + 2` chunks, whatever the frame sizes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub(crate) struct RecvBuf {
+    chunks: VecDeque<Bytes>,
+    tail: BytesMut,
+    len: u32,
+}
+
+impl RecvBuf {
+    /// Bytes waiting.
+    pub(crate) fn len(&self) -> u32 {
+        self.len
+    }
+
+    /// Slices held (the tail counts as one), for the memory bound.
+    pub(crate) fn chunk_count(&self) -> usize {
+        self.chunks.len() + usize::from(!self.tail.is_empty())
+    }
+
+    /// Appends a payload that fits the window.
+    pub(crate) fn push(&mut self, payload: Bytes) {
+        if payload.is_empty() {
+            return;
+        }
+        self.len += len32(&payload);
+        if payload.len() < COALESCE_BELOW {
+            self.tail.extend_from_slice(&payload);
+            return;
+        }
+        if !self.tail.is_empty() {
+            self.chunks.push_back(self.tail.split().freeze());
+        }
+        self.chunks.push_back(payload);
+    }
+
+    /// Takes up to `max` (at least 1) bytes from the front, without copying.
+    pub(crate) fn pop(&mut self, max: usize) -> Option<Bytes> {
+        let out = match self.chunks.front_mut() {
+            Some(front) if front.len() > max => front.split_to(max),
+            Some(_) => self.chunks.pop_front()?,
+            None if self.tail.is_empty() => return None,
+            None => self.tail.split_to(max.min(self.tail.len())).freeze(),
+        };
+        self.len -= len32(&out);
+        Some(out)
+    }
+
+    /// Drops every byte; returns how many there were.
+    pub(crate) fn clear(&mut self) -> u32 {
+        let n = self.len;
+        *self = RecvBuf::default();
+        n
+    }
+}
+
+/// The receiving half: the peer's credit, the bytes waiting, and what the application holds.
+///
+/// `window + buffered + unreleased + pending == local INITIAL_WINDOW` while the stream lives.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct RecvHalf {
     pub(crate) state: RecvState,
     /// The peer's credit as this end knows it.
     pub(crate) window: Window,
-    /// Delivered to the application, not yet released.
+    /// Arrived, not yet taken by `recv`.
+    pub(crate) buf: RecvBuf,
+    /// Taken by `recv`, not yet released.
     pub(crate) unreleased: u32,
     /// Released, not yet granted back in a WINDOW frame.
     pub(crate) pending: u32,
+    /// A `Readable` event went out and no `recv` followed yet: no second one is queued.
+    pub(crate) notified: bool,
 }
 
 /// One stream in the session's table.
@@ -98,8 +179,10 @@ pub(crate) struct Stream {
     /// Acceptor: DIAL_OK is queued.
     pub(crate) dial_ok_queued: bool,
     /// The application knows the stream (opened it, or polled its `DialRequested`): it gets
-    /// the stream's final event.
+    /// the stream's final event, and the stream stays in the table until it abandons it.
     pub(crate) announced: bool,
+    /// The application let go of the stream: it leaves the table once closed.
+    pub(crate) abandoned: bool,
     /// The stream is in the session's ready ring.
     pub(crate) scheduled: bool,
     /// A `send` was short; a `Writable` event is owed when credit returns.
@@ -119,14 +202,22 @@ impl Stream {
             recv: RecvHalf {
                 state: RecvState::Open,
                 window: Window::new(recv_window),
+                buf: RecvBuf::default(),
                 unreleased: 0,
                 pending: 0,
+                notified: false,
             },
             dial_ok_queued: false,
             announced,
+            abandoned: false,
             scheduled: false,
             want_writable: false,
         }
+    }
+
+    /// Whether the stream still counts: it is not closed.
+    pub(crate) fn is_live(&self) -> bool {
+        !matches!(self.phase, Phase::Closed(_))
     }
 
     /// Whether both halves are finished: the stream closed normally.
@@ -136,11 +227,53 @@ impl Stream {
             && self.recv.state == RecvState::Finished
     }
 
+    /// The error the application sees for a stream it reset or that failed, if any.
+    pub(crate) fn error(&self) -> Option<StreamError> {
+        match &self.phase {
+            Phase::Resetting { code, reason } => Some(StreamError {
+                code: *code,
+                reason: reason.clone(),
+                by: Initiator::Local,
+                session_closed: false,
+            }),
+            Phase::Closed(e) => e.clone(),
+            _ => None,
+        }
+    }
+
+    /// Drops what waits to go out, and what arrived and was not read (a reset stream): the
+    /// unread bytes count as released, which keeps the receive sum, and no WINDOW follows.
+    pub(crate) fn drop_queues(&mut self) {
+        self.send.queue.clear();
+        self.send.queued = 0;
+        self.dial_ok_queued = false;
+        self.want_writable = false;
+        self.drop_unread();
+    }
+
+    /// Drops the bytes that arrived and were not read, counting them as released.
+    pub(crate) fn drop_unread(&mut self) {
+        self.recv.pending += self.recv.buf.clear();
+        self.recv.notified = false;
+    }
+
+    /// Drops every buffer of a stream that ends: nothing of it is held but its outcome.
+    pub(crate) fn release_buffers(&mut self) {
+        self.send.queue.clear();
+        self.send.queued = 0;
+        self.recv.buf.clear();
+        self.recv.unreleased = 0;
+        self.recv.pending = 0;
+        self.recv.notified = false;
+        self.dial_ok_queued = false;
+        self.want_writable = false;
+    }
+
     /// Whether a frame for this stream is waiting to go out.
     pub(crate) fn has_work(&self, window_threshold: u32) -> bool {
         match &self.phase {
             Phase::Resetting { .. } | Phase::Dialing(Some(_)) => true,
-            Phase::Dialing(None) | Phase::Pending => false,
+            Phase::Dialing(None) | Phase::Pending | Phase::Closed(_) => false,
             Phase::Established => {
                 self.dial_ok_queued
                     || self.wants_window_update(window_threshold)
@@ -161,19 +294,21 @@ impl Stream {
             (Phase::Dialing(_), ..) => StreamState::Dialing,
             (Phase::Pending, ..) => StreamState::Pending,
             (Phase::Resetting { .. }, ..) => StreamState::Resetting,
+            (Phase::Closed(None), ..) => StreamState::Closed,
+            (Phase::Closed(Some(_)), ..) => StreamState::Failed,
             (Phase::Established, SendState::Open, RecvState::Open) => StreamState::Open,
             (Phase::Established, _, RecvState::Open) => StreamState::HalfClosedLocal,
-            (Phase::Established, SendState::Open, RecvState::Finished) => {
-                StreamState::HalfClosedRemote
-            }
-            (Phase::Established, _, RecvState::Finished) => StreamState::Closing,
+            (Phase::Established, SendState::Open, _) => StreamState::HalfClosedRemote,
+            (Phase::Established, ..) => StreamState::Closing,
         }
     }
 }
 
-/// A stream's state as the application sees it (SPEC 5.2). A stream not in the table is
-/// closed: [`super::Session::stream_state`] returns `None`.
+/// A stream's state as the application sees it (SPEC 5.2). A stream not in the table was
+/// never known to the application, or was abandoned: [`super::Session::stream_state`] returns
+/// `None`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum StreamState {
     /// Opener: waiting for DIAL_OK.
     Dialing,
@@ -183,10 +318,20 @@ pub enum StreamState {
     Open,
     /// This end finished (FIN queued or sent); the peer may still send.
     HalfClosedLocal,
-    /// The peer finished; this end may still send.
+    /// The peer finished (its FIN arrived); this end may still send.
     HalfClosedRemote,
-    /// Both finished; this end's FIN or last bytes are still queued.
+    /// Both finished; this end's FIN or last bytes are still queued, or the peer's last
+    /// bytes and FIN are still to be read.
     Closing,
     /// This end reset the stream; the RESET is still queued.
     Resetting,
+    /// Both halves finished and everything was read: held until abandoned.
+    Closed,
+    /// Ended abnormally (reset, refused, failed dial, tunnel lost): held until abandoned.
+    Failed,
+}
+
+/// A payload length as `u32`; payloads are bounded far below 4 GiB (SPEC 3.6).
+pub(crate) fn len32(b: &[u8]) -> u32 {
+    u32::try_from(b.len()).unwrap_or(u32::MAX)
 }

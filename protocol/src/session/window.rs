@@ -17,11 +17,11 @@ use core::fmt;
 
 /// A flow-control window: bytes that may still be sent in one direction of one stream.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub struct Window(u32);
+pub(crate) struct Window(u32);
 
 /// A window operation that would break SPEC 6.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum WindowError {
+pub(crate) enum WindowError {
     /// More bytes than the window holds.
     Overrun,
     /// The window would grow past its cap (the INITIAL_WINDOW).
@@ -30,28 +30,28 @@ pub enum WindowError {
 
 impl Window {
     /// A window of `n` bytes.
-    pub fn new(n: u32) -> Window {
+    pub(crate) fn new(n: u32) -> Window {
         Window(n)
     }
 
     /// Bytes that may still be sent.
-    pub fn available(self) -> u32 {
+    pub(crate) fn available(self) -> u32 {
         self.0
     }
 
     /// Whether nothing may be sent.
-    pub fn is_exhausted(self) -> bool {
+    pub(crate) fn is_exhausted(self) -> bool {
         self.0 == 0
     }
 
     /// Takes `n` bytes out of the window.
-    pub fn consume(&mut self, n: u32) -> Result<(), WindowError> {
+    pub(crate) fn consume(&mut self, n: u32) -> Result<(), WindowError> {
         self.0 = self.0.checked_sub(n).ok_or(WindowError::Overrun)?;
         Ok(())
     }
 
     /// Adds `n` bytes of credit; the result may not exceed `cap`.
-    pub fn grow(&mut self, n: u32, cap: u32) -> Result<(), WindowError> {
+    pub(crate) fn grow(&mut self, n: u32, cap: u32) -> Result<(), WindowError> {
         match self.0.checked_add(n) {
             Some(w) if w <= cap => {
                 self.0 = w;

@@ -9,8 +9,11 @@ use std::collections::VecDeque;
 
 use bytes::{Bytes, BytesMut};
 
+use crate::Time;
+use crate::codec::FrameCodec;
+use crate::error::DecodeError;
 use crate::frame::{Frame, Identifier};
-use crate::session::{AgentIdentity, Config, Event, ServerIdentity, Session, Time};
+use crate::session::{AgentIdentity, Config, Event, ServerIdentity, Session};
 
 /// One end of the pair.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -97,7 +100,7 @@ pub fn test_server_identity() -> ServerIdentity {
 impl Pair {
     /// A new pair; nothing has moved yet.
     pub fn new(server: Config, agent: Config) -> Pair {
-        let now = Time(0);
+        let now = Time::from_millis(0);
         let server = Session::server(server, test_server_identity(), now)
             .unwrap_or_else(|e| panic!("server config: {e}"));
         let agent = Session::agent(agent, test_agent_identity(), now)
@@ -110,7 +113,7 @@ impl Pair {
         Pair {
             server,
             agent,
-            now: Time(0),
+            now: Time::from_millis(0),
             latency_ms: 0,
             carry: Carry::Frames,
             to_agent: Link::default(),
@@ -332,7 +335,7 @@ impl Pair {
         self.transmit();
         match self.next_wakeup() {
             Some(t) => {
-                let by = t.0.saturating_sub(self.now.0);
+                let by = t.as_millis().saturating_sub(self.now.as_millis());
                 self.advance(by);
                 self.run();
                 true
@@ -381,14 +384,31 @@ pub fn transfer(pair: &mut Pair, total: usize, streams: usize) -> usize {
             break;
         }
         while let Some(e) = pair.agent.poll_event() {
-            if let Event::Data { stream, data } = e {
-                received += data.len();
-                let _ = pair
-                    .agent
-                    .release(stream, u32::try_from(data.len()).unwrap_or(0));
+            if let Event::Readable { stream } = e {
+                while let Ok(Some(data)) = pair.agent.recv(stream, usize::MAX) {
+                    received += data.len();
+                    pair.agent
+                        .release(stream, u32::try_from(data.len()).unwrap_or(0))
+                        .unwrap_or_else(|e| panic!("release: {e}"));
+                }
             }
         }
         while pair.server.poll_event().is_some() {}
     }
     received
+}
+
+/// Decodes every whole frame of `bytes` with `max_payload` as the limit: the frames, and the
+/// error that stopped decoding, if any. Leftover bytes of an incomplete frame are ignored.
+pub fn decode_all(bytes: &[u8], max_payload: u32) -> (Vec<Frame>, Option<DecodeError>) {
+    let mut codec = FrameCodec::with_max_payload(max_payload);
+    let mut buf = BytesMut::from(bytes);
+    let mut frames = Vec::new();
+    loop {
+        match codec.decode(&mut buf) {
+            Ok(Some(f)) => frames.push(f),
+            Ok(None) => return (frames, None),
+            Err(e) => return (frames, Some(e)),
+        }
+    }
 }

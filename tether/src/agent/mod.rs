@@ -11,7 +11,7 @@ use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
 use tether_proto::frame::{Identifier, Protocol, Token};
 use tether_proto::session::AgentIdentity;
-use tether_proto::{Config, ErrorCode, Session};
+use tether_proto::{Config, ErrorCode, Session, Time};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsConnector;
@@ -19,7 +19,7 @@ use tokio_rustls::TlsConnector;
 pub use dialer::Allowlist;
 
 use crate::pump::pump;
-use crate::tunnel::{Incoming, Tunnel, agent_handshake};
+use crate::tunnel::{Handshake, Incoming, Start, Tunnel, handshake_deadline};
 
 /// What an agent needs to run.
 #[derive(Clone)]
@@ -44,9 +44,8 @@ pub struct AgentConfig {
     pub sync_interval: Duration,
     /// Longest reconnect delay.
     pub sync_interval_cap: Duration,
-    /// How long the TLS connection and handshake may take.
-    pub connect_timeout: Duration,
-    /// Session settings (windows, keepalive).
+    /// Session settings (windows, keepalive, and the handshake deadline, which covers the TCP
+    /// connect, TLS and WELCOME together).
     pub session: Config,
 }
 
@@ -70,7 +69,6 @@ impl AgentConfig {
             dial_timeout: Duration::from_secs(10),
             sync_interval: Duration::from_secs(1),
             sync_interval_cap: Duration::from_secs(10),
-            connect_timeout: Duration::from_secs(10),
             session: Config::default(),
         }
     }
@@ -231,6 +229,9 @@ async fn connect_once(
         identifiers: cfg.identifiers.clone(),
         token,
     };
+    // The session exists before the first byte: its handshake deadline is the one budget for
+    // TCP, TLS and WELCOME together (SPEC 4.4).
+    let session = Session::agent(cfg.session.clone(), identity, Time::from_millis(0))?;
     let setup = async {
         let tcp = TcpStream::connect(addr).await?;
         tcp.set_nodelay(true)?;
@@ -240,17 +241,26 @@ async fn connect_once(
         tls.get_mut()
             .1
             .set_buffer_limit(Some(crate::tls::TUNNEL_SEND_BUFFER));
-        let mut session = Session::agent(cfg.session.clone(), identity, tether_proto::Time(0))?;
-        let (leftover, welcome) =
-            agent_handshake(&mut tls, &mut session, epoch, cfg.connect_timeout).await?;
-        Ok::<_, Box<dyn std::error::Error + Send + Sync>>((tls, session, leftover, welcome))
+        Ok::<_, std::io::Error>(tls)
     };
-    let (tls, session, leftover, welcome) = tokio::time::timeout(cfg.connect_timeout, setup)
-        .await
-        .map_err(|_| "connect timed out")??;
+    let tls = match handshake_deadline(&session, epoch) {
+        Some(deadline) => tokio::time::timeout_at(deadline, setup)
+            .await
+            .map_err(|_| "connect timed out")??,
+        None => setup.await?,
+    };
     let (tx, rx) = mpsc::unbounded_channel();
-    let label = format!("agent->{}({addr})", welcome.server_id);
-    let tunnel = Tunnel::spawn(tls, session, leftover, Some(tx), epoch, label);
+    let start = Start {
+        incoming: Some(tx),
+        policy: None,
+        epoch,
+        label: format!("agent->{addr}"),
+    };
+    let (tunnel, handshaking) = Tunnel::spawn(tls, session, start);
+    let welcome = match handshaking.done().await? {
+        Handshake::Welcome(w) => w,
+        Handshake::Hello(_) => return Err("the server end sent HELLO".into()),
+    };
     tokio::spawn(serve_dials(cfg.clone(), rx));
     Ok((tunnel, welcome.server_id, welcome.server_count))
 }
@@ -262,8 +272,8 @@ async fn serve_dials(cfg: Arc<AgentConfig>, mut rx: mpsc::UnboundedReceiver<Inco
 }
 
 async fn serve_dial(cfg: Arc<AgentConfig>, incoming: Incoming) {
-    let (host, port) = (incoming.dial.host.clone(), incoming.dial.port);
-    if incoming.dial.protocol != Protocol::TCP {
+    let (host, port) = (incoming.dial().host.clone(), incoming.dial().port);
+    if incoming.dial().protocol != Protocol::TCP {
         incoming.reject(ErrorCode::DIAL_UNSUPPORTED, "only TCP is supported");
         return;
     }
@@ -276,12 +286,16 @@ async fn serve_dial(cfg: Arc<AgentConfig>, incoming: Incoming) {
         return;
     }
     match dialer::connect(&host, port, cfg.dial_timeout).await {
-        Ok(socket) => {
-            let stream = incoming.accept();
-            if let Err(e) = pump(stream, socket, bytes::Bytes::new()).await {
-                tracing::debug!(%host, port, error = %e, "stream ended with an error");
+        Ok(socket) => match incoming.accept() {
+            Ok(stream) => {
+                if let Err(e) = pump(stream, socket, bytes::Bytes::new()).await {
+                    tracing::debug!(%host, port, error = %e, "stream ended with an error");
+                }
             }
-        }
+            Err(e) => {
+                tracing::debug!(%host, port, error = %e, "dial given up before it was accepted")
+            }
+        },
         Err((code, reason)) => {
             tracing::info!(%host, port, %code, %reason, "dial failed");
             incoming.reject(code, &reason);

@@ -99,7 +99,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         dial_timeout: a.dial_timeout,
         sync_interval: a.sync_interval,
         sync_interval_cap: a.sync_interval_cap,
-        connect_timeout: Duration::from_secs(10),
         session: a.tunnel.session(),
     };
     let rt = cli::runtime(a.worker_threads)?;

@@ -144,7 +144,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         health_addr: (a.health_port != 0)
             .then(|| SocketAddr::new(a.health_bind_address, a.health_port)),
         header_timeout: Duration::from_secs(10),
-        handshake_timeout: Duration::from_secs(10),
     };
     let rt = cli::runtime(a.worker_threads)?;
     rt.block_on(async {

@@ -10,8 +10,9 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::{DialFailure, ServerCore};
+use super::ServerCore;
 use crate::pump::{Abort, pump};
+use crate::tunnel::DialError;
 
 /// The largest request head accepted.
 pub const MAX_HEAD: usize = 16 * 1024;
@@ -204,13 +205,13 @@ where
 
 /// The status for a failed dial (DESIGN §10): no agent 503, forbidden 403, refused or
 /// unreachable 502, timeout 504.
-pub fn failure_to_http(f: &DialFailure) -> HttpError {
+pub fn failure_to_http(f: &DialError) -> HttpError {
     use tether_proto::ErrorCode as C;
     match f {
-        DialFailure::NoAgent => err(503, "no agent connected for this destination"),
-        DialFailure::Timeout => err(504, "dial timed out"),
-        DialFailure::Unavailable(reason) => err(503, format!("no usable tunnel: {reason}")),
-        DialFailure::Failed(e) => {
+        DialError::NoAgent => err(503, "no agent connected for this destination"),
+        DialError::Timeout => err(504, "dial timed out"),
+        DialError::Unavailable(reason) => err(503, format!("no usable tunnel: {reason}")),
+        DialError::Failed(e) => {
             let status = match e.code {
                 C::DIAL_FORBIDDEN => 403,
                 C::DIAL_TIMEOUT => 504,

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tether_proto::session::ServerIdentity;
-use tether_proto::{Config, ErrorCode, Session, StreamError};
+use tether_proto::{Config, ErrorCode, Session, Time};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
@@ -22,7 +22,7 @@ pub use metrics::Metrics;
 pub use registry::{Registry, Strategy, parse_strategies};
 
 use crate::stream::TetherStream;
-use crate::tunnel::{DialError, Tunnel, server_handshake};
+use crate::tunnel::{DialError, Handshake, Start, Tunnel, handshake_deadline};
 
 /// What a server needs to run.
 #[derive(Clone)]
@@ -41,7 +41,8 @@ pub struct ServerConfig {
     pub strategies: Vec<Strategy>,
     /// How long a dial may take before the client gets 504.
     pub dial_timeout: Duration,
-    /// Session settings (windows, keepalive).
+    /// Session settings (windows, keepalive, and the handshake deadline, which covers an
+    /// agent's TLS handshake and HELLO together).
     pub session: Config,
     /// HTTP CONNECT on TCP.
     pub connect_addr: Option<SocketAddr>,
@@ -53,8 +54,6 @@ pub struct ServerConfig {
     pub health_addr: Option<SocketAddr>,
     /// How long a CONNECT client may take to send its request head.
     pub header_timeout: Duration,
-    /// How long an agent may take for TLS and HELLO.
-    pub handshake_timeout: Duration,
 }
 
 impl ServerConfig {
@@ -76,36 +75,9 @@ impl ServerConfig {
             uds_path: None,
             health_addr: None,
             header_timeout: Duration::from_secs(10),
-            handshake_timeout: Duration::from_secs(10),
         }
     }
 }
-
-/// Why the server could not give a client a stream.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DialFailure {
-    /// No connected agent serves the destination.
-    NoAgent,
-    /// The dial did not complete in time.
-    Timeout,
-    /// The agent's session would not open a stream.
-    Unavailable(String),
-    /// The agent refused or failed the dial, or its tunnel ended.
-    Failed(StreamError),
-}
-
-impl std::fmt::Display for DialFailure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            DialFailure::NoAgent => f.write_str("no agent for this destination"),
-            DialFailure::Timeout => f.write_str("dial timed out"),
-            DialFailure::Unavailable(r) => write!(f, "tunnel unavailable: {r}"),
-            DialFailure::Failed(e) => write!(f, "{e}"),
-        }
-    }
-}
-
-impl std::error::Error for DialFailure {}
 
 /// The state every listener shares.
 pub struct ServerCore {
@@ -120,23 +92,20 @@ pub struct ServerCore {
 
 impl ServerCore {
     /// Opens a stream to `host:port` through an agent chosen by the routing strategies.
-    pub async fn dial(&self, host: &str, port: u16) -> Result<TetherStream, DialFailure> {
+    pub async fn dial(&self, host: &str, port: u16) -> Result<TetherStream, DialError> {
         let tunnel = self
             .registry
             .route(host, &self.strategies)
-            .ok_or(DialFailure::NoAgent)?;
+            .ok_or(DialError::NoAgent)?;
         let result = tunnel.dial(host, port, self.dial_timeout).await;
         self.metrics.dial(match &result {
             Ok(_) => "ok".to_owned(),
+            Err(DialError::NoAgent) => "no_agent".to_owned(),
             Err(DialError::Timeout) => "timeout".to_owned(),
             Err(DialError::Unavailable(_)) => "unavailable".to_owned(),
             Err(DialError::Failed(e)) => e.code.to_string(),
         });
-        result.map_err(|e| match e {
-            DialError::Failed(e) => DialFailure::Failed(e),
-            DialError::Timeout => DialFailure::Timeout,
-            DialError::Unavailable(e) => DialFailure::Unavailable(e.to_string()),
-        })
+        result
     }
 }
 
@@ -209,7 +178,7 @@ impl Server {
     }
 
     /// The library API (DESIGN §9): a stream to `host:port` through an agent.
-    pub async fn dial(&self, host: &str, port: u16) -> Result<TetherStream, DialFailure> {
+    pub async fn dial(&self, host: &str, port: u16) -> Result<TetherStream, DialError> {
         self.core.dial(host, port).await
     }
 
@@ -277,65 +246,77 @@ async fn serve_agent(
     tcp: TcpStream,
     peer: SocketAddr,
 ) {
+    // The session exists from the first byte: its handshake deadline is the one budget for
+    // TLS and HELLO together (SPEC 4.4).
     let epoch = Instant::now();
-    let setup = async {
-        let mut tls = acceptor
-            .accept(crate::tls::tunnel_transport(tcp))
-            .await
-            .map_err(|e| format!("TLS: {e}"))?;
-        tls.get_mut()
-            .1
-            .set_buffer_limit(Some(crate::tls::TUNNEL_SEND_BUFFER));
-        let identity = ServerIdentity {
-            server_id: cfg.server_id.clone(),
-            server_count: cfg.server_count,
-        };
-        let mut session = Session::server(cfg.session.clone(), identity, tether_proto::Time(0))
-            .map_err(|e| format!("session: {e}"))?;
-        let tokens = cfg.tokens.clone();
-        let (leftover, hello) =
-            server_handshake(&mut tls, &mut session, epoch, cfg.handshake_timeout, |h| {
-                // SPEC 4.2: the protocol carries the token; the server decides.
-                match (&tokens, &h.token) {
-                    (None, _) => Ok(()),
-                    (Some(set), Some(t)) if set.contains(t.expose()) => Ok(()),
-                    (Some(_), _) => Err((
-                        ErrorCode::UNAUTHORIZED,
-                        "invalid or missing token".to_owned(),
-                    )),
-                }
-            })
-            .await
-            .map_err(|e| format!("handshake: {e}"))?;
-        Ok::<_, String>((tls, session, leftover, hello))
+    let identity = ServerIdentity {
+        server_id: cfg.server_id.clone(),
+        server_count: cfg.server_count,
     };
-    let (tls, session, leftover, hello) =
-        match tokio::time::timeout(cfg.handshake_timeout, setup).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => {
-                tracing::warn!(%peer, error = %e, "agent refused");
-                core.metrics.agent_refused();
-                return;
-            }
-            Err(_) => {
-                tracing::warn!(%peer, "agent handshake timed out");
-                core.metrics.agent_refused();
-                return;
-            }
-        };
-    let label = format!("server<-{}({peer})", hello.agent_id);
-    let tunnel = Tunnel::spawn(tls, session, leftover, None, epoch, label);
-    let conn = core.registry.add(
-        hello.agent_id.clone(),
-        hello.identifiers.clone(),
-        tunnel.clone(),
-    );
+    let session = match Session::server(cfg.session.clone(), identity, Time::from_millis(0)) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "session configuration refused");
+            return;
+        }
+    };
+    let tls = acceptor.accept(crate::tls::tunnel_transport(tcp));
+    let tls = match handshake_deadline(&session, epoch) {
+        Some(deadline) => tokio::time::timeout_at(deadline, tls).await,
+        None => Ok(tls.await),
+    };
+    let mut tls = match tls {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::warn!(%peer, error = %e, "agent TLS handshake failed");
+            core.metrics.agent_refused();
+            return;
+        }
+        Err(_) => {
+            // No TLS yet, so no GOAWAY can be sent: the connection just closes.
+            tracing::warn!(%peer, "agent TLS handshake timed out");
+            core.metrics.agent_refused();
+            return;
+        }
+    };
+    tls.get_mut()
+        .1
+        .set_buffer_limit(Some(crate::tls::TUNNEL_SEND_BUFFER));
+    let tokens = cfg.tokens.clone();
+    let start = Start {
+        incoming: None,
+        // SPEC 4.2: the protocol carries the token; the server decides.
+        policy: Some(Box::new(move |h| match (&tokens, &h.token) {
+            (None, _) => Ok(()),
+            (Some(set), Some(t)) if set.contains(t.expose()) => Ok(()),
+            (Some(_), _) => Err((
+                ErrorCode::UNAUTHORIZED,
+                "invalid or missing token".to_owned(),
+            )),
+        })),
+        epoch,
+        label: format!("server<-{peer}"),
+    };
+    let (tunnel, handshaking) = Tunnel::spawn(tls, session, start);
+    let hello = match handshaking.done().await {
+        Ok(Handshake::Hello(h)) => h,
+        Ok(Handshake::Welcome(_)) => return,
+        Err(reason) => {
+            tracing::warn!(%peer, %reason, "agent refused");
+            core.metrics.agent_refused();
+            return;
+        }
+    };
+    let agent_id = hello.agent_id.escape_debug().to_string();
+    let conn = core
+        .registry
+        .add(hello.agent_id, hello.identifiers.clone(), tunnel.clone());
     core.metrics.agents(core.registry.len());
-    tracing::info!(%peer, agent_id = %hello.agent_id, identifiers = ?hello.identifiers, "agent connected");
+    tracing::info!(%peer, %agent_id, identifiers = ?hello.identifiers, "agent connected");
     let reason = tunnel.closed().await;
     core.registry.remove(conn);
     core.metrics.agents(core.registry.len());
-    tracing::info!(%peer, agent_id = %hello.agent_id, %reason, "agent disconnected");
+    tracing::info!(%peer, %agent_id, %reason, "agent disconnected");
 }
 
 async fn accept_connect_tcp(

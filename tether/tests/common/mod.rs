@@ -45,6 +45,7 @@ pub fn session(keepalive_ms: u64) -> tether_proto::Config {
     tether_proto::Config {
         keepalive_interval_ms: keepalive_ms,
         keepalive_timeout_ms: keepalive_ms.max(1) * 3,
+        handshake_timeout_ms: 5_000,
         ..tether_proto::Config::default()
     }
 }
@@ -63,7 +64,6 @@ pub fn server_config(pki: &Pki) -> ServerConfig {
         session: session(0),
         health_addr: Some("127.0.0.1:0".parse().unwrap()),
         header_timeout: Duration::from_secs(2),
-        handshake_timeout: Duration::from_secs(5),
         ..ServerConfig::new("127.0.0.1:0".parse().unwrap(), agent_tls)
     }
 }
@@ -80,7 +80,6 @@ pub fn agent_config(pki: &Pki, server: SocketAddr, id: &str) -> AgentConfig {
         dial_timeout: Duration::from_secs(2),
         sync_interval: Duration::from_millis(50),
         sync_interval_cap: Duration::from_millis(400),
-        connect_timeout: Duration::from_secs(5),
         session: session(0),
         ..AgentConfig::new(vec![server.to_string()], tls, id)
     }
