@@ -59,118 +59,39 @@ impl TetherStream {
     /// is not returned until [`TetherStream::release`] is called, so a caller that releases
     /// only after writing the bytes on makes a slow destination slow its own sender.
     pub async fn recv_chunk(&self) -> io::Result<Option<Bytes>> {
-        std::future::poll_fn(|cx| self.poll_recv(cx, usize::MAX)).await
+        std::future::poll_fn(|cx| self.tunnel.poll_recv(self.id, usize::MAX, cx)).await
     }
 
     /// Waits for bytes from the peer and moves what is buffered, up to about `max` bytes,
     /// into `out` without copying; `false` at the peer's FIN. Credit is returned only by
     /// [`TetherStream::release`], as for [`TetherStream::recv_chunk`].
     pub(crate) async fn recv_chunks(&self, out: &mut Chunks, max: usize) -> io::Result<bool> {
-        std::future::poll_fn(|cx| {
-            let mut sh = self.tunnel.lock();
-            loop {
-                let want = max.saturating_sub(out.remaining()).max(1);
-                match sh.session.recv(self.id, want) {
-                    Ok(Some(b)) => {
-                        out.push(b);
-                        if out.remaining() >= max {
-                            return Poll::Ready(Ok(true));
-                        }
-                    }
-                    // What was taken goes first; the end or the error comes with the next call.
-                    _ if out.remaining() > 0 => return Poll::Ready(Ok(true)),
-                    Ok(None) => return Poll::Ready(Ok(false)),
-                    Err(ApiError::WouldBlock) => {
-                        if let Some(w) = sh.wakers.get_mut(&self.id) {
-                            w.read = Some(cx.waker().clone());
-                        }
-                        return Poll::Pending;
-                    }
-                    Err(e) => return Poll::Ready(Err(api_io_error(e))),
-                }
-            }
-        })
-        .await
-    }
-
-    /// One `recv` of at most `max` bytes; pending (waker registered) while nothing is there.
-    fn poll_recv(&self, cx: &mut Context<'_>, max: usize) -> Poll<io::Result<Option<Bytes>>> {
-        let mut sh = self.tunnel.lock();
-        match sh.session.recv(self.id, max) {
-            Ok(got) => Poll::Ready(Ok(got)),
-            Err(ApiError::WouldBlock) => {
-                if let Some(w) = sh.wakers.get_mut(&self.id) {
-                    w.read = Some(cx.waker().clone());
-                }
-                Poll::Pending
-            }
-            Err(e) => Poll::Ready(Err(api_io_error(e))),
-        }
+        std::future::poll_fn(|cx| self.tunnel.poll_recv_chunks(self.id, out, max, cx)).await
     }
 
     /// Returns `n` bytes of credit to the peer: they were consumed.
     pub fn release(&self, n: usize) {
-        let due = {
-            let mut sh = self.tunnel.lock();
-            let released = sh
-                .session
-                .release(self.id, u32::try_from(n).unwrap_or(u32::MAX));
-            // Only more than was read can fail here, which is this module's bug, not the peer's.
-            debug_assert!(released.is_ok(), "release: {released:?}");
-            // Credit goes back in batches (SPEC 6.4): most releases leave nothing to send.
-            sh.session.wants_transmit()
-        };
-        if due {
-            self.tunnel.wake_writer();
-        }
+        self.tunnel.release(self.id, n);
     }
 
     /// Sends `data` without copying it, waiting for credit as needed.
     pub async fn send_bytes(&self, mut data: Bytes) -> io::Result<()> {
         while !data.is_empty() {
-            let n = std::future::poll_fn(|cx| self.poll_send(cx, &data)).await?;
+            let n = std::future::poll_fn(|cx| self.tunnel.poll_send(self.id, &data, cx)).await?;
             data = data.split_off(n);
         }
         Ok(())
     }
 
-    fn poll_send(&self, cx: &mut Context<'_>, data: &Bytes) -> Poll<io::Result<usize>> {
-        let mut sh = self.tunnel.lock();
-        match sh.session.send(self.id, data.clone()) {
-            Ok(0) => {
-                // A `Writable` event follows when credit returns (SPEC 6.2).
-                if let Some(w) = sh.wakers.get_mut(&self.id) {
-                    w.write = Some(cx.waker().clone());
-                }
-                Poll::Pending
-            }
-            Ok(n) => {
-                drop(sh);
-                self.tunnel.wake_writer();
-                Poll::Ready(Ok(n))
-            }
-            Err(e) => Poll::Ready(Err(api_io_error(e))),
-        }
-    }
-
     /// Half-closes this direction: FIN goes out after the queued bytes. Finishing twice is
     /// harmless; a stream that failed reports why.
     pub fn finish(&self) -> io::Result<()> {
-        let finished = self.tunnel.lock().session.finish(self.id);
-        self.tunnel.wake_writer();
-        match finished {
-            Ok(()) | Err(ApiError::AlreadyFinished) => Ok(()),
-            Err(e) => Err(api_io_error(e)),
-        }
+        self.tunnel.finish(self.id)
     }
 
     /// Aborts the stream with `code`. A stream that already ended stays as it ended.
     pub fn reset(&self, code: ErrorCode, reason: &str) {
-        let reset = self.tunnel.lock().session.reset(self.id, code, reason);
-        if let Err(e) = reset {
-            tracing::debug!(stream = %self.id, error = %e, "reset of a stream that already ended");
-        }
-        self.tunnel.wake_writer();
+        self.tunnel.reset(self.id, code, reason);
     }
 
     /// Drops the handle without taking the tunnel's lock (used while it is held, for a handle
@@ -190,7 +111,8 @@ impl AsyncRead for TetherStream {
             return Poll::Ready(Ok(()));
         }
         let this = self.get_mut();
-        let Some(chunk) = std::task::ready!(this.poll_recv(cx, buf.remaining()))? else {
+        let Some(chunk) = std::task::ready!(this.tunnel.poll_recv(this.id, buf.remaining(), cx))?
+        else {
             return Poll::Ready(Ok(()));
         };
         buf.put_slice(chunk.chunk());
@@ -209,7 +131,8 @@ impl AsyncWrite for TetherStream {
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
-        self.poll_send(cx, &Bytes::copy_from_slice(buf))
+        self.tunnel
+            .poll_send(self.id, &Bytes::copy_from_slice(buf), cx)
     }
 
     fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -223,20 +146,8 @@ impl AsyncWrite for TetherStream {
 
 impl Drop for TetherStream {
     fn drop(&mut self) {
-        if self.forgotten {
-            return;
-        }
-        let due = {
-            let mut sh = self.tunnel.lock();
-            sh.wakers.remove(&self.id);
-            // SPEC 5.6: the session decides what a dropped handle means.
-            if let Err(e) = sh.session.abandon(self.id) {
-                tracing::debug!(stream = %self.id, error = %e, "abandon");
-            }
-            sh.session.wants_transmit()
-        };
-        if due {
-            self.tunnel.wake_writer();
+        if !self.forgotten {
+            self.tunnel.abandon(self.id);
         }
     }
 }

@@ -16,32 +16,22 @@
 //! only the wakers of the tasks waiting on a stream.
 
 use std::collections::HashMap;
+use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::Waker;
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::Bytes;
 use tether_proto::frame::{Dial, Hello, Protocol, Welcome};
-use tether_proto::{ApiError, CloseReason, ErrorCode, Event, Frame, Session, StreamId, Time};
+use tether_proto::{ApiError, CloseReason, ErrorCode, Event, Session, StreamId, Time};
 use tether_proto::{StreamError, StreamState};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use crate::buffer::{Chunks, Recycled};
-use crate::stream::TetherStream;
+mod driver;
 
-/// Free space the reader wants before each read, and the size of its allocations: DATA
-/// payloads are slices of them, so one is reused once every payload read into it is gone.
-const READ_MIN: usize = 64 * 1024;
-const READ_BLOCK: usize = 512 * 1024;
-/// Older read allocations the reader keeps for reuse.
-const READ_SPARES: usize = 2;
-/// A read shorter than this lets the reader's spare allocations go.
-const QUIET_READ: usize = 4096;
-/// Bytes of frames gathered into one vectored write, at most.
-const WRITE_BATCH: usize = 512 * 1024;
-/// DATA payloads at least this long go out as their own slice instead of being copied.
-const ZERO_COPY_MIN: usize = 2048;
+use crate::buffer::Chunks;
+use crate::stream::{TetherStream, api_io_error};
 
 /// A dial from the peer, waiting for this end to accept or reject it. Dropping it rejects
 /// the dial with CANCEL (the session's drop policy).
@@ -59,10 +49,8 @@ impl Incoming {
 
     /// Accepts: DIAL_OK goes out and the stream is established. Fails if the peer gave up on
     /// the dial meanwhile, or the tunnel closed.
-    pub fn accept(self) -> std::io::Result<TetherStream> {
-        let accepted = self.stream.tunnel.lock().session.accept(self.stream.id);
-        self.stream.tunnel.wake_writer();
-        accepted.map_err(crate::stream::api_io_error)?;
+    pub fn accept(self) -> io::Result<TetherStream> {
+        self.stream.tunnel.accept(self.stream.id)?;
         Ok(self.stream)
     }
 
@@ -99,9 +87,9 @@ impl Handshaking {
 
 /// The tasks waiting on one stream.
 #[derive(Default)]
-pub(crate) struct Wakers {
-    pub(crate) read: Option<Waker>,
-    pub(crate) write: Option<Waker>,
+struct Wakers {
+    read: Option<Waker>,
+    write: Option<Waker>,
 }
 
 impl Wakers {
@@ -121,15 +109,15 @@ struct PendingHandshake {
     tx: oneshot::Sender<Result<Handshake, CloseReason>>,
 }
 
-pub(crate) struct Shared {
-    pub(crate) session: Session,
-    pub(crate) wakers: HashMap<StreamId, Wakers>,
+struct Shared {
+    session: Session,
+    wakers: HashMap<StreamId, Wakers>,
     incoming: Option<mpsc::UnboundedSender<Incoming>>,
     policy: Option<HelloPolicy>,
     handshake: Option<PendingHandshake>,
 }
 
-pub(crate) struct Inner {
+struct Inner {
     state: Mutex<Shared>,
     writer: Notify,
     closed: Notify,
@@ -140,7 +128,7 @@ pub(crate) struct Inner {
 /// A running tunnel: a handle that opens streams and watches the session.
 #[derive(Clone)]
 pub struct Tunnel {
-    pub(crate) inner: Arc<Inner>,
+    inner: Arc<Inner>,
 }
 
 impl std::fmt::Debug for Tunnel {
@@ -176,7 +164,7 @@ impl std::fmt::Display for DialError {
 impl std::error::Error for DialError {}
 
 impl Inner {
-    pub(crate) fn now(&self) -> Time {
+    fn now(&self) -> Time {
         Time::from_millis(u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX))
     }
 
@@ -229,18 +217,18 @@ impl Tunnel {
         });
         let tunnel = Tunnel { inner };
         let (r, w) = tokio::io::split(io);
-        let reading = tokio::spawn(reader(tunnel.clone(), r));
+        let reading = tokio::spawn(driver::reader(tunnel.clone(), r));
         // The writer ends the reader when the session is over: a dead peer may never send the
         // EOF that would end it, and its socket must not outlive the session.
-        tokio::spawn(writer(tunnel.clone(), w, reading.abort_handle()));
+        tokio::spawn(driver::writer(tunnel.clone(), w, reading.abort_handle()));
         (tunnel, Handshaking(rx))
     }
 
-    pub(crate) fn lock(&self) -> MutexGuard<'_, Shared> {
+    fn lock(&self) -> MutexGuard<'_, Shared> {
         self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub(crate) fn wake_writer(&self) {
+    fn wake_writer(&self) {
         self.inner.writer.notify_one();
     }
 
@@ -339,9 +327,151 @@ impl Tunnel {
     }
 }
 
+/// The operations of one stream's handle ([`TetherStream`]): each is one session command
+/// under the lock, its error surfaced as an `io::Error`, a waker left where a `Readable` or
+/// `Writable` event will find it.
+impl Tunnel {
+    /// Accepts the pending dial `id`.
+    pub(crate) fn accept(&self, id: StreamId) -> io::Result<()> {
+        let accepted = self.lock().session.accept(id);
+        self.wake_writer();
+        accepted.map_err(api_io_error)
+    }
+
+    /// One `recv` of at most `max` bytes; pending (waker registered) while nothing is there.
+    pub(crate) fn poll_recv(
+        &self,
+        id: StreamId,
+        max: usize,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<Option<Bytes>>> {
+        let mut sh = self.lock();
+        match sh.session.recv(id, max) {
+            Ok(got) => Poll::Ready(Ok(got)),
+            Err(ApiError::WouldBlock) => {
+                sh.park_reader(id, cx);
+                Poll::Pending
+            }
+            Err(e) => Poll::Ready(Err(api_io_error(e))),
+        }
+    }
+
+    /// Moves what `id` has buffered, up to about `max` bytes, into `out`; `false` at the
+    /// peer's FIN. Bytes taken come first: the end or an error comes with the next call.
+    pub(crate) fn poll_recv_chunks(
+        &self,
+        id: StreamId,
+        out: &mut Chunks,
+        max: usize,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<bool>> {
+        use bytes::Buf;
+        let mut sh = self.lock();
+        loop {
+            let want = max.saturating_sub(out.remaining()).max(1);
+            match sh.session.recv(id, want) {
+                Ok(Some(b)) => {
+                    out.push(b);
+                    if out.remaining() >= max {
+                        return Poll::Ready(Ok(true));
+                    }
+                }
+                _ if out.remaining() > 0 => return Poll::Ready(Ok(true)),
+                Ok(None) => return Poll::Ready(Ok(false)),
+                Err(ApiError::WouldBlock) => {
+                    sh.park_reader(id, cx);
+                    return Poll::Pending;
+                }
+                Err(e) => return Poll::Ready(Err(api_io_error(e))),
+            }
+        }
+    }
+
+    /// Returns `n` bytes of credit on `id`.
+    pub(crate) fn release(&self, id: StreamId, n: usize) {
+        let due = {
+            let mut sh = self.lock();
+            let released = sh.session.release(id, u32::try_from(n).unwrap_or(u32::MAX));
+            // Only more than was read can fail here: the handle's bug, not the peer's.
+            debug_assert!(released.is_ok(), "release: {released:?}");
+            // Credit goes back in batches (SPEC 6.4): most releases leave nothing to send.
+            sh.session.wants_transmit()
+        };
+        if due {
+            self.wake_writer();
+        }
+    }
+
+    /// One `send` on `id`; pending (waker registered) while the window is shut.
+    pub(crate) fn poll_send(
+        &self,
+        id: StreamId,
+        data: &Bytes,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<usize>> {
+        let mut sh = self.lock();
+        match sh.session.send(id, data.clone()) {
+            Ok(0) => {
+                // A `Writable` event follows when credit returns (SPEC 6.2).
+                if let Some(w) = sh.wakers.get_mut(&id) {
+                    w.write = Some(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+            Ok(n) => {
+                drop(sh);
+                self.wake_writer();
+                Poll::Ready(Ok(n))
+            }
+            Err(e) => Poll::Ready(Err(api_io_error(e))),
+        }
+    }
+
+    /// Half-closes `id`; finishing twice is harmless, a failed stream reports why.
+    pub(crate) fn finish(&self, id: StreamId) -> io::Result<()> {
+        let finished = self.lock().session.finish(id);
+        self.wake_writer();
+        match finished {
+            Ok(()) | Err(ApiError::AlreadyFinished) => Ok(()),
+            Err(e) => Err(api_io_error(e)),
+        }
+    }
+
+    /// Resets `id`; a stream that already ended stays as it ended.
+    pub(crate) fn reset(&self, id: StreamId, code: ErrorCode, reason: &str) {
+        if let Err(e) = self.lock().session.reset(id, code, reason) {
+            tracing::debug!(stream = %id, error = %e, "reset of a stream that already ended");
+        }
+        self.wake_writer();
+    }
+
+    /// The handle of `id` is gone: the session's drop policy decides (SPEC 5.6).
+    pub(crate) fn abandon(&self, id: StreamId) {
+        let due = {
+            let mut sh = self.lock();
+            sh.wakers.remove(&id);
+            if let Err(e) = sh.session.abandon(id) {
+                tracing::debug!(stream = %id, error = %e, "abandon");
+            }
+            sh.session.wants_transmit()
+        };
+        if due {
+            self.wake_writer();
+        }
+    }
+}
+
+impl Shared {
+    fn park_reader(&mut self, id: StreamId, cx: &Context<'_>) {
+        if let Some(w) = self.wakers.get_mut(&id) {
+            w.read = Some(cx.waker().clone());
+        }
+    }
+}
+
 /// Acts on the session's events: decides a HELLO by the policy, hands dials to `incoming`,
 /// and wakes whoever waits on a stream. Called with the lock held, after any input.
-pub(crate) fn dispatch(sh: &mut Shared, tunnel: &Tunnel) {
+fn dispatch(sh: &mut Shared, tunnel: &Tunnel) {
     let label = &tunnel.inner.label;
     while let Some(e) = sh.session.poll_event() {
         match e {
@@ -434,136 +564,4 @@ fn offer(sh: &mut Shared, tunnel: &Tunnel, stream: StreamId, dial: Dial) {
     ) {
         tracing::error!(tunnel = %tunnel.inner.label, %stream, error = %e, "rejecting a dial failed");
     }
-}
-
-async fn reader<R: AsyncRead + Unpin>(tunnel: Tunnel, mut r: R) {
-    let inner = &tunnel.inner;
-    let mut buf = Recycled::new(0, READ_SPARES);
-    loop {
-        if !buf.get().is_empty() {
-            let mut sh = tunnel.lock();
-            sh.session.handle_bytes(inner.now(), buf.get());
-            dispatch(&mut sh, &tunnel);
-            let done = sh.session.is_closed();
-            drop(sh);
-            tunnel.wake_writer();
-            if done {
-                return;
-            }
-        }
-        buf.reserve(READ_MIN, READ_BLOCK);
-        match r.read_buf(buf.get()).await {
-            Ok(0) | Err(_) => {
-                let mut sh = tunnel.lock();
-                sh.session.handle_transport_closed();
-                dispatch(&mut sh, &tunnel);
-                drop(sh);
-                tunnel.wake_writer();
-                return;
-            }
-            // A small read is a quiet tunnel (keepalives, a few dials): it keeps no spare
-            // 512 KiB blocks, so thousands of idle tunnels on a server hold one block each.
-            Ok(n) if n < QUIET_READ => buf.shed(),
-            Ok(_) => {}
-        }
-    }
-}
-
-/// Frames gathered for one vectored write: small ones coalesced, large payloads by reference.
-#[derive(Default)]
-struct Outgoing {
-    chunks: Chunks,
-    head: BytesMut,
-    /// Bytes pushed since the last `seal`.
-    len: usize,
-}
-
-impl Outgoing {
-    fn push(&mut self, f: &Frame) {
-        let header = f.header();
-        header.encode(&mut self.head);
-        match f.payload_bytes() {
-            Some(p) if p.len() >= ZERO_COPY_MIN => {
-                self.chunks.push(self.head.split().freeze());
-                self.chunks.push(p.clone());
-            }
-            _ => f.encode_payload(&mut self.head),
-        }
-        self.len += f.encoded_len();
-    }
-
-    /// Ends a batch: everything pushed is in `chunks`.
-    fn seal(&mut self) -> &mut Chunks {
-        if !self.head.is_empty() {
-            self.chunks.push(self.head.split().freeze());
-        }
-        self.len = 0;
-        &mut self.chunks
-    }
-}
-
-async fn writer<W: AsyncWrite + Unpin>(
-    tunnel: Tunnel,
-    mut w: W,
-    reading: tokio::task::AbortHandle,
-) {
-    let inner = &tunnel.inner;
-    let mut out = Outgoing::default();
-    loop {
-        let (deadline, finished) = {
-            let mut sh = tunnel.lock();
-            let now = inner.now();
-            if sh.session.poll_timeout().is_some_and(|t| t <= now) {
-                sh.session.handle_timeout(now);
-            }
-            while out.len < WRITE_BATCH {
-                let Some(f) = sh.session.poll_frame() else {
-                    break;
-                };
-                out.push(&f);
-            }
-            // A fired timer, or handing out the last GOAWAY of a drain, may have closed the
-            // session: its events (the close, above all) are dispatched here, not whenever
-            // the reader next wakes.
-            dispatch(&mut sh, &tunnel);
-            (sh.session.poll_timeout(), sh.session.is_finished())
-        };
-        if out.len > 0 {
-            if w.write_all_buf(out.seal()).await.is_err() {
-                break;
-            }
-            continue;
-        }
-        if w.flush().await.is_err() {
-            break;
-        }
-        if finished {
-            // Bounded: a peer that stops reading must not hold the socket open.
-            if tokio::time::timeout(Duration::from_secs(5), w.shutdown())
-                .await
-                .is_err()
-            {
-                tracing::debug!(tunnel = %inner.label, "transport shutdown timed out");
-            }
-            reading.abort();
-            return;
-        }
-        let notified = inner.writer.notified();
-        match deadline {
-            Some(t) => {
-                tokio::select! {
-                    () = notified => {}
-                    () = tokio::time::sleep_until(inner.instant(t).into()) => {}
-                }
-            }
-            None => notified.await,
-        }
-    }
-    // The transport failed under the writer.
-    {
-        let mut sh = tunnel.lock();
-        sh.session.handle_transport_closed();
-        dispatch(&mut sh, &tunnel);
-    }
-    reading.abort();
 }

@@ -1,0 +1,156 @@
+//! The tunnel's two tasks: the reader feeds the session what the transport has; the writer
+//! fires timers and writes what the session has ready, vectored.
+
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tether_proto::Frame;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::{Tunnel, dispatch};
+use crate::buffer::{Chunks, Recycled};
+
+/// Free space the reader wants before each read, and the size of its allocations: DATA
+/// payloads are slices of them, so one is reused once every payload read into it is gone.
+const READ_MIN: usize = 64 * 1024;
+const READ_BLOCK: usize = 512 * 1024;
+/// Older read allocations the reader keeps for reuse.
+const READ_SPARES: usize = 2;
+/// A read shorter than this lets the reader's spare allocations go.
+const QUIET_READ: usize = 4096;
+/// Bytes of frames gathered into one vectored write, at most.
+const WRITE_BATCH: usize = 512 * 1024;
+/// DATA payloads at least this long go out as their own slice instead of being copied.
+const ZERO_COPY_MIN: usize = 2048;
+
+pub(super) async fn reader<R: AsyncRead + Unpin>(tunnel: Tunnel, mut r: R) {
+    let inner = &tunnel.inner;
+    let mut buf = Recycled::new(0, READ_SPARES);
+    loop {
+        if !buf.get().is_empty() {
+            let mut sh = tunnel.lock();
+            sh.session.handle_bytes(inner.now(), buf.get());
+            dispatch(&mut sh, &tunnel);
+            let done = sh.session.is_closed();
+            drop(sh);
+            tunnel.wake_writer();
+            if done {
+                return;
+            }
+        }
+        buf.reserve(READ_MIN, READ_BLOCK);
+        match r.read_buf(buf.get()).await {
+            Ok(0) | Err(_) => {
+                let mut sh = tunnel.lock();
+                sh.session.handle_transport_closed();
+                dispatch(&mut sh, &tunnel);
+                drop(sh);
+                tunnel.wake_writer();
+                return;
+            }
+            // A small read is a quiet tunnel (keepalives, a few dials): it keeps no spare
+            // 512 KiB blocks, so thousands of idle tunnels on a server hold one block each.
+            Ok(n) if n < QUIET_READ => buf.shed(),
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Frames gathered for one vectored write: small ones coalesced, large payloads by reference.
+#[derive(Default)]
+struct Outgoing {
+    chunks: Chunks,
+    head: BytesMut,
+    /// Bytes pushed since the last `seal`.
+    len: usize,
+}
+
+impl Outgoing {
+    fn push(&mut self, f: &Frame) {
+        let header = f.header();
+        header.encode(&mut self.head);
+        match f.payload_bytes() {
+            Some(p) if p.len() >= ZERO_COPY_MIN => {
+                self.chunks.push(self.head.split().freeze());
+                self.chunks.push(p.clone());
+            }
+            _ => f.encode_payload(&mut self.head),
+        }
+        self.len += f.encoded_len();
+    }
+
+    /// Ends a batch: everything pushed is in `chunks`.
+    fn seal(&mut self) -> &mut Chunks {
+        if !self.head.is_empty() {
+            self.chunks.push(self.head.split().freeze());
+        }
+        self.len = 0;
+        &mut self.chunks
+    }
+}
+
+pub(super) async fn writer<W: AsyncWrite + Unpin>(
+    tunnel: Tunnel,
+    mut w: W,
+    reading: tokio::task::AbortHandle,
+) {
+    let inner = &tunnel.inner;
+    let mut out = Outgoing::default();
+    loop {
+        let (deadline, finished) = {
+            let mut sh = tunnel.lock();
+            let now = inner.now();
+            if sh.session.poll_timeout().is_some_and(|t| t <= now) {
+                sh.session.handle_timeout(now);
+            }
+            while out.len < WRITE_BATCH {
+                let Some(f) = sh.session.poll_frame() else {
+                    break;
+                };
+                out.push(&f);
+            }
+            // A fired timer, or handing out the last GOAWAY of a drain, may have closed the
+            // session: its events (the close, above all) are dispatched here, not whenever
+            // the reader next wakes.
+            dispatch(&mut sh, &tunnel);
+            (sh.session.poll_timeout(), sh.session.is_finished())
+        };
+        if out.len > 0 {
+            if w.write_all_buf(out.seal()).await.is_err() {
+                break;
+            }
+            continue;
+        }
+        if w.flush().await.is_err() {
+            break;
+        }
+        if finished {
+            // Bounded: a peer that stops reading must not hold the socket open.
+            if tokio::time::timeout(Duration::from_secs(5), w.shutdown())
+                .await
+                .is_err()
+            {
+                tracing::debug!(tunnel = %inner.label, "transport shutdown timed out");
+            }
+            reading.abort();
+            return;
+        }
+        let notified = inner.writer.notified();
+        match deadline {
+            Some(t) => {
+                tokio::select! {
+                    () = notified => {}
+                    () = tokio::time::sleep_until(inner.instant(t).into()) => {}
+                }
+            }
+            None => notified.await,
+        }
+    }
+    // The transport failed under the writer.
+    {
+        let mut sh = tunnel.lock();
+        sh.session.handle_transport_closed();
+        dispatch(&mut sh, &tunnel);
+    }
+    reading.abort();
+}
