@@ -197,10 +197,22 @@ impl Server {
         crate::wait_until(timeout, || self.agents() >= n).await
     }
 
+    /// Waits until at most `n` agents are connected, at most `timeout`.
+    pub async fn wait_agents_at_most(&self, n: usize, timeout: Duration) -> bool {
+        crate::wait_until(timeout, || self.agents() <= n).await
+    }
+
     /// Stops accepting and closes every tunnel (GOAWAY), after at most `grace` of draining.
+    /// Every listener is closed when it returns, so its address can be bound again.
     pub async fn shutdown(self, grace: Duration) {
-        for t in &self.tasks {
+        for t in self.tasks {
             t.abort();
+            // The listener is dropped with the task; a cancelled task's result is no error.
+            if let Err(e) = t.await
+                && !e.is_cancelled()
+            {
+                tracing::warn!(error = %e, "a listener task failed");
+            }
         }
         let tunnels = self.core.registry.tunnels();
         for t in &tunnels {

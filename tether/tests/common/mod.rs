@@ -219,7 +219,7 @@ pub async fn forwarder(target: SocketAddr) -> Forwarder {
                         };
                         if f.load(Ordering::SeqCst) {
                             // Silent: hold the connections, move nothing, for the test's life.
-                            tokio::time::sleep(Duration::from_secs(3600)).await;
+                            std::future::pending::<()>().await;
                         }
                         if w.write_all(&buf[..n]).await.is_err() {
                             return (r, w);
