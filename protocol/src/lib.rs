@@ -2,7 +2,7 @@
 //!
 //! An agent on a node dials out to a server and keeps that connection (the tunnel) open; the
 //! server then carries many TCP connections (streams) through it. This crate is the protocol
-//! alone: frames and their [codec](codec), and the [`Session`] state machine with stream states
+//! alone: frames and their [`codec`], and the [`Session`] state machine with stream states
 //! and flow control. It does no I/O, reads no clock and draws no random number, so the same
 //! value can be driven by tokio, a model checker or a fuzzer. The normative description is
 //! `docs/SPEC.md`; comments cite its sections.

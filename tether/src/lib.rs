@@ -9,11 +9,34 @@
 //!   server, [`server::Server::dial`] gives one, so other proxies can embed tether without the
 //!   HTTP frontend.
 //!
-//! The adapters move bytes; the session (`tether_proto::Session`) decides everything else.
-//! See `docs/ARCHITECTURE.md`.
+//! The adapters move bytes and time; the session (`tether_proto::Session`) decides everything
+//! else. See `docs/ARCHITECTURE.md`.
+//!
+//! The smallest use, embedding the server and dialling a node through whichever agent serves
+//! it (the stream is `AsyncRead + AsyncWrite`; `shutdown` is a half-close):
+//!
+//! ```no_run
+//! # async fn example(agent_tls: std::sync::Arc<rustls::ServerConfig>)
+//! # -> Result<(), Box<dyn std::error::Error>> {
+//! use tokio::io::{AsyncReadExt, AsyncWriteExt};
+//!
+//! let config = tether::ServerConfig::new("0.0.0.0:8091".parse()?, agent_tls);
+//! let server = tether::Server::start(config).await?;
+//! let mut stream = server.dial("10.0.0.7", 10250).await?;
+//! stream.write_all(b"GET /healthz HTTP/1.0\r\n\r\n").await?;
+//! stream.shutdown().await?;
+//! let mut reply = Vec::new();
+//! stream.read_to_end(&mut reply).await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Features: `cli` (default) carries the binaries' flag parsing and logging; `test-util`
+//! carries throwaway certificates (`tls::testpki`) and the CONNECT parser's fuzz entry point.
 
 pub mod agent;
 mod buffer;
+#[cfg(feature = "cli")]
 pub mod cli;
 pub mod pump;
 pub mod server;

@@ -126,6 +126,7 @@ pub fn client_config(
 }
 
 /// A throwaway CA and certificates, for tests and the quickstart (rcgen).
+#[cfg(feature = "test-util")]
 pub mod testpki {
     use rcgen::{
         BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,

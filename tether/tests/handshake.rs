@@ -78,7 +78,10 @@ async fn a_server_that_never_welcomes_gets_goaway_handshake_timeout_from_the_age
     acfg.sync_interval = std::time::Duration::from_secs(60);
     acfg.sync_interval_cap = std::time::Duration::from_secs(60);
     let _agent = Agent::start(acfg);
-    let (tcp, _) = tokio::time::timeout(WAIT, l.accept()).await.unwrap().unwrap();
+    let (tcp, _) = tokio::time::timeout(WAIT, l.accept())
+        .await
+        .unwrap()
+        .unwrap();
     let mut s = tokio_rustls::TlsAcceptor::from(Arc::clone(&tls))
         .accept(tcp)
         .await

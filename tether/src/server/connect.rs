@@ -98,6 +98,7 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<Head>, HttpError> {
     }
 }
 
+#[cfg(feature = "test-util")]
 /// The fuzz target `connect_head`: no input panics the parser; a complete head is parsed
 /// the same from exactly its own bytes; a target has a valid host and a non-zero port.
 pub fn fuzz_head(data: &[u8]) {
