@@ -385,7 +385,7 @@ impl Session {
     // ----- output -----
 
     /// The next frame to write to the tunnel, in order. Control frames go first (GOAWAY, PING
-    /// answers, refusals); streams take turns, one frame each (SPEC 7.7). Poll again after any
+    /// answers, refusals); streams take turns, one frame each (SPEC 7.6). Poll again after any
     /// input or command.
     #[must_use]
     pub fn poll_frame(&mut self) -> Option<Frame> {
