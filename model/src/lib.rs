@@ -301,6 +301,12 @@ impl TunnelModel {
         for (i, end) in state.ends.iter().enumerate() {
             let s = &end.session;
             if s.is_closed() {
+                // Only reading what a complete stream still holds is left to do.
+                for (id, st) in &end.streams {
+                    if st.readable && !st.ended() {
+                        out.push(Action::Read(i, *id));
+                    }
+                }
                 continue;
             }
             if end.opens_left > 0 {
@@ -481,6 +487,13 @@ impl TunnelModel {
                         }
                     }
                     Event::GoingAway { .. } => end.goaway_with_open_stream |= open_streams,
+                    // The session's end wakes every reader: a complete stream may still hold
+                    // bytes and its FIN to read.
+                    Event::Closed(_) => {
+                        for st in end.streams.values_mut().filter(|st| !st.ended()) {
+                            st.readable = true;
+                        }
+                    }
                     _ => {}
                 }
             }
@@ -492,8 +505,12 @@ impl TunnelModel {
                         if st.phase == AppPhase::Open && st.finished && st.got_fin {
                             st.phase = AppPhase::Ended(Outcome::Completed);
                         }
-                        let dropped = session.abandon(*id);
-                        debug_assert!(dropped.is_ok(), "a closed stream can be abandoned");
+                        // Dropped once read to the end (a stream complete when its session
+                        // ended may still hold bytes to read).
+                        if st.ended() {
+                            let dropped = session.abandon(*id);
+                            debug_assert!(dropped.is_ok(), "a closed stream can be abandoned");
+                        }
                     }
                     Some(StreamState::Failed) => {
                         let dropped = session.abandon(*id);

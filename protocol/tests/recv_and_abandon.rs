@@ -346,3 +346,128 @@ fn an_agent_whose_welcome_never_comes_sends_goaway_handshake_timeout() {
     ));
     assert!(s.is_finished());
 }
+
+#[test]
+fn no_event_follows_an_abandon_even_one_queued_before_it() {
+    let mut p = Pair::established(config(1000), config(1000));
+    let id = open_accepted(&mut p);
+    p.server.reset(id, ErrorCode::ABORTED, "gone").unwrap();
+    p.run();
+    // The Reset event is queued at the agent; its application lets go before looking.
+    assert_eq!(p.agent.pending_events(), 1);
+    p.agent.abandon(id).unwrap();
+    assert!(p.events(Side::Agent).is_empty());
+    assert_eq!(p.agent.stream_ids().count(), 0);
+}
+
+#[test]
+fn a_stream_abandoned_while_its_fin_waits_gets_no_event_when_it_fails() {
+    let mut p = Pair::established(config(1000), config(1000));
+    let id = open_accepted(&mut p);
+    p.agent.finish(id).unwrap();
+    p.run();
+    p.events(Side::Server);
+    // Both halves finished at the server; its FIN is queued, not yet sent.
+    p.server.finish(id).unwrap();
+    p.server.abandon(id).unwrap();
+    p.server.handle_frame(
+        p.now,
+        Frame::Reset(Reset {
+            stream: id,
+            code: ErrorCode::ABORTED,
+            reason: "late".into(),
+        }),
+    );
+    assert!(p.events(Side::Server).is_empty());
+    assert_eq!(p.server.stream_ids().count(), 0);
+}
+
+#[test]
+fn a_rejected_dial_the_application_lets_go_of_leaves_the_table_once_its_reset_is_out() {
+    let mut p = Pair::established(config(1000), config(1000));
+    for _ in 0..50 {
+        let id = p.agent.open(Protocol::TCP, "svc", 443).unwrap();
+        p.run();
+        assert!(matches!(
+            &p.events(Side::Server)[..],
+            [Event::DialRequested { .. }]
+        ));
+        p.server
+            .reject(id, ErrorCode::DIAL_FORBIDDEN, "no")
+            .unwrap();
+        p.server.abandon(id).unwrap();
+        p.run();
+        assert!(matches!(
+            &p.events(Side::Agent)[..],
+            [Event::DialFailed { error, .. }] if error.code == ErrorCode::DIAL_FORBIDDEN
+        ));
+        p.agent.abandon(id).unwrap();
+    }
+    assert_eq!(p.server.stream_ids().count(), 0, "no refused dial is held");
+    assert_eq!(p.agent.stream_ids().count(), 0);
+}
+
+#[test]
+fn the_keepalive_timer_sends_no_second_ping_while_the_applications_is_unanswered() {
+    let cfg = Config {
+        keepalive_interval_ms: 1000,
+        keepalive_timeout_ms: 5000,
+        ..config(1000)
+    };
+    let mut p = Pair::established(cfg.clone(), cfg);
+    p.record = true;
+    p.stall(Side::Agent, true);
+    p.server.ping(p.now).unwrap();
+    p.advance(1000);
+    p.run();
+    let pings = p
+        .sent
+        .0
+        .iter()
+        .filter(|f| matches!(f, Frame::Ping(ping) if !ping.ack))
+        .count();
+    assert_eq!(pings, 1, "one PING outstanding at a time (SPEC 7.3)");
+    p.stall(Side::Agent, false);
+    p.run();
+    assert!(
+        p.events(Side::Server)
+            .iter()
+            .any(|e| matches!(e, Event::PingAnswered { .. })),
+        "the application's PING is still answered"
+    );
+}
+
+#[test]
+fn a_tunnel_lost_after_both_fins_crossed_leaves_the_unread_bytes_readable() {
+    let mut p = Pair::established(config(1000), config(1000));
+    let id = open_accepted(&mut p);
+    p.agent.send(id, Bytes::from_static(b"all of it")).unwrap();
+    p.agent.finish(id).unwrap();
+    p.server.finish(id).unwrap();
+    p.run();
+    // Everything crossed; the server's application has not read yet when the tunnel goes.
+    p.drop_tunnel();
+    let events = p.events(Side::Server);
+    assert!(
+        !events.iter().any(|e| matches!(e, Event::Reset { .. })),
+        "a complete stream does not fail: {events:?}"
+    );
+    assert_eq!(p.server.stream_state(id), Some(StreamState::Closed));
+    assert_eq!(p.server.recv(id, 3).unwrap().unwrap(), &b"all"[..]);
+    assert_eq!(p.server.recv(id, 100).unwrap().unwrap(), &b" of it"[..]);
+    assert_eq!(p.server.recv(id, 100), Ok(None));
+}
+
+#[test]
+fn a_tunnel_lost_before_this_ends_fin_went_out_fails_the_stream() {
+    let mut p = Pair::established(config(1000), config(1000));
+    let id = open_accepted(&mut p);
+    p.agent.send(id, Bytes::from_static(b"partial")).unwrap();
+    p.agent.finish(id).unwrap();
+    p.run();
+    p.drop_tunnel();
+    assert!(matches!(
+        p.server.recv(id, 100),
+        Err(ApiError::Stream(e)) if e.code == ErrorCode::CONNECTION_LOST
+    ));
+}

@@ -1,7 +1,7 @@
 //! How streams and the session end (SPEC 5.5, 7.4, 7.5): the one place a stream gets its
 //! final event, the drain, and the shutdown that ends every stream with an error.
 
-use super::stream::Phase;
+use super::stream::{Phase, Stream};
 use super::{Drain, Event, Session, SessionPhase, truncate_reason};
 use crate::error::{CloseReason, Initiator, ProtocolError, StreamError};
 use crate::frame::{ErrorCode, GoAway, StreamId};
@@ -9,8 +9,9 @@ use crate::frame::{ErrorCode, GoAway, StreamId};
 impl Session {
     /// Ends a live stream: cleanly (`None`: both halves finished) or with `error`. The one
     /// place that decides the final event: a dial this end opened gets `DialFailed`, a stream
-    /// the application knows gets `Reset`, a stream this end reset gets nothing (its
-    /// application asked for it), and a clean end gets nothing (`recv` returned the end).
+    /// the application knows gets `Reset`, a stream this end reset or abandoned gets nothing
+    /// (its application asked for it, or let go), and a clean end gets nothing (`recv`
+    /// returned the end).
     /// The entry then holds only the outcome until the application abandons it; a stream the
     /// application never learned of, or abandoned, leaves the table at once.
     pub(super) fn end_stream(&mut self, id: StreamId, outcome: Option<StreamError>) {
@@ -21,6 +22,7 @@ impl Session {
             return;
         }
         let event = match (&outcome, &s.phase) {
+            _ if s.abandoned => None,
             (None, _) | (Some(_), Phase::Resetting { .. }) => None,
             (Some(error), Phase::Dialing(_)) => Some(Event::DialFailed {
                 stream: id,
@@ -122,7 +124,10 @@ impl Session {
             goaway,
         };
         for id in self.streams.ids_where(|_, s| s.is_live()) {
-            self.end_stream(id, Some(error.clone()));
+            // SPEC 7.5: a stream whose FINs both crossed is complete; its application may
+            // still read what arrived. Every other live stream fails.
+            let complete = self.streams.get(id).is_some_and(Stream::is_complete);
+            self.end_stream(id, (!complete).then(|| error.clone()));
         }
         self.streams.refusals.clear();
         self.handshake_out = None;

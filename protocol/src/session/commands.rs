@@ -129,7 +129,8 @@ impl Session {
         }
         match s.phase {
             Phase::Established => {}
-            Phase::Closed(_) => return Ok(None),
+            // A stream that ended cleanly with the session may still hold unread bytes.
+            Phase::Closed(_) => return Ok(s.recv.buf.pop(max)),
             _ => return Err(ApiError::NotEstablished),
         }
         s.recv.notified = false;
@@ -221,9 +222,7 @@ impl Session {
                 // is moot.
                 s.drop_unread();
                 s.recv.state = RecvState::Finished;
-                let done = s.is_done();
-                self.purge_events(id);
-                if done {
+                if s.is_done() {
                     self.end_stream(id, None);
                 }
             }
@@ -231,6 +230,8 @@ impl Session {
                 self.reset(id, ErrorCode::CANCEL, "stream abandoned")?;
             }
         }
+        // SPEC 5.6: no event follows an abandon, not even one queued before it.
+        self.purge_events(id);
         self.debug_check();
         Ok(())
     }

@@ -34,8 +34,11 @@ impl Session {
                 if s.abandoned || !s.announced {
                     return Err("a closed stream stays only while its application holds it");
                 }
-                if s.scheduled || s.send.queued > 0 || s.recv.buf.len() > 0 {
+                if s.scheduled || s.send.queued > 0 {
                     return Err("a closed stream holds nothing but its outcome");
+                }
+                if s.recv.buf.len() > 0 && s.phase != Phase::Closed(None) {
+                    return Err("only a stream that ended cleanly keeps its unread bytes");
                 }
                 continue;
             }

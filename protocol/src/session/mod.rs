@@ -369,7 +369,11 @@ impl Session {
             ),
             Some(Timer::NextPing) => {
                 self.timers.stop(Timer::NextPing);
-                self.send_ping(now, false);
+                // SPEC 7.3: at most one PING outstanding; an application's PING that is still
+                // unanswered serves as the keepalive (its answer re-arms the timer).
+                if self.keepalive.outstanding.is_none() {
+                    self.send_ping(now, false);
+                }
             }
             None => {}
         }

@@ -220,6 +220,14 @@ impl Stream {
         !matches!(self.phase, Phase::Closed(_))
     }
 
+    /// Whether everything this stream carries has crossed: this end's FIN went out and the
+    /// peer's arrived. Only the application's reading is left.
+    pub(crate) fn is_complete(&self) -> bool {
+        self.phase == Phase::Established
+            && self.send.state == SendState::Finished
+            && self.recv.state != RecvState::Open
+    }
+
     /// Whether both halves are finished: the stream closed normally.
     pub(crate) fn is_done(&self) -> bool {
         self.phase == Phase::Established
@@ -257,11 +265,15 @@ impl Stream {
         self.recv.notified = false;
     }
 
-    /// Drops every buffer of a stream that ends: nothing of it is held but its outcome.
+    /// Drops every buffer of a stream that ends: nothing of it is held but its outcome and,
+    /// for a clean end, the bytes before the peer's FIN that were not read yet (they all
+    /// arrived; SPEC 7.5).
     pub(crate) fn release_buffers(&mut self) {
         self.send.queue.clear();
         self.send.queued = 0;
-        self.recv.buf.clear();
+        if self.phase != Phase::Closed(None) {
+            self.recv.buf.clear();
+        }
         self.recv.unreleased = 0;
         self.recv.pending = 0;
         self.recv.notified = false;

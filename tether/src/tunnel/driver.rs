@@ -7,7 +7,7 @@ use bytes::BytesMut;
 use tether_proto::Frame;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::{Tunnel, dispatch};
+use super::Tunnel;
 use crate::buffer::{Chunks, Recycled};
 
 /// Free space the reader wants before each read, and the size of its allocations: DATA
@@ -24,16 +24,13 @@ const WRITE_BATCH: usize = 512 * 1024;
 const ZERO_COPY_MIN: usize = 2048;
 
 pub(super) async fn reader<R: AsyncRead + Unpin>(tunnel: Tunnel, mut r: R) {
-    let inner = &tunnel.inner;
     let mut buf = Recycled::new(0, READ_SPARES);
     loop {
         if !buf.get().is_empty() {
-            let mut sh = tunnel.lock();
-            sh.session.handle_bytes(inner.now(), buf.get());
-            dispatch(&mut sh, &tunnel);
-            let done = sh.session.is_closed();
-            drop(sh);
-            tunnel.wake_writer();
+            let done = tunnel.drive(|sh, now| {
+                sh.session.handle_bytes(now, buf.get());
+                sh.session.is_closed()
+            });
             if done {
                 return;
             }
@@ -41,11 +38,7 @@ pub(super) async fn reader<R: AsyncRead + Unpin>(tunnel: Tunnel, mut r: R) {
         buf.reserve(READ_MIN, READ_BLOCK);
         match r.read_buf(buf.get()).await {
             Ok(0) | Err(_) => {
-                let mut sh = tunnel.lock();
-                sh.session.handle_transport_closed();
-                dispatch(&mut sh, &tunnel);
-                drop(sh);
-                tunnel.wake_writer();
+                tunnel.drive(|sh, _| sh.session.handle_transport_closed());
                 return;
             }
             // A small read is a quiet tunnel (keepalives, a few dials): it keeps no spare
@@ -97,9 +90,10 @@ pub(super) async fn writer<W: AsyncWrite + Unpin>(
     let inner = &tunnel.inner;
     let mut out = Outgoing::default();
     loop {
-        let (deadline, finished) = {
-            let mut sh = tunnel.lock();
-            let now = inner.now();
+        // A fired timer, or handing out the last GOAWAY of a drain, may close the session:
+        // `drive` dispatches its events (the close, above all) here, not whenever the reader
+        // next wakes.
+        let (deadline, finished) = tunnel.drive(|sh, now| {
             if sh.session.poll_timeout().is_some_and(|t| t <= now) {
                 sh.session.handle_timeout(now);
             }
@@ -109,12 +103,8 @@ pub(super) async fn writer<W: AsyncWrite + Unpin>(
                 };
                 out.push(&f);
             }
-            // A fired timer, or handing out the last GOAWAY of a drain, may have closed the
-            // session: its events (the close, above all) are dispatched here, not whenever
-            // the reader next wakes.
-            dispatch(&mut sh, &tunnel);
             (sh.session.poll_timeout(), sh.session.is_finished())
-        };
+        });
         if out.len > 0 {
             if w.write_all_buf(out.seal()).await.is_err() {
                 break;
@@ -147,10 +137,6 @@ pub(super) async fn writer<W: AsyncWrite + Unpin>(
         }
     }
     // The transport failed under the writer.
-    {
-        let mut sh = tunnel.lock();
-        sh.session.handle_transport_closed();
-        dispatch(&mut sh, &tunnel);
-    }
+    tunnel.drive(|sh, _| sh.session.handle_transport_closed());
     reading.abort();
 }

@@ -112,6 +112,8 @@ struct PendingHandshake {
 struct Shared {
     session: Session,
     wakers: HashMap<StreamId, Wakers>,
+    /// Where the peer's dials go. Dropping the sender under the lock is safe: dials still
+    /// queued stay with the receiver, which drops them (and so takes the lock) on its own.
     incoming: Option<mpsc::UnboundedSender<Incoming>>,
     policy: Option<HelloPolicy>,
     handshake: Option<PendingHandshake>,
@@ -228,6 +230,23 @@ impl Tunnel {
         self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Runs `f` on the shared state under the lock, then acts on every event it caused
+    /// ([`dispatch`]), and wakes the writer if a frame is due or the session is over (a read
+    /// that completes a drain closes the session, and only the writer closes the transport).
+    /// Every input and command goes through here, so no event waits for the next one.
+    fn drive<R>(&self, f: impl FnOnce(&mut Shared, Time) -> R) -> R {
+        let (r, wake) = {
+            let mut sh = self.lock();
+            let r = f(&mut sh, self.inner.now());
+            dispatch(&mut sh, self);
+            (r, sh.session.wants_transmit() || sh.session.is_finished())
+        };
+        if wake {
+            self.wake_writer();
+        }
+        r
+    }
+
     fn wake_writer(&self) {
         self.inner.writer.notify_one();
     }
@@ -244,30 +263,20 @@ impl Tunnel {
         port: u16,
         timeout: Duration,
     ) -> Result<TetherStream, DialError> {
-        let stream = {
-            let mut sh = self.lock();
-            let id = sh
-                .session
-                .open(Protocol::TCP, host, port)
-                .map_err(DialError::Unavailable)?;
+        let id = self.drive(|sh, _| {
+            let id = sh.session.open(Protocol::TCP, host, port)?;
             sh.wakers.insert(id, Wakers::default());
-            TetherStream::new(self.clone(), id)
-        };
-        self.wake_writer();
+            Ok(id)
+        });
+        let stream = TetherStream::new(self.clone(), id.map_err(DialError::Unavailable)?);
         let answer = std::future::poll_fn(|cx| {
-            let mut sh = self.lock();
-            let Shared {
-                session, wakers, ..
-            } = &mut *sh;
-            match session.stream_state(stream.id) {
+            self.drive(|sh, _| match sh.session.stream_state(stream.id) {
                 Some(StreamState::Dialing) => {
-                    if let Some(w) = wakers.get_mut(&stream.id) {
-                        w.read = Some(cx.waker().clone());
-                    }
-                    std::task::Poll::Pending
+                    sh.park_reader(stream.id, cx);
+                    Poll::Pending
                 }
-                _ => std::task::Poll::Ready(session.stream_error(stream.id)),
-            }
+                _ => Poll::Ready(sh.session.stream_error(stream.id)),
+            })
         });
         match tokio::time::timeout(timeout, answer).await {
             Ok(None) => Ok(stream),
@@ -282,22 +291,16 @@ impl Tunnel {
 
     /// Starts a graceful drain (GOAWAY); the tunnel closes when its streams are done.
     pub fn go_away(&self, reason: &str) {
-        if let Err(e) = self.lock().session.go_away(reason) {
-            tracing::debug!(tunnel = %self.inner.label, error = %e, "no drain: {e}");
+        if let Err(e) = self.drive(|sh, _| sh.session.go_away(reason)) {
+            tracing::debug!(tunnel = %self.inner.label, error = %e, "no drain");
         }
-        self.wake_writer();
     }
 
     /// Closes at once with a GOAWAY carrying `code`.
     pub fn close(&self, code: ErrorCode, reason: &str) {
-        {
-            let mut sh = self.lock();
-            if let Err(e) = sh.session.close(code, reason) {
-                tracing::debug!(tunnel = %self.inner.label, error = %e, "close: {e}");
-            }
-            dispatch(&mut sh, self);
+        if let Err(e) = self.drive(|sh, _| sh.session.close(code, reason)) {
+            tracing::debug!(tunnel = %self.inner.label, error = %e, "close");
         }
-        self.wake_writer();
     }
 
     /// Why the session ended, once it has.
@@ -315,6 +318,11 @@ impl Tunnel {
         self.lock().session.stream_count()
     }
 
+    /// Streams in the session's table: the live ones, and closed ones a handle still holds.
+    pub fn streams_held(&self) -> usize {
+        self.lock().session.stream_ids().count()
+    }
+
     /// Waits until the session has ended.
     pub async fn closed(&self) -> CloseReason {
         loop {
@@ -328,14 +336,13 @@ impl Tunnel {
 }
 
 /// The operations of one stream's handle ([`TetherStream`]): each is one session command
-/// under the lock, its error surfaced as an `io::Error`, a waker left where a `Readable` or
-/// `Writable` event will find it.
+/// through [`Tunnel::drive`], its error surfaced as an `io::Error`, a waker left where a
+/// `Readable` or `Writable` event will find it.
 impl Tunnel {
     /// Accepts the pending dial `id`.
     pub(crate) fn accept(&self, id: StreamId) -> io::Result<()> {
-        let accepted = self.lock().session.accept(id);
-        self.wake_writer();
-        accepted.map_err(api_io_error)
+        self.drive(|sh, _| sh.session.accept(id))
+            .map_err(api_io_error)
     }
 
     /// One `recv` of at most `max` bytes; pending (waker registered) while nothing is there.
@@ -345,15 +352,14 @@ impl Tunnel {
         max: usize,
         cx: &mut Context<'_>,
     ) -> Poll<io::Result<Option<Bytes>>> {
-        let mut sh = self.lock();
-        match sh.session.recv(id, max) {
+        self.drive(|sh, _| match sh.session.recv(id, max) {
             Ok(got) => Poll::Ready(Ok(got)),
             Err(ApiError::WouldBlock) => {
                 sh.park_reader(id, cx);
                 Poll::Pending
             }
             Err(e) => Poll::Ready(Err(api_io_error(e))),
-        }
+        })
     }
 
     /// Moves what `id` has buffered, up to about `max` bytes, into `out`; `false` at the
@@ -366,40 +372,35 @@ impl Tunnel {
         cx: &mut Context<'_>,
     ) -> Poll<io::Result<bool>> {
         use bytes::Buf;
-        let mut sh = self.lock();
-        loop {
-            let want = max.saturating_sub(out.remaining()).max(1);
-            match sh.session.recv(id, want) {
-                Ok(Some(b)) => {
-                    out.push(b);
-                    if out.remaining() >= max {
-                        return Poll::Ready(Ok(true));
+        self.drive(|sh, _| {
+            loop {
+                let want = max.saturating_sub(out.remaining()).max(1);
+                match sh.session.recv(id, want) {
+                    Ok(Some(b)) => {
+                        out.push(b);
+                        if out.remaining() >= max {
+                            return Poll::Ready(Ok(true));
+                        }
                     }
+                    _ if out.remaining() > 0 => return Poll::Ready(Ok(true)),
+                    Ok(None) => return Poll::Ready(Ok(false)),
+                    Err(ApiError::WouldBlock) => {
+                        sh.park_reader(id, cx);
+                        return Poll::Pending;
+                    }
+                    Err(e) => return Poll::Ready(Err(api_io_error(e))),
                 }
-                _ if out.remaining() > 0 => return Poll::Ready(Ok(true)),
-                Ok(None) => return Poll::Ready(Ok(false)),
-                Err(ApiError::WouldBlock) => {
-                    sh.park_reader(id, cx);
-                    return Poll::Pending;
-                }
-                Err(e) => return Poll::Ready(Err(api_io_error(e))),
             }
-        }
+        })
     }
 
-    /// Returns `n` bytes of credit on `id`.
+    /// Returns `n` bytes of credit on `id`. Credit goes back in batches (SPEC 6.4): most
+    /// releases leave nothing to send and wake nobody.
     pub(crate) fn release(&self, id: StreamId, n: usize) {
-        let due = {
-            let mut sh = self.lock();
-            let released = sh.session.release(id, u32::try_from(n).unwrap_or(u32::MAX));
-            // Only more than was read can fail here: the handle's bug, not the peer's.
-            debug_assert!(released.is_ok(), "release: {released:?}");
-            // Credit goes back in batches (SPEC 6.4): most releases leave nothing to send.
-            sh.session.wants_transmit()
-        };
-        if due {
-            self.wake_writer();
-        }
+        let released =
+            self.drive(|sh, _| sh.session.release(id, u32::try_from(n).unwrap_or(u32::MAX)));
+        // Only more than was read can fail here: the handle's bug, not the peer's.
+        debug_assert!(released.is_ok(), "release: {released:?}");
     }
 
     /// One `send` on `id`; pending (waker registered) while the window is shut.
@@ -409,8 +410,7 @@ impl Tunnel {
         data: &Bytes,
         cx: &mut Context<'_>,
     ) -> Poll<io::Result<usize>> {
-        let mut sh = self.lock();
-        match sh.session.send(id, data.clone()) {
+        self.drive(|sh, _| match sh.session.send(id, data.clone()) {
             Ok(0) => {
                 // A `Writable` event follows when credit returns (SPEC 6.2).
                 if let Some(w) = sh.wakers.get_mut(&id) {
@@ -418,20 +418,15 @@ impl Tunnel {
                 }
                 Poll::Pending
             }
-            Ok(n) => {
-                drop(sh);
-                self.wake_writer();
-                Poll::Ready(Ok(n))
-            }
+            Ok(n) => Poll::Ready(Ok(n)),
             Err(e) => Poll::Ready(Err(api_io_error(e))),
-        }
+        })
     }
 
     /// Half-closes `id`; finishing twice is harmless, a failed stream reports why.
     pub(crate) fn finish(&self, id: StreamId) -> io::Result<()> {
-        let finished = self.lock().session.finish(id);
-        self.wake_writer();
-        match finished {
+        // A writer parked on a shut window must learn that this direction is over.
+        match self.drive(|sh, _| sh.finished_or_reset(id, |s| s.finish(id))) {
             Ok(()) | Err(ApiError::AlreadyFinished) => Ok(()),
             Err(e) => Err(api_io_error(e)),
         }
@@ -439,29 +434,40 @@ impl Tunnel {
 
     /// Resets `id`; a stream that already ended stays as it ended.
     pub(crate) fn reset(&self, id: StreamId, code: ErrorCode, reason: &str) {
-        if let Err(e) = self.lock().session.reset(id, code, reason) {
+        // No event follows a local reset: whoever waits on the stream is woken here.
+        if let Err(e) = self.drive(|sh, _| sh.finished_or_reset(id, |s| s.reset(id, code, reason)))
+        {
             tracing::debug!(stream = %id, error = %e, "reset of a stream that already ended");
         }
-        self.wake_writer();
     }
 
     /// The handle of `id` is gone: the session's drop policy decides (SPEC 5.6).
     pub(crate) fn abandon(&self, id: StreamId) {
-        let due = {
-            let mut sh = self.lock();
+        let abandoned = self.drive(|sh, _| {
             sh.wakers.remove(&id);
-            if let Err(e) = sh.session.abandon(id) {
-                tracing::debug!(stream = %id, error = %e, "abandon");
-            }
-            sh.session.wants_transmit()
-        };
-        if due {
-            self.wake_writer();
+            sh.session.abandon(id)
+        });
+        if let Err(e) = abandoned {
+            tracing::debug!(stream = %id, error = %e, "abandon");
         }
     }
 }
 
 impl Shared {
+    /// Runs `finish` or `reset` on `id` and wakes the tasks waiting on it: neither queues an
+    /// event that would.
+    fn finished_or_reset(
+        &mut self,
+        id: StreamId,
+        command: impl FnOnce(&mut Session) -> Result<(), ApiError>,
+    ) -> Result<(), ApiError> {
+        let done = command(&mut self.session);
+        if let Some(w) = self.wakers.get_mut(&id) {
+            w.wake();
+        }
+        done
+    }
+
     fn park_reader(&mut self, id: StreamId, cx: &Context<'_>) {
         if let Some(w) = self.wakers.get_mut(&id) {
             w.read = Some(cx.waker().clone());
@@ -510,6 +516,7 @@ fn dispatch(sh: &mut Shared, tunnel: &Tunnel) {
                 }
             }
             Event::Established { welcome, .. } => {
+                sh.policy = None;
                 if let Some(p) = sh.handshake.take() {
                     let done = match (p.hello, welcome) {
                         (Some(h), _) => Ok(Handshake::Hello(h)),
@@ -557,11 +564,16 @@ fn offer(sh: &mut Shared, tunnel: &Tunnel, stream: StreamId, dial: Dial) {
             Err(e) => e.0.stream.forget(),
         }
     }
-    if let Err(e) = sh.session.reject(
-        stream,
-        ErrorCode::DIAL_FORBIDDEN,
-        "this end accepts no dials",
-    ) {
-        tracing::error!(tunnel = %tunnel.inner.label, %stream, error = %e, "rejecting a dial failed");
+    // Rejected and let go of at once: no handle will ever hold it (SPEC 5.6).
+    let refused = sh
+        .session
+        .reject(
+            stream,
+            ErrorCode::DIAL_FORBIDDEN,
+            "this end accepts no dials",
+        )
+        .and_then(|()| sh.session.abandon(stream));
+    if let Err(e) = refused {
+        tracing::error!(tunnel = %tunnel.inner.label, %stream, error = %e, "refusing a dial failed");
     }
 }

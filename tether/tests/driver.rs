@@ -1,0 +1,209 @@
+//! The tunnel driver over an in-memory transport: two `Tunnel`s joined by `tokio::io::duplex`,
+//! no TLS, so each test is about the driver alone. Every wait is bounded.
+
+use std::time::Instant;
+
+use tether::tunnel::{Handshake, Incoming, Start, Tunnel};
+use tether_proto::testing::{test_agent_identity, test_server_identity};
+use tether_proto::{CloseReason, Config, ErrorCode, Session, Time};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+const WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+fn config() -> Config {
+    Config {
+        keepalive_interval_ms: 0,
+        ..Config::default()
+    }
+}
+
+/// A server tunnel and an agent tunnel joined in memory, handshake done; the agent's dials go
+/// to the returned receiver.
+async fn pair() -> (Tunnel, Tunnel, mpsc::UnboundedReceiver<Incoming>) {
+    let (a, b) = tokio::io::duplex(1 << 20);
+    let epoch = Instant::now();
+    let server = Session::server(config(), test_server_identity(), Time::from_millis(0)).unwrap();
+    let agent = Session::agent(config(), test_agent_identity(), Time::from_millis(0)).unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (s, s_hs) = Tunnel::spawn(
+        a,
+        server,
+        Start {
+            incoming: None,
+            policy: None,
+            epoch,
+            label: "server".into(),
+        },
+    );
+    let (g, g_hs) = Tunnel::spawn(
+        b,
+        agent,
+        Start {
+            incoming: Some(tx),
+            policy: None,
+            epoch,
+            label: "agent".into(),
+        },
+    );
+    assert!(matches!(s_hs.done().await, Ok(Handshake::Hello(_))));
+    assert!(matches!(g_hs.done().await, Ok(Handshake::Welcome(_))));
+    (s, g, rx)
+}
+
+#[tokio::test]
+async fn a_dial_accepted_through_the_driver_carries_bytes_both_ways_with_half_close() {
+    let (server, _agent, mut dials) = pair().await;
+    let dialing = tokio::spawn(async move { server.dial("dest", 80, WAIT).await });
+    let incoming = tokio::time::timeout(WAIT, dials.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (incoming.dial().host.as_str(), incoming.dial().port),
+        ("dest", 80)
+    );
+    let mut near = incoming.accept().unwrap();
+    let mut far = dialing.await.unwrap().unwrap();
+    far.write_all(b"ping").await.unwrap();
+    far.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(WAIT, near.read_to_end(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, b"ping");
+    near.write_all(b"pong").await.unwrap();
+    near.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(WAIT, far.read_to_end(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, b"pong");
+}
+
+#[tokio::test]
+async fn an_unanswered_dial_that_is_dropped_is_rejected_with_cancel() {
+    let (server, _agent, mut dials) = pair().await;
+    let dialing = tokio::spawn(async move { server.dial("dest", 80, WAIT).await });
+    let incoming = tokio::time::timeout(WAIT, dials.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    drop(incoming);
+    match tokio::time::timeout(WAIT, dialing).await.unwrap().unwrap() {
+        Err(tether::DialError::Failed(e)) => assert_eq!(e.code, ErrorCode::CANCEL),
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+}
+
+#[tokio::test]
+async fn a_drain_completed_by_a_read_closes_the_tunnel() {
+    let (server, agent, mut dials) = pair().await;
+    let dialing = {
+        let server = server.clone();
+        tokio::spawn(async move { server.dial("dest", 80, WAIT).await })
+    };
+    let incoming = tokio::time::timeout(WAIT, dials.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut near = incoming.accept().unwrap();
+    let mut far = dialing.await.unwrap().unwrap();
+    // Both ends finish their direction and drain; the last step is the server reading the
+    // agent's FIN, which completes the drain at the server end.
+    near.shutdown().await.unwrap();
+    far.shutdown().await.unwrap();
+    agent.go_away("drain");
+    let mut rest = Vec::new();
+    tokio::time::timeout(WAIT, near.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::timeout(WAIT, far.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        tokio::time::timeout(WAIT, server.closed()).await.unwrap(),
+        CloseReason::Drained
+    );
+    assert_eq!(
+        tokio::time::timeout(WAIT, agent.closed()).await.unwrap(),
+        CloseReason::Drained
+    );
+}
+
+#[tokio::test]
+async fn dials_to_an_end_that_takes_none_are_refused_and_leave_nothing_held() {
+    let (server, agent, _dials) = pair().await;
+    for _ in 0..50 {
+        match agent.dial("anything", 1, WAIT).await {
+            Err(tether::DialError::Failed(e)) => assert_eq!(e.code, ErrorCode::DIAL_FORBIDDEN),
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+    }
+    assert_eq!(server.streams_held(), 0, "a refused dial is not kept");
+    assert_eq!(agent.streams_held(), 0);
+}
+
+#[tokio::test]
+async fn a_reader_parked_on_a_stream_wakes_when_its_own_end_resets_it() {
+    let (server, _agent, mut dials) = pair().await;
+    let dialing = tokio::spawn(async move { server.dial("dest", 80, WAIT).await });
+    let incoming = tokio::time::timeout(WAIT, dials.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let _near = incoming.accept().unwrap();
+    let far = std::sync::Arc::new(dialing.await.unwrap().unwrap());
+    let reader = {
+        let far = far.clone();
+        tokio::spawn(async move { far.recv_chunk().await })
+    };
+    // Let the reader park on the empty stream, then reset from this end: no event comes.
+    for _ in 0..100 {
+        tokio::task::yield_now().await;
+    }
+    far.reset(ErrorCode::CANCEL, "done here");
+    let read = tokio::time::timeout(WAIT, reader)
+        .await
+        .expect("the parked reader was woken")
+        .unwrap();
+    assert!(read.is_err(), "{read:?}");
+}
+
+#[tokio::test]
+async fn a_reader_slower_than_the_peers_drain_still_reads_every_byte_and_a_clean_end() {
+    let (server, agent, mut dials) = pair().await;
+    let dialing = {
+        let server = server.clone();
+        tokio::spawn(async move { server.dial("dest", 80, WAIT).await })
+    };
+    let incoming = tokio::time::timeout(WAIT, dials.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut near = incoming.accept().unwrap();
+    let mut far = dialing.await.unwrap().unwrap();
+    // The agent's application answers and finishes; the server's application has finished
+    // too, and reads; then the server drains. The agent's application has not read yet.
+    near.write_all(b"answer").await.unwrap();
+    near.shutdown().await.unwrap();
+    far.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(WAIT, far.read_to_end(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, b"answer");
+    server.go_away("restart");
+    // The server's drain completes without waiting for the agent's reader, and closes the
+    // transport; the agent's unread stream was complete, so nothing is lost.
+    tokio::time::timeout(WAIT, server.closed()).await.unwrap();
+    tokio::time::timeout(WAIT, agent.closed()).await.unwrap();
+    let mut rest = Vec::new();
+    let read = near.read_to_end(&mut rest).await;
+    assert!(read.is_ok(), "a clean end, not an error: {read:?}");
+}
