@@ -231,15 +231,22 @@ impl Tunnel {
     }
 
     /// Runs `f` on the shared state under the lock, then acts on every event it caused
-    /// ([`dispatch`]), and wakes the writer if a frame is due or the session is over (a read
-    /// that completes a drain closes the session, and only the writer closes the transport).
-    /// Every input and command goes through here, so no event waits for the next one.
+    /// ([`dispatch`]), and wakes the writer when `f` made a frame due or ended the session (a
+    /// read that completes a drain closes the session, and only the writer closes the
+    /// transport). Every input and command goes through here, so no event waits for the next
+    /// one.
+    ///
+    /// The writer is woken on the transition only: while a frame is already due, whoever made
+    /// it due has woken the writer, which polls until nothing is left, so a second wake would
+    /// only cost it a spurious turn (and, across worker threads, a context switch).
     fn drive<R>(&self, f: impl FnOnce(&mut Shared, Time) -> R) -> R {
+        let due = |s: &Session| s.wants_transmit() || s.is_finished();
         let (r, wake) = {
             let mut sh = self.lock();
+            let before = due(&sh.session);
             let r = f(&mut sh, self.inner.now());
             dispatch(&mut sh, self);
-            (r, sh.session.wants_transmit() || sh.session.is_finished())
+            (r, !before && due(&sh.session))
         };
         if wake {
             self.wake_writer();
