@@ -3,6 +3,7 @@
 
 use std::time::Instant;
 
+use tether::TetherStream;
 use tether::tunnel::{Handshake, Incoming, Start, Tunnel};
 use tether_proto::testing::{test_agent_identity, test_server_identity};
 use tether_proto::{CloseReason, Config, ErrorCode, Session, Time};
@@ -51,9 +52,13 @@ async fn pair() -> (Tunnel, Tunnel, mpsc::UnboundedReceiver<Incoming>) {
     (s, g, rx)
 }
 
-#[tokio::test]
-async fn a_dial_accepted_through_the_driver_carries_bytes_both_ways_with_half_close() {
-    let (server, _agent, mut dials) = pair().await;
+/// The server dials through the agent and the agent's application accepts: the agent's end
+/// (`near`) and the server's end (`far`) of one stream.
+async fn connected(
+    server: &Tunnel,
+    dials: &mut mpsc::UnboundedReceiver<Incoming>,
+) -> (TetherStream, TetherStream) {
+    let server = server.clone();
     let dialing = tokio::spawn(async move { server.dial("dest", 80, WAIT).await });
     let incoming = tokio::time::timeout(WAIT, dials.recv())
         .await
@@ -63,8 +68,14 @@ async fn a_dial_accepted_through_the_driver_carries_bytes_both_ways_with_half_cl
         (incoming.dial().host.as_str(), incoming.dial().port),
         ("dest", 80)
     );
-    let mut near = incoming.accept().unwrap();
-    let mut far = dialing.await.unwrap().unwrap();
+    let near = incoming.accept().unwrap();
+    (near, dialing.await.unwrap().unwrap())
+}
+
+#[tokio::test]
+async fn a_dial_accepted_through_the_driver_carries_bytes_both_ways_with_half_close() {
+    let (server, _agent, mut dials) = pair().await;
+    let (mut near, mut far) = connected(&server, &mut dials).await;
     far.write_all(b"ping").await.unwrap();
     far.shutdown().await.unwrap();
     let mut got = Vec::new();
@@ -101,16 +112,7 @@ async fn an_unanswered_dial_that_is_dropped_is_rejected_with_cancel() {
 #[tokio::test]
 async fn a_drain_completed_by_a_read_closes_the_tunnel() {
     let (server, agent, mut dials) = pair().await;
-    let dialing = {
-        let server = server.clone();
-        tokio::spawn(async move { server.dial("dest", 80, WAIT).await })
-    };
-    let incoming = tokio::time::timeout(WAIT, dials.recv())
-        .await
-        .unwrap()
-        .unwrap();
-    let mut near = incoming.accept().unwrap();
-    let mut far = dialing.await.unwrap().unwrap();
+    let (mut near, mut far) = connected(&server, &mut dials).await;
     // Both ends finish their direction and drain; the last step is the server reading the
     // agent's FIN, which completes the drain at the server end.
     near.shutdown().await.unwrap();
@@ -151,13 +153,8 @@ async fn dials_to_an_end_that_takes_none_are_refused_and_leave_nothing_held() {
 #[tokio::test]
 async fn a_reader_parked_on_a_stream_wakes_when_its_own_end_resets_it() {
     let (server, _agent, mut dials) = pair().await;
-    let dialing = tokio::spawn(async move { server.dial("dest", 80, WAIT).await });
-    let incoming = tokio::time::timeout(WAIT, dials.recv())
-        .await
-        .unwrap()
-        .unwrap();
-    let _near = incoming.accept().unwrap();
-    let far = std::sync::Arc::new(dialing.await.unwrap().unwrap());
+    let (_near, far) = connected(&server, &mut dials).await;
+    let far = std::sync::Arc::new(far);
     let reader = {
         let far = far.clone();
         tokio::spawn(async move { far.recv_chunk().await })
@@ -177,16 +174,7 @@ async fn a_reader_parked_on_a_stream_wakes_when_its_own_end_resets_it() {
 #[tokio::test]
 async fn a_reader_slower_than_the_peers_drain_still_reads_every_byte_and_a_clean_end() {
     let (server, agent, mut dials) = pair().await;
-    let dialing = {
-        let server = server.clone();
-        tokio::spawn(async move { server.dial("dest", 80, WAIT).await })
-    };
-    let incoming = tokio::time::timeout(WAIT, dials.recv())
-        .await
-        .unwrap()
-        .unwrap();
-    let mut near = incoming.accept().unwrap();
-    let mut far = dialing.await.unwrap().unwrap();
+    let (mut near, mut far) = connected(&server, &mut dials).await;
     // The agent's application answers and finishes; the server's application has finished
     // too, and reads; then the server drains. The agent's application has not read yet.
     near.write_all(b"answer").await.unwrap();
