@@ -195,3 +195,72 @@ async fn a_reader_slower_than_the_peers_drain_still_reads_every_byte_and_a_clean
     let read = near.read_to_end(&mut rest).await;
     assert!(read.is_ok(), "a clean end, not an error: {read:?}");
 }
+
+#[tokio::test]
+async fn a_peer_that_neither_reads_nor_sends_is_found_dead_while_a_write_waits_on_it() {
+    let (a, mut b) = tokio::io::duplex(64 * 1024);
+    let cfg = Config {
+        keepalive_interval_ms: 100,
+        keepalive_timeout_ms: 300,
+        ..config()
+    };
+    let session = Session::server(cfg, test_server_identity(), Time::from_millis(0)).unwrap();
+    let (server, handshaking) = Tunnel::spawn(
+        a,
+        session,
+        Start {
+            incoming: None,
+            policy: None,
+            epoch: Instant::now(),
+            label: "server".into(),
+        },
+    );
+    // A hand-driven agent: HELLO, WELCOME, accept the one dial, then silence both ways.
+    let mut agent = Session::agent(config(), test_agent_identity(), Time::from_millis(0)).unwrap();
+    let now = Time::from_millis(0);
+    let mut wire = bytes::BytesMut::new();
+    agent.poll_transmit(&mut wire);
+    b.write_all(&wire).await.unwrap();
+    let dialing = {
+        let server = server.clone();
+        tokio::spawn(async move {
+            assert!(matches!(handshaking.done().await, Ok(Handshake::Hello(_))));
+            server.dial("dest", 80, WAIT).await
+        })
+    };
+    let mut inbound = bytes::BytesMut::new();
+    let mut accepted = false;
+    for _ in 0..100 {
+        if accepted {
+            break;
+        }
+        tokio::time::timeout(WAIT, b.read_buf(&mut inbound))
+            .await
+            .unwrap()
+            .unwrap();
+        agent.handle_bytes(now, &mut inbound);
+        while let Some(e) = agent.poll_event() {
+            if let tether_proto::Event::DialRequested { stream, .. } = e {
+                agent.accept(stream).unwrap();
+                accepted = true;
+            }
+        }
+    }
+    assert!(accepted, "the dial arrived");
+    wire.clear();
+    agent.poll_transmit(&mut wire);
+    b.write_all(&wire).await.unwrap();
+    let stream = dialing.await.unwrap().unwrap();
+    // More than the in-memory pipe holds (but within the window): the writer blocks on it.
+    stream
+        .send_bytes(bytes::Bytes::from(vec![7u8; 200 * 1024]))
+        .await
+        .unwrap();
+    assert_eq!(
+        tokio::time::timeout(WAIT, server.closed())
+            .await
+            .expect("the keepalive deadline fired while the write was blocked"),
+        CloseReason::KeepaliveTimeout
+    );
+    drop(b);
+}

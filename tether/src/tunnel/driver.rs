@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tether_proto::Frame;
+use tether_proto::{Frame, Time};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::Tunnel;
@@ -82,6 +82,53 @@ impl Outgoing {
     }
 }
 
+/// How a batch write ended.
+enum Written {
+    All,
+    TransportFailed,
+    /// A timer fired during the write and closed the session (a keepalive deadline).
+    SessionClosed,
+}
+
+/// Writes `batch`, firing the session's timers whenever they fall due meanwhile. A peer that
+/// stops reading blocks the write; time must still move (SPEC 7.3): the keepalive PING is
+/// queued on time and its deadline ends the session if nothing arrives from the peer either.
+async fn write_while_timers_run<W: AsyncWrite + Unpin>(
+    tunnel: &Tunnel,
+    w: &mut W,
+    batch: &mut Chunks,
+    mut deadline: Option<Time>,
+) -> Written {
+    loop {
+        let due = async {
+            match deadline {
+                Some(t) => tokio::time::sleep_until(tunnel.inner.instant(t).into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            written = w.write_all_buf(batch) => {
+                return match written {
+                    Ok(()) => Written::All,
+                    Err(_) => Written::TransportFailed,
+                };
+            }
+            () = due => {
+                let (next, closed) = tunnel.drive(|sh, now| {
+                    if sh.session.poll_timeout().is_some_and(|t| t <= now) {
+                        sh.session.handle_timeout(now);
+                    }
+                    (sh.session.poll_timeout(), sh.session.is_closed())
+                });
+                if closed {
+                    return Written::SessionClosed;
+                }
+                deadline = next;
+            }
+        }
+    }
+}
+
 pub(super) async fn writer<W: AsyncWrite + Unpin>(
     tunnel: Tunnel,
     mut w: W,
@@ -106,10 +153,15 @@ pub(super) async fn writer<W: AsyncWrite + Unpin>(
             (sh.session.poll_timeout(), sh.session.is_finished())
         });
         if out.len > 0 {
-            if w.write_all_buf(out.seal()).await.is_err() {
-                break;
+            match write_while_timers_run(&tunnel, &mut w, out.seal(), deadline).await {
+                Written::All => continue,
+                Written::TransportFailed => break,
+                Written::SessionClosed => {
+                    // The peer does not read: the final GOAWAY cannot reach it either.
+                    reading.abort();
+                    return;
+                }
             }
-            continue;
         }
         if w.flush().await.is_err() {
             break;
