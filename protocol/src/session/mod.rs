@@ -301,7 +301,7 @@ impl Session {
                 return;
             }
             match self.codec.decode(buf) {
-                Ok(Some(frame)) => self.handle_frame(now, frame),
+                Ok(Some(frame)) => self.handle_decoded(now, frame),
                 Ok(None) => return,
                 Err(e) => {
                     buf.clear();
@@ -317,6 +317,21 @@ impl Session {
     /// [`Session::max_inbound_payload`] is refused as the decoder would refuse it
     /// (FRAME_TOO_LARGE, SPEC 3.6).
     pub fn handle_frame(&mut self, now: Time, frame: Frame) {
+        let payload = frame.encoded_len().saturating_sub(HEADER_LEN);
+        if !self.is_closed() && payload > self.codec.max_payload() as usize {
+            self.fail(violation(
+                ErrorCode::FRAME_TOO_LARGE,
+                frame.kind(),
+                "payload over the negotiated maximum",
+            ));
+            self.debug_check();
+            return;
+        }
+        self.handle_decoded(now, frame);
+    }
+
+    /// A frame the codec decoded under the current limit: no size check needed again.
+    fn handle_decoded(&mut self, now: Time, frame: Frame) {
         if self.is_closed() {
             return;
         }
@@ -327,17 +342,7 @@ impl Session {
                 now.plus_ms(self.config.keepalive_timeout_ms),
             );
         }
-        let payload = frame.encoded_len().saturating_sub(HEADER_LEN);
-        let result = if payload > self.codec.max_payload() as usize {
-            Err(violation(
-                ErrorCode::FRAME_TOO_LARGE,
-                frame.kind(),
-                "payload over the negotiated maximum",
-            ))
-        } else {
-            self.on_frame(now, frame)
-        };
-        if let Err(e) = result {
+        if let Err(e) = self.on_frame(now, frame) {
             self.fail(e);
         }
         self.debug_check();

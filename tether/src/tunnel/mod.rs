@@ -171,8 +171,13 @@ impl Inner {
     }
 
     fn instant(&self, t: Time) -> Instant {
-        self.epoch + Duration::from_millis(t.as_millis())
+        at(self.epoch, t)
     }
+}
+
+/// The instant of session time `t` on a clock whose zero is `epoch`.
+fn at(epoch: Instant, t: Time) -> Instant {
+    epoch + Duration::from_millis(t.as_millis())
 }
 
 /// How to start a tunnel: besides the transport and the session, who gets the peer's dials,
@@ -191,9 +196,7 @@ pub struct Start {
 /// When the handshake deadline of `session` falls, as an instant of `epoch`'s clock: the TLS
 /// handshake that comes before the tunnel runs under it too (one budget).
 pub fn handshake_deadline(session: &Session, epoch: Instant) -> Option<tokio::time::Instant> {
-    session
-        .poll_timeout()
-        .map(|t| (epoch + Duration::from_millis(t.as_millis())).into())
+    session.poll_timeout().map(|t| at(epoch, t).into())
 }
 
 impl Tunnel {
