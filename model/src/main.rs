@@ -1,11 +1,13 @@
-//! `tether-model check` runs the checker and prints a table; `tether-model explore` serves
-//! stateright's Explorer on 127.0.0.1.
+//! `tether-model check` runs the suite (or one configuration) and prints a table per run;
+//! its exit code is the verdict. `tether-model explore` serves stateright's Explorer.
 #![allow(clippy::print_stdout)]
 
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use stateright::{Checker, Expectation, Model};
+use stateright::{Checker, Expectation, HasDiscoveries, Model};
+use tether_model::suite::{self, Configuration};
 use tether_model::{Bounds, Misbehavior, TunnelModel};
 
 #[derive(Parser)]
@@ -17,28 +19,43 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Explore the state space and print each property's verdict.
+    /// Explore the state space and print each property's verdict. With no configuration
+    /// given, runs the whole default suite. Exit code: 0 every verdict good; 1 an `always`
+    /// property violated, or a claimed example not reached in a complete run; 2 a run that
+    /// stopped before it was complete (unless --allow-incomplete).
     Check {
+        /// Run only this configuration of the suite.
+        #[arg(long, value_enum)]
+        config: Option<Named>,
+        /// A configuration of your own: start from the suite's CONFIG (or the tiny one) and
+        /// change what the bound flags say. It claims no examples.
         #[command(flatten)]
         bounds: BoundArgs,
         /// Stop after visiting this many states (no run is open-ended).
-        #[arg(long, default_value_t = 5_000_000)]
+        #[arg(long, default_value_t = 20_000_000)]
         max_states: usize,
-        /// Do not explore past this depth.
-        #[arg(long, default_value_t = 200)]
-        max_depth: usize,
         /// Checker threads.
         #[arg(long, default_value_t = 2)]
         threads: usize,
-        /// Depth-first (less memory) instead of breadth-first (shortest paths).
+        /// Breadth-first (shortest paths, more memory) instead of depth-first.
         #[arg(long)]
-        dfs: bool,
-        /// Give up after this many seconds.
+        bfs: bool,
+        /// Give up after this many seconds (per configuration).
         #[arg(long, default_value_t = 1800)]
         timeout_secs: u64,
+        /// Exit 0 even when a run stops before it is complete (for exploratory big runs).
+        #[arg(long)]
+        allow_incomplete: bool,
+        /// Also claim this example (a `sometimes` property, by name): a complete run that does
+        /// not reach it fails. Repeatable.
+        #[arg(long)]
+        claim: Vec<String>,
     },
     /// Serve stateright's Explorer (a web UI to walk the states) on 127.0.0.1.
     Explore {
+        /// Which configuration.
+        #[arg(long, value_enum, default_value = "streams")]
+        config: Named,
         #[command(flatten)]
         bounds: BoundArgs,
         /// Port on 127.0.0.1.
@@ -48,36 +65,75 @@ enum Command {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum Named {
+    Streams,
+    Cancel,
+    Flow,
+    Session,
+    Ping,
+    Hostile,
+}
+
+impl Named {
+    fn configuration(self) -> Configuration {
+        match self {
+            Named::Streams => suite::streams(),
+            Named::Cancel => suite::cancel(),
+            Named::Flow => suite::flow(),
+            Named::Session => suite::session(),
+            Named::Ping => suite::ping(),
+            Named::Hostile => suite::hostile(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum Rogue {
-    IgnoresWindow,
+    All,
+    FrameBeforeWelcome,
+    HelloInOpenSession,
+    DialWithWrongParity,
     ReusesStreamId,
+    DialAfterGoAway,
+    DialFlood,
+    FrameForUnopenedStream,
+    DialOkForOwnStream,
+    SecondDialOk,
+    DataBeforeAccept,
     DataAfterFin,
+    IgnoresWindow,
+    OverGrants,
+    Malformed,
+    TooLarge,
 }
 
 #[derive(Args)]
 struct BoundArgs {
-    /// Start from the tiny configuration instead of the standard one.
-    #[arg(long)]
-    tiny: bool,
     /// Streams the server end opens.
     #[arg(long)]
     server_opens: Option<u8>,
     /// Streams the agent end opens.
     #[arg(long)]
     agent_opens: Option<u8>,
+    /// MAX_CONCURRENT_STREAMS the server announces.
+    #[arg(long)]
+    server_max_streams: Option<u32>,
+    /// MAX_CONCURRENT_STREAMS the agent announces.
+    #[arg(long)]
+    agent_max_streams: Option<u32>,
     /// INITIAL_WINDOW of both ends.
     #[arg(long)]
     window: Option<u32>,
-    /// Chunks per stream and direction.
+    /// Chunks the opener of a stream sends.
     #[arg(long)]
     chunks: Option<u8>,
+    /// Chunks the acceptor of a stream sends.
+    #[arg(long)]
+    reply_chunks: Option<u8>,
     /// Bytes per chunk.
     #[arg(long)]
-    chunk_size: Option<u8>,
-    /// MAX_CONCURRENT_STREAMS of both ends.
-    #[arg(long)]
-    max_streams: Option<u32>,
-    /// Resets per end.
+    chunk_size: Option<u16>,
+    /// Resets (or walk-aways) per end.
     #[arg(long)]
     resets: Option<u8>,
     /// Pings per end.
@@ -89,69 +145,176 @@ struct BoundArgs {
     /// Allow the tunnel to drop (true/false).
     #[arg(long)]
     drop: Option<bool>,
-    /// Allow keepalive deadlines to expire (true/false).
+    /// Timer firings per end.
     #[arg(long)]
-    keepalive_expiry: Option<bool>,
-    /// Make the agent end misbehave.
+    timers: Option<u8>,
+    /// Keepalive interval announced (true/false).
+    #[arg(long)]
+    keepalive: Option<bool>,
+    /// Start before HELLO (true/false).
+    #[arg(long)]
+    handshake: Option<bool>,
+    /// Flush only on a step of its own (true/false).
+    #[arg(long)]
+    batching: Option<bool>,
+    /// Make the agent end misbehave (repeatable).
     #[arg(long, value_enum)]
-    misbehave: Option<Rogue>,
+    rogue: Vec<Rogue>,
 }
 
 impl BoundArgs {
-    fn bounds(&self) -> Bounds {
-        let mut b = if self.tiny {
-            Bounds::tiny()
-        } else {
-            Bounds::standard()
-        };
+    fn changes_anything(&self) -> bool {
+        let o = [
+            self.server_opens.is_some(),
+            self.agent_opens.is_some(),
+            self.server_max_streams.is_some(),
+            self.agent_max_streams.is_some(),
+            self.window.is_some(),
+            self.chunks.is_some(),
+            self.reply_chunks.is_some(),
+            self.chunk_size.is_some(),
+            self.resets.is_some(),
+            self.pings.is_some(),
+            self.goaways.is_some(),
+            self.drop.is_some(),
+            self.timers.is_some(),
+            self.keepalive.is_some(),
+            self.handshake.is_some(),
+            self.batching.is_some(),
+            !self.rogue.is_empty(),
+        ];
+        o.into_iter().any(|x| x)
+    }
+
+    fn apply(&self, mut b: Bounds) -> Bounds {
         macro_rules! set {
             ($($f:ident),*) => { $( if let Some(v) = self.$f { b.$f = v; } )* };
         }
         set!(
             server_opens,
             agent_opens,
+            server_max_streams,
+            agent_max_streams,
             window,
             chunks,
+            reply_chunks,
             chunk_size,
-            max_streams,
             resets,
             pings,
             goaways,
             drop,
-            keepalive_expiry
+            timers,
+            keepalive,
+            handshake,
+            batching
         );
-        b.misbehave = self.misbehave.map(|m| match m {
-            Rogue::IgnoresWindow => Misbehavior::IgnoresWindow,
-            Rogue::ReusesStreamId => Misbehavior::ReusesStreamId,
-            Rogue::DataAfterFin => Misbehavior::DataAfterFin,
-        });
+        if !self.rogue.is_empty() {
+            b.rogue = self
+                .rogue
+                .iter()
+                .flat_map(|r| match r {
+                    Rogue::All => Misbehavior::ALL.to_vec(),
+                    r => vec![Misbehavior::ALL[*r as usize - 1]],
+                })
+                .collect();
+            b.rogue.sort();
+            b.rogue.dedup();
+        }
         b
     }
 }
 
-fn main() {
+struct Run {
+    max_states: usize,
+    threads: usize,
+    bfs: bool,
+    timeout: Duration,
+}
+
+/// How one configuration's run ended.
+#[derive(PartialEq, Eq, PartialOrd, Ord, Clone, Copy)]
+enum Verdict {
+    Good,
+    Incomplete,
+    Failed,
+}
+
+fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Check {
+            config,
             bounds,
             max_states,
-            max_depth,
             threads,
-            dfs,
+            bfs,
             timeout_secs,
-        } => check(
-            bounds.bounds(),
-            max_states,
-            max_depth,
-            threads,
-            dfs,
-            timeout_secs,
-        ),
-        Command::Explore { bounds, port } => {
+            allow_incomplete,
+            claim,
+        } => {
+            let run = Run {
+                max_states,
+                threads,
+                bfs,
+                timeout: Duration::from_secs(timeout_secs),
+            };
+            let mut extra = Vec::new();
+            let properties = TunnelModel::new(Bounds::tiny()).properties();
+            for name in &claim {
+                match properties.iter().find(|p| p.name == name.as_str()) {
+                    Some(p) if p.expectation == Expectation::Sometimes => extra.push(p.name),
+                    _ => {
+                        eprintln!("--claim: no example (sometimes property) is named {name:?}");
+                        return ExitCode::from(2);
+                    }
+                }
+            }
+            let mut configurations = match (config, bounds.changes_anything()) {
+                (None, false) => suite::default_suite(),
+                (Some(c), false) => vec![c.configuration()],
+                (c, true) => {
+                    let base = c.map_or_else(Bounds::tiny, |c| c.configuration().bounds);
+                    vec![Configuration {
+                        name: "custom",
+                        about: "bounds from the command line; claims no examples",
+                        bounds: bounds.apply(base),
+                        claims: Vec::new(),
+                    }]
+                }
+            };
+            for c in &mut configurations {
+                c.claims.extend(extra.iter().copied());
+            }
+            let start = Instant::now();
+            let mut worst = Verdict::Good;
+            for c in &configurations {
+                worst = worst.max(check(c, &run));
+            }
+            println!(
+                "\n{} configuration(s) in {:.1} s: {}",
+                configurations.len(),
+                start.elapsed().as_secs_f64(),
+                match worst {
+                    Verdict::Good => "every verdict good",
+                    Verdict::Incomplete => "INCOMPLETE: a run stopped before it explored everything",
+                    Verdict::Failed => "FAILED",
+                }
+            );
+            match worst {
+                Verdict::Good => ExitCode::SUCCESS,
+                Verdict::Incomplete if allow_incomplete => ExitCode::SUCCESS,
+                Verdict::Incomplete => ExitCode::from(2),
+                Verdict::Failed => ExitCode::from(1),
+            }
+        }
+        Command::Explore {
+            config,
+            bounds,
+            port,
+        } => {
+            let b = bounds.apply(config.configuration().bounds);
             let addr = format!("127.0.0.1:{port}");
-            println!("Explorer on http://{addr} for {:?}", bounds.bounds());
-            let _checker = TunnelModel::new(bounds.bounds())
-                .checker()
-                .serve(addr.as_str());
+            println!("Explorer on http://{addr} for {b:?}");
+            let _checker = TunnelModel::new(b).checker().serve(addr.as_str());
             // The Explorer runs on its own threads until the process is stopped (Ctrl-C).
             loop {
                 std::thread::park();
@@ -160,26 +323,34 @@ fn main() {
     }
 }
 
-fn check(b: Bounds, max_states: usize, max_depth: usize, threads: usize, dfs: bool, secs: u64) {
-    let model = TunnelModel::new(b.clone());
+fn check(c: &Configuration, run: &Run) -> Verdict {
+    let model = TunnelModel::new(c.bounds.clone());
     let builder = model
         .checker()
-        .threads(threads)
-        .target_state_count(max_states)
-        .target_max_depth(max_depth)
-        .timeout(Duration::from_secs(secs));
+        .threads(run.threads)
+        .target_state_count(run.max_states)
+        .timeout(run.timeout)
+        .finish_when(HasDiscoveries::AnyFailures);
     let start = Instant::now();
-    if dfs {
-        report(&b, max_states, builder.spawn_dfs().join(), start);
+    if run.bfs {
+        report(c, run, builder.spawn_bfs().join(), start)
     } else {
-        report(&b, max_states, builder.spawn_bfs().join(), start);
+        report(c, run, builder.spawn_dfs().join(), start)
     }
 }
 
-fn report(b: &Bounds, max_states: usize, checker: impl Checker<TunnelModel>, start: Instant) {
+fn report(c: &Configuration, run: &Run, checker: impl Checker<TunnelModel>, start: Instant) -> Verdict {
     let elapsed = start.elapsed();
     let properties = checker.model().properties();
-    println!("| configuration | {b:?} |");
+    let violated = properties.iter().any(|p| {
+        p.expectation == Expectation::Always && checker.discovery(p.name).is_some()
+    });
+    let complete = checker.is_done()
+        && checker.state_count() < run.max_states
+        && elapsed < run.timeout
+        && !violated;
+    println!("\n## {}: {}\n", c.name, c.about);
+    println!("| configuration | {:?} |", c.bounds);
     println!("| --- | --- |");
     println!("| unique states | {} |", checker.unique_state_count());
     println!("| states visited | {} |", checker.state_count());
@@ -187,25 +358,40 @@ fn report(b: &Bounds, max_states: usize, checker: impl Checker<TunnelModel>, sta
     println!("| time | {:.1} s |", elapsed.as_secs_f64());
     println!(
         "| complete | {} |",
-        if checker.state_count() < max_states {
+        if complete {
             "yes: every reachable state explored"
+        } else if violated {
+            "stopped at the first violation"
         } else {
-            "no: stopped at --max-states"
+            "NO: stopped at --max-states or --timeout-secs"
         }
     );
     println!();
     println!("| property | kind | verdict |");
     println!("| --- | --- | --- |");
+    let mut failed = violated;
     let mut paths = Vec::new();
     for p in &properties {
         let found = checker.discovery(p.name);
-        let (kind, verdict) = match (&p.expectation, &found) {
-            (Expectation::Always, None) => ("always", "holds"),
-            (Expectation::Always, Some(_)) => ("always", "VIOLATED"),
-            (Expectation::Sometimes, Some(_)) => ("sometimes", "discovered"),
-            (Expectation::Sometimes, None) => ("sometimes", "NOT discovered"),
-            (Expectation::Eventually, None) => ("eventually", "holds"),
-            (Expectation::Eventually, Some(_)) => ("eventually", "VIOLATED"),
+        let claimed = c.claims.contains(&p.name);
+        let verdict = match (&p.expectation, &found) {
+            (Expectation::Always, None) => "holds",
+            (Expectation::Always, Some(_)) => "VIOLATED",
+            (Expectation::Sometimes, Some(_)) => "reached",
+            (Expectation::Sometimes, None) if claimed && complete => {
+                failed = true;
+                "NOT REACHED (claimed)"
+            }
+            (Expectation::Sometimes, None) if claimed => "not reached (run incomplete)",
+            (Expectation::Sometimes, None) => continue,
+            (Expectation::Eventually, None) => "holds",
+            (Expectation::Eventually, Some(_)) => "VIOLATED",
+        };
+        let kind = match p.expectation {
+            Expectation::Always => "always",
+            Expectation::Sometimes if claimed => "sometimes (claimed)",
+            Expectation::Sometimes => "sometimes",
+            Expectation::Eventually => "eventually",
         };
         println!("| {} | {kind} | {verdict} |", p.name);
         if let (Expectation::Always, Some(path)) = (&p.expectation, found) {
@@ -214,5 +400,12 @@ fn report(b: &Bounds, max_states: usize, checker: impl Checker<TunnelModel>, sta
     }
     for (name, actions) in paths {
         println!("\nviolation of \"{name}\": {actions:?}");
+    }
+    if failed {
+        Verdict::Failed
+    } else if complete {
+        Verdict::Good
+    } else {
+        Verdict::Incomplete
     }
 }
