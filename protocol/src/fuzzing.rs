@@ -1,12 +1,13 @@
 //! Entry points for the fuzz targets in `fuzz/` (and the replay test that feeds them every
 //! committed corpus and regression file on stable). Each panics on a broken property.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use arbitrary::{Result, Unstructured};
 use bytes::{Bytes, BytesMut};
 
+use crate::error::CloseReason;
 use crate::Time;
 use crate::codec::FrameCodec;
 use crate::frame::*;
@@ -157,20 +158,69 @@ pub fn arbitrary_frame(u: &mut Unstructured<'_>) -> Result<Frame> {
     arbitrary_frame_with(u, &mut |u| Ok(StreamId(u.int_in_range(1..=MAX_STREAM_ID)?)))
 }
 
-/// Target `frame_decode`: arbitrary bytes through the streaming decoder never panic, and every
-/// frame that decodes re-encodes to exactly the bytes it came from.
+/// Target `frame_decode`: arbitrary bytes through the streaming decoder never panic; no frame
+/// that decodes carries a payload over the decoder's limit; every frame re-encodes to exactly
+/// the bytes it came from, and those are the bytes SPEC §3 lays out for it.
 pub fn frame_decode(data: &[u8]) {
-    let mut codec = FrameCodec::with_max_payload(4096);
+    const LIMIT: u32 = 4096;
+    let mut codec = FrameCodec::with_max_payload(LIMIT);
     let mut buf = BytesMut::from(data);
     let mut at = 0;
     while let Ok(Some(frame)) = codec.decode(&mut buf) {
         let used = data.len() - at - buf.len();
+        assert!(
+            frame.payload_len() <= LIMIT as usize,
+            "decoded a payload over the limit: {frame}"
+        );
+        assert_eq!(used, HEADER_LEN + frame.payload_len(), "{frame}");
         let mut again = BytesMut::new();
         frame.encode(&mut again);
         assert_eq!(&again[..], &data[at..at + used], "re-encoding {frame}");
+        if let Some(spec) = spec_bytes(&frame) {
+            assert_eq!(&spec[..], &data[at..at + used], "SPEC layout of {frame}");
+        }
         at += used;
     }
 }
+
+/// The bytes SPEC §3.1–§3.4 give for `frame`, written out field by field here rather than by
+/// the encoder under test; `None` for the kinds with nested payloads (HELLO, WELCOME, DIAL),
+/// which the golden vectors pin instead.
+fn spec_bytes(frame: &Frame) -> Option<Vec<u8>> {
+    fn header(out: &mut Vec<u8>, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
+        out.push(kind);
+        out.push(flags);
+        out.extend_from_slice(&stream.to_be_bytes());
+        out.extend_from_slice(&u32::try_from(payload.len()).unwrap_or(u32::MAX).to_be_bytes());
+        out.extend_from_slice(payload);
+    }
+    fn str8(out: &mut Vec<u8>, s: &str) {
+        out.push(u8::try_from(s.len()).unwrap_or(u8::MAX));
+        out.extend_from_slice(s.as_bytes());
+    }
+    let mut out = Vec::new();
+    match frame {
+        Frame::DialOk(d) => header(&mut out, 0x04, 0, d.stream.0, &[]),
+        Frame::Data(d) => header(&mut out, 0x05, u8::from(d.fin), d.stream.0, &d.payload),
+        Frame::Window(w) => header(&mut out, 0x06, 0, w.stream.0, &w.increment.to_be_bytes()),
+        Frame::Reset(r) => {
+            let mut p = r.code.0.to_be_bytes().to_vec();
+            str8(&mut p, &r.reason);
+            header(&mut out, 0x07, 0, r.stream.0, &p);
+        }
+        Frame::Ping(p) => header(&mut out, 0x08, u8::from(p.ack), 0, &p.payload.to_be_bytes()),
+        Frame::GoAway(g) => {
+            let mut p = g.last_stream.0.to_be_bytes().to_vec();
+            p.extend_from_slice(&g.code.0.to_be_bytes());
+            str8(&mut p, &g.reason);
+            header(&mut out, 0x09, 0, 0, &p);
+        }
+        Frame::Unknown(u) => header(&mut out, u.kind.0, u.flags, u.stream.0, &u.payload),
+        Frame::Hello(_) | Frame::Welcome(_) | Frame::Dial(_) => return None,
+    }
+    Some(out)
+}
+
 
 /// Target `frame_roundtrip`: a valid frame encodes and decodes to itself.
 pub fn frame_roundtrip(data: &[u8]) {
@@ -181,10 +231,34 @@ pub fn frame_roundtrip(data: &[u8]) {
     let mut buf = BytesMut::new();
     frame.encode(&mut buf);
     assert_eq!(buf.len(), frame.encoded_len());
+    // The exact bytes the SPEC lays out, written independently of the encoder, are what the
+    // encoder wrote, and they decode to the frame.
+    if let Some(spec) = spec_bytes(&frame) {
+        assert_eq!(&buf[..], &spec[..], "encoder vs SPEC layout of {frame}");
+        let mut codec = FrameCodec::with_max_payload(MAX_PAYLOAD_LIMIT);
+        let mut exact = BytesMut::from(&spec[..]);
+        assert_eq!(codec.decode(&mut exact).ok().flatten().as_ref(), Some(&frame));
+        assert!(exact.is_empty());
+    }
     let mut codec = FrameCodec::with_max_payload(MAX_PAYLOAD_LIMIT);
     let back = codec.decode(&mut buf).expect("a valid frame decodes");
     assert_eq!(back.as_ref(), Some(&frame));
     assert!(buf.is_empty());
+    // One byte short of the payload is not a frame yet; a limit one below the payload refuses
+    // it before the payload arrives.
+    let mut short = BytesMut::new();
+    frame.encode(&mut short);
+    short.truncate(short.len() - 1);
+    let mut codec = FrameCodec::with_max_payload(MAX_PAYLOAD_LIMIT);
+    assert_eq!(codec.decode(&mut short).ok().flatten(), None);
+    if let Some(limit) = u32::try_from(frame.payload_len()).ok().and_then(|n| n.checked_sub(1)) {
+        let mut head = BytesMut::from(&frame.header().to_bytes()[..]);
+        let mut codec = FrameCodec::with_max_payload(limit);
+        assert!(
+            codec.decode(&mut head).is_err(),
+            "a header over the limit is refused before its payload: {frame}"
+        );
+    }
 }
 
 /// Target `codec_chunks`: a byte stream cut into arbitrary chunks decodes to the same frames
@@ -269,14 +343,25 @@ fn run_session_ops(u: &mut Unstructured<'_>) -> Result<()> {
         match u.int_in_range(0..=19)? {
             0..=4 => {
                 let f = arbitrary_frame_with(u, &mut |u| Ok(StreamId(u.int_in_range(1..=12)?)))?;
+                let before = Before::of(&s, &f);
                 s.handle_frame(now, f);
+                before.check(&s);
             }
             5 => {
                 let mut buf = BytesMut::from({
                     let n = u.int_in_range(0..=64)?;
                     u.bytes(n)?
                 });
+                let was_closed = s.is_closed();
                 s.handle_bytes(now, &mut buf);
+                if let (false, Some(CloseReason::Violation(e))) = (was_closed, s.close_reason()) {
+                    let parse = [ErrorCode::MALFORMED_FRAME, ErrorCode::FRAME_TOO_LARGE];
+                    assert!(
+                        parse.contains(&e.code)
+                            || e.frame.is_some_and(|k| codes_for(k).contains(&e.code)),
+                        "bytes closed the session with {e:?}, which SPEC 8 does not allow"
+                    );
+                }
             }
             6 => {
                 let _ = s.open(Protocol::TCP, "h", 1);
@@ -345,6 +430,69 @@ fn run_session_ops(u: &mut Unstructured<'_>) -> Result<()> {
     Ok(())
 }
 
+/// The GOAWAY codes SPEC §4, §5.4, §6.3 and §8.2 allow when a frame of `kind` breaks a rule;
+/// GOAWAY and unknown kinds never do. (FRAME_TOO_LARGE is allowed for any kind: a frame handed
+/// over whole may still exceed what this end announced.)
+fn codes_for(kind: FrameKind) -> &'static [ErrorCode] {
+    const PROTOCOL: ErrorCode = ErrorCode::PROTOCOL_ERROR;
+    match kind {
+        FrameKind::HELLO | FrameKind::WELCOME => &[PROTOCOL, ErrorCode::VERSION_MISMATCH],
+        FrameKind::DIAL => &[PROTOCOL, ErrorCode::ENHANCE_YOUR_CALM],
+        FrameKind::DIAL_OK | FrameKind::RESET | FrameKind::PING => &[PROTOCOL],
+        FrameKind::DATA => &[
+            PROTOCOL,
+            ErrorCode::STREAM_CLOSED,
+            ErrorCode::FLOW_CONTROL_ERROR,
+        ],
+        FrameKind::WINDOW => &[PROTOCOL, ErrorCode::FLOW_CONTROL_ERROR],
+        _ => &[],
+    }
+}
+
+/// What one inbound frame met, for checking the session's answer against the SPEC's table.
+struct Before {
+    kind: FrameKind,
+    closed: bool,
+    /// The stream had the peer's FIN already and the frame is DATA (SPEC 5.4: STREAM_CLOSED).
+    data_after_fin: bool,
+}
+
+impl Before {
+    fn of(s: &Session, f: &Frame) -> Before {
+        let state = s.stream_state(f.stream());
+        Before {
+            kind: f.kind(),
+            closed: s.is_closed(),
+            data_after_fin: matches!(f, Frame::Data(d) if d.payload.len() <= s.max_inbound_payload() as usize)
+                && matches!(
+                    state,
+                    Some(StreamState::HalfClosedRemote | StreamState::Closing)
+                ),
+        }
+    }
+
+    fn check(&self, s: &Session) {
+        let Some(CloseReason::Violation(e)) = s.close_reason() else {
+            return;
+        };
+        if self.closed {
+            return;
+        }
+        assert_eq!(e.frame, Some(self.kind), "{e:?} blames another kind");
+        if e.code == ErrorCode::FRAME_TOO_LARGE {
+            return;
+        }
+        assert!(
+            codes_for(self.kind).contains(&e.code),
+            "{:?} closed the session with {e:?}, which SPEC 5.4/6.3/8.2 does not allow",
+            self.kind
+        );
+        if self.data_after_fin {
+            assert_eq!(e.code, ErrorCode::STREAM_CLOSED, "DATA after FIN: {e:?}");
+        }
+    }
+}
+
 /// Target `session_pair`: two sessions through the pair harness with arbitrary commands, chunk
 /// splits, stalls and a possible tunnel drop. What each end received on each stream is a prefix
 /// of what the other sent, and once both applications finish everything, nothing leaks.
@@ -358,6 +506,17 @@ struct Tally {
     sent: BTreeMap<(Side, StreamId), Vec<u8>>,
     received: BTreeMap<(Side, StreamId), Vec<u8>>,
     pending: Vec<(Side, StreamId)>,
+    /// `recv` returned the peer's FIN.
+    fin: BTreeSet<(Side, StreamId)>,
+    /// `finish` succeeded.
+    finished: BTreeSet<(Side, StreamId)>,
+    /// Reset, refused or failed, at either end, by anyone.
+    reset: BTreeSet<StreamId>,
+    /// An application PING of this side waits for its answer.
+    ping_waiting: BTreeSet<Side>,
+    /// Some `go_away` succeeded.
+    drained: bool,
+    dropped: bool,
 }
 
 impl Tally {
@@ -367,11 +526,24 @@ impl Tally {
                 match e {
                     Event::Readable { stream } => {
                         let got = self.received.entry((side, stream)).or_default();
-                        while let Ok(Some(data)) = p.session(side).recv(stream, 1500) {
-                            got.extend_from_slice(&data);
+                        loop {
+                            match p.session(side).recv(stream, 1500) {
+                                Ok(Some(data)) => got.extend_from_slice(&data),
+                                Ok(None) => {
+                                    self.fin.insert((side, stream));
+                                    break;
+                                }
+                                Err(_) => break,
+                            }
                         }
                     }
                     Event::DialRequested { stream, .. } => self.pending.push((side, stream)),
+                    Event::DialFailed { stream, .. } | Event::Reset { stream, .. } => {
+                        self.reset.insert(stream);
+                    }
+                    Event::PingAnswered { .. } => {
+                        self.ping_waiting.remove(&side);
+                    }
                     _ => {}
                 }
             }
@@ -415,7 +587,7 @@ fn run_session_pair(u: &mut Unstructured<'_>) -> Result<()> {
             Side::Agent
         };
         let id = StreamId(u.int_in_range(1..=10)?);
-        match u.int_in_range(0..=11)? {
+        match u.int_in_range(0..=12)? {
             0 => {
                 let _ = p.session(side).open(Protocol::TCP, "dest", 80);
             }
@@ -444,14 +616,24 @@ fn run_session_pair(u: &mut Unstructured<'_>) -> Result<()> {
                 }
             }
             4 => {
-                let _ = p.session(side).finish(id);
+                if p.session(side).finish(id).is_ok() {
+                    t.finished.insert((side, id));
+                }
             }
             5 => {
-                let _ = p.session(side).reset(id, ErrorCode::CANCEL, "cancel");
+                if p.session(side).reset(id, ErrorCode::CANCEL, "cancel").is_ok() {
+                    t.reset.insert(id);
+                }
             }
             6 => {
                 let n = p.session(side).unreleased(id);
                 let _ = p.session(side).release(id, n);
+            }
+            12 => {
+                let now = p.now;
+                if p.session(side).ping(now).is_ok() {
+                    t.ping_waiting.insert(side);
+                }
             }
             7 => p.stall(side, u.arbitrary()?),
             8 => {
@@ -463,10 +645,11 @@ fn run_session_pair(u: &mut Unstructured<'_>) -> Result<()> {
             10 => {
                 if u.ratio(1, 16)? {
                     p.drop_tunnel();
+                    t.dropped = true;
                 }
             }
             _ => {
-                let _ = p.session(side).go_away("drain");
+                t.drained |= p.session(side).go_away("drain").is_ok();
             }
         }
         t.absorb(&mut p);
@@ -489,8 +672,9 @@ fn run_session_pair(u: &mut Unstructured<'_>) -> Result<()> {
                 if n > 0 {
                     acted |= s.release(id, n).is_ok();
                 }
-                if s.queued(id) == 0 {
-                    acted |= s.finish(id).is_ok();
+                if s.queued(id) == 0 && s.finish(id).is_ok() {
+                    t.finished.insert((side, id));
+                    acted = true;
                 }
                 // A stream that is over is let go of, as a dropped handle would.
                 if matches!(
@@ -515,6 +699,52 @@ fn run_session_pair(u: &mut Unstructured<'_>) -> Result<()> {
             0,
             "{side:?}: a closed stream was kept after it was abandoned: {s:?}"
         );
+        // Honest ends never call each other's frames a violation, whatever was done to the
+        // tunnel.
+        assert!(
+            !matches!(s.close_reason(), Some(CloseReason::Violation(_))),
+            "{side:?} closed with {:?} between honest ends",
+            s.close_reason()
+        );
+    }
+    if !t.dropped {
+        // Progress: every stream both applications finished and nobody reset arrived whole,
+        // in order, with its FIN, at both ends.
+        for &(side, id) in &t.finished {
+            if t.reset.contains(&id) {
+                continue;
+            }
+            let peer = side.peer();
+            let sent = t.sent.get(&(side, id)).map_or(&[][..], |v| &v[..]);
+            let got = t.received.get(&(peer, id)).map_or(&[][..], |v| &v[..]);
+            assert_eq!(got, sent, "{peer:?} stream {id}: not every byte arrived");
+            assert!(t.fin.contains(&(peer, id)), "{peer:?} stream {id}: FIN never read");
+        }
+        for side in [Side::Server, Side::Agent] {
+            // Every application PING on a session that is still open was answered.
+            if !p.session(side).is_closed() {
+                assert!(!t.ping_waiting.contains(&side), "{side:?}: a PING went unanswered");
+            }
+            // A drain, once started, completes at both ends when the streams are done.
+            if t.drained {
+                assert_eq!(
+                    p.session(side).close_reason(),
+                    Some(&CloseReason::Drained),
+                    "{side:?}: the drain did not complete"
+                );
+            }
+        }
+    } else {
+        for side in [Side::Server, Side::Agent] {
+            assert!(
+                matches!(
+                    p.session(side).close_reason(),
+                    Some(CloseReason::TransportLost | CloseReason::Drained)
+                ),
+                "{side:?} after the tunnel dropped: {:?}",
+                p.session(side).close_reason()
+            );
+        }
     }
     Ok(())
 }

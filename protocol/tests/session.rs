@@ -890,6 +890,45 @@ fn a_flood_of_dials_over_the_limit_ends_in_enhance_your_calm() {
     );
 }
 
+/// Found by the session_pair fuzzer: an honest server that dials, cancels and dials again,
+/// all in one burst of bytes a draining agent reads at once, is not a flood. Each cancel's
+/// RESET drops the refusal still queued for that DIAL, so the queue stays within what the
+/// peer has live (SPEC 5.4).
+#[test]
+fn a_peer_that_cancels_refused_dials_and_dials_again_in_one_burst_is_not_a_flood() {
+    let agent = Config {
+        max_concurrent_streams: 2,
+        ..config()
+    };
+    let mut p = Pair::established(config(), agent);
+    p.agent.go_away("drain").unwrap();
+    let mut burst = BytesMut::new();
+    for n in 0..10u32 {
+        let stream = StreamId(1 + 2 * n);
+        Frame::Dial(Dial {
+            stream,
+            protocol: Protocol::TCP,
+            host: "h".into(),
+            port: 1,
+        })
+        .encode(&mut burst);
+        Frame::Reset(Reset {
+            stream,
+            code: ErrorCode::CANCEL,
+            reason: "cancel".into(),
+        })
+        .encode(&mut burst);
+    }
+    p.agent.handle_bytes(p.now, &mut burst);
+    assert!(!p.agent.is_closed(), "{:?}", p.agent.close_reason());
+    let frames = drain_frames(&mut p.agent);
+    assert!(
+        !frames.iter().any(|f| matches!(f, Frame::Reset(_))),
+        "refusals of cancelled dials are not sent: {frames:?}"
+    );
+    assert_eq!(p.agent.check_invariants(), Ok(()));
+}
+
 // ----- violations -----
 
 /// Feeds `frames` to the agent end of an established pair with one open stream (1), and

@@ -157,6 +157,15 @@ impl Session {
     }
 
     pub(super) fn on_reset(&mut self, r: Reset) -> Result<(), ProtocolError> {
+        // SPEC 5.4: the peer gave up on a DIAL this end refused before the refusal went out.
+        // The refusal is moot (the peer has closed the stream), and dropping it keeps the
+        // queue bounded by what the peer has live: a peer that cancels and dials again in one
+        // burst is not a flood.
+        if let Some(at) = self.streams.refusals.iter().position(|(id, _)| *id == r.stream) {
+            self.streams.refusals.remove(at);
+            self.maybe_drained();
+            return Ok(());
+        }
         let Some(id) = self.streams.lookup(FrameKind::RESET, r.stream)? else {
             return Ok(());
         };
