@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use stateright::{Checker, Expectation, HasDiscoveries, Model};
-use tether_model::suite::{self, Configuration};
+use stateright::{Expectation, Model};
+use tether_model::suite::{self, Configuration, Limits, Verdict};
 use tether_model::{Bounds, Misbehavior, TunnelModel};
 
 #[derive(Parser)]
@@ -32,7 +32,7 @@ enum Command {
         #[command(flatten)]
         bounds: BoundArgs,
         /// Stop after visiting this many states (no run is open-ended).
-        #[arg(long, default_value_t = 20_000_000)]
+        #[arg(long, default_value_t = 200_000_000)]
         max_states: usize,
         /// Checker threads.
         #[arg(long, default_value_t = 2)]
@@ -41,11 +41,14 @@ enum Command {
         #[arg(long)]
         bfs: bool,
         /// Give up after this many seconds (per configuration).
-        #[arg(long, default_value_t = 1800)]
+        #[arg(long, default_value_t = 3600)]
         timeout_secs: u64,
         /// Exit 0 even when a run stops before it is complete (for exploratory big runs).
         #[arg(long)]
         allow_incomplete: bool,
+        /// Run the long suite (bigger bounds; tens of minutes each) instead of the default.
+        #[arg(long, conflicts_with = "config")]
+        long: bool,
         /// Also claim this example (a `sometimes` property, by name): a complete run that does
         /// not reach it fails. Repeatable.
         #[arg(long)]
@@ -224,16 +227,9 @@ impl BoundArgs {
     }
 }
 
-struct Run {
-    max_states: usize,
-    threads: usize,
-    bfs: bool,
-    timeout: Duration,
-}
-
 /// How one configuration's run ended.
 #[derive(PartialEq, Eq, PartialOrd, Ord, Clone, Copy)]
-enum Verdict {
+enum Overall {
     Good,
     Incomplete,
     Failed,
@@ -249,9 +245,10 @@ fn main() -> ExitCode {
             bfs,
             timeout_secs,
             allow_incomplete,
+            long,
             claim,
         } => {
-            let run = Run {
+            let limits = Limits {
                 max_states,
                 threads,
                 bfs,
@@ -269,6 +266,7 @@ fn main() -> ExitCode {
                 }
             }
             let mut configurations = match (config, bounds.changes_anything()) {
+                (None, false) if long => suite::long_suite(),
                 (None, false) => suite::default_suite(),
                 (Some(c), false) => vec![c.configuration()],
                 (c, true) => {
@@ -285,25 +283,26 @@ fn main() -> ExitCode {
                 c.claims.extend(extra.iter().copied());
             }
             let start = Instant::now();
-            let mut worst = Verdict::Good;
+            let mut worst = Overall::Good;
             for c in &configurations {
-                worst = worst.max(check(c, &run));
+                worst = worst.max(check(c, limits));
             }
             println!(
                 "\n{} configuration(s) in {:.1} s: {}",
                 configurations.len(),
                 start.elapsed().as_secs_f64(),
                 match worst {
-                    Verdict::Good => "every verdict good",
-                    Verdict::Incomplete => "INCOMPLETE: a run stopped before it explored everything",
-                    Verdict::Failed => "FAILED",
+                    Overall::Good => "every verdict good",
+                    Overall::Incomplete =>
+                        "INCOMPLETE: a run stopped before it explored everything",
+                    Overall::Failed => "FAILED",
                 }
             );
             match worst {
-                Verdict::Good => ExitCode::SUCCESS,
-                Verdict::Incomplete if allow_incomplete => ExitCode::SUCCESS,
-                Verdict::Incomplete => ExitCode::from(2),
-                Verdict::Failed => ExitCode::from(1),
+                Overall::Good => ExitCode::SUCCESS,
+                Overall::Incomplete if allow_incomplete => ExitCode::SUCCESS,
+                Overall::Incomplete => ExitCode::from(2),
+                Overall::Failed => ExitCode::from(1),
             }
         }
         Command::Explore {
@@ -323,44 +322,20 @@ fn main() -> ExitCode {
     }
 }
 
-fn check(c: &Configuration, run: &Run) -> Verdict {
-    let model = TunnelModel::new(c.bounds.clone());
-    let builder = model
-        .checker()
-        .threads(run.threads)
-        .target_state_count(run.max_states)
-        .timeout(run.timeout)
-        .finish_when(HasDiscoveries::AnyFailures);
-    let start = Instant::now();
-    if run.bfs {
-        report(c, run, builder.spawn_bfs().join(), start)
-    } else {
-        report(c, run, builder.spawn_dfs().join(), start)
-    }
-}
-
-fn report(c: &Configuration, run: &Run, checker: impl Checker<TunnelModel>, start: Instant) -> Verdict {
-    let elapsed = start.elapsed();
-    let properties = checker.model().properties();
-    let violated = properties.iter().any(|p| {
-        p.expectation == Expectation::Always && checker.discovery(p.name).is_some()
-    });
-    let complete = checker.is_done()
-        && checker.state_count() < run.max_states
-        && elapsed < run.timeout
-        && !violated;
+fn check(c: &Configuration, limits: Limits) -> Overall {
+    let r = suite::check(c, limits);
     println!("\n## {}: {}\n", c.name, c.about);
     println!("| configuration | {:?} |", c.bounds);
     println!("| --- | --- |");
-    println!("| unique states | {} |", checker.unique_state_count());
-    println!("| states visited | {} |", checker.state_count());
-    println!("| max depth | {} |", checker.max_depth());
-    println!("| time | {:.1} s |", elapsed.as_secs_f64());
+    println!("| unique states | {} |", r.unique);
+    println!("| states visited | {} |", r.visited);
+    println!("| max depth | {} |", r.depth);
+    println!("| time | {:.1} s |", r.elapsed.as_secs_f64());
     println!(
         "| complete | {} |",
-        if complete {
+        if r.complete {
             "yes: every reachable state explored"
-        } else if violated {
+        } else if !r.violations.is_empty() {
             "stopped at the first violation"
         } else {
             "NO: stopped at --max-states or --timeout-secs"
@@ -369,43 +344,25 @@ fn report(c: &Configuration, run: &Run, checker: impl Checker<TunnelModel>, star
     println!();
     println!("| property | kind | verdict |");
     println!("| --- | --- | --- |");
-    let mut failed = violated;
-    let mut paths = Vec::new();
-    for p in &properties {
-        let found = checker.discovery(p.name);
-        let claimed = c.claims.contains(&p.name);
-        let verdict = match (&p.expectation, &found) {
-            (Expectation::Always, None) => "holds",
-            (Expectation::Always, Some(_)) => "VIOLATED",
-            (Expectation::Sometimes, Some(_)) => "reached",
-            (Expectation::Sometimes, None) if claimed && complete => {
-                failed = true;
-                "NOT REACHED (claimed)"
-            }
-            (Expectation::Sometimes, None) if claimed => "not reached (run incomplete)",
-            (Expectation::Sometimes, None) => continue,
-            (Expectation::Eventually, None) => "holds",
-            (Expectation::Eventually, Some(_)) => "VIOLATED",
+    for (name, v) in &r.verdicts {
+        let (kind, verdict) = match v {
+            Verdict::Holds => ("always", "holds"),
+            Verdict::Violated => ("always", "VIOLATED"),
+            Verdict::Reached { claimed: true } => ("sometimes (claimed)", "reached"),
+            Verdict::Reached { claimed: false } => ("sometimes", "reached"),
+            Verdict::NotReached => ("sometimes (claimed)", "NOT REACHED (claimed)"),
+            Verdict::Unknown => ("sometimes (claimed)", "not reached (run incomplete)"),
         };
-        let kind = match p.expectation {
-            Expectation::Always => "always",
-            Expectation::Sometimes if claimed => "sometimes (claimed)",
-            Expectation::Sometimes => "sometimes",
-            Expectation::Eventually => "eventually",
-        };
-        println!("| {} | {kind} | {verdict} |", p.name);
-        if let (Expectation::Always, Some(path)) = (&p.expectation, found) {
-            paths.push((p.name, path.into_actions()));
-        }
+        println!("| {name} | {kind} | {verdict} |");
     }
-    for (name, actions) in paths {
+    for (name, actions) in &r.violations {
         println!("\nviolation of \"{name}\": {actions:?}");
     }
-    if failed {
-        Verdict::Failed
-    } else if complete {
-        Verdict::Good
+    if r.failed() {
+        Overall::Failed
+    } else if r.complete {
+        Overall::Good
     } else {
-        Verdict::Incomplete
+        Overall::Incomplete
     }
 }

@@ -217,9 +217,9 @@ pub fn all() -> Vec<Property<TunnelModel>> {
             s.ends.iter().any(|e| e.seen.split)
         }),
         Property::sometimes(KEEPALIVE_PING, |m: &TunnelModel, s: &ModelState| {
-            s.ends.iter().any(|e| {
-                e.seen.keepalive_ping && e.answers > m.bounds.pings - e.pings_left
-            })
+            s.ends
+                .iter()
+                .any(|e| e.seen.keepalive_ping && e.answers > m.bounds.pings - e.pings_left)
         }),
         Property::sometimes(PING_ANSWERED, |_: &TunnelModel, s: &ModelState| {
             s.ends.iter().any(|e| e.seen.ping_answered)
@@ -232,7 +232,10 @@ pub fn all() -> Vec<Property<TunnelModel>> {
         Property::sometimes(REFUSED, |_: &TunnelModel, s: &ModelState| {
             matches!(
                 s.ends[1].session.close_reason(),
-                Some(CloseReason::Peer { code: ErrorCode::UNAUTHORIZED, .. })
+                Some(CloseReason::Peer {
+                    code: ErrorCode::UNAUTHORIZED,
+                    ..
+                })
             )
         }),
         Property::sometimes(WELCOMED, |_: &TunnelModel, s: &ModelState| {

@@ -196,7 +196,9 @@ pub fn bytes(m: Misbehavior, state: &ModelState, server_max_streams: u32) -> Opt
             })?
         }
         Misbehavior::DialWithWrongParity => open.then(|| vec![dial(FRESH_SERVER_ID)])?,
-        Misbehavior::ReusesStreamId => (open && agent.last_dial > 0).then(|| vec![dial(agent.last_dial)])?,
+        Misbehavior::ReusesStreamId => {
+            (open && agent.last_dial > 0).then(|| vec![dial(agent.last_dial)])?
+        }
         Misbehavior::DialAfterGoAway => {
             (open && agent.goaway_sent).then(|| vec![dial(FRESH_AGENT_ID)])?
         }
@@ -225,8 +227,8 @@ pub fn bytes(m: Misbehavior, state: &ModelState, server_max_streams: u32) -> Opt
             vec![data(id, 1)]
         }
         Misbehavior::IgnoresWindow => {
-            let window = usize::try_from(state.ends[0].session.local_settings().initial_window())
-                .ok()?;
+            let window =
+                usize::try_from(state.ends[0].session.local_settings().initial_window()).ok()?;
             // One frame, so the honest end cannot have buffered any of it before it sees the
             // overrun: a window this small is what the hostile configurations use.
             if window + 1 > tether_proto::frame::MIN_MAX_FRAME_SIZE as usize {
@@ -280,7 +282,12 @@ pub fn bytes(m: Misbehavior, state: &ModelState, server_max_streams: u32) -> Opt
 
 /// What the SPEC demands of the honest end `server` when `m` arrives now. `seen_agent_id` is
 /// the highest stream id the agent opened that has reached the server.
-pub fn expected(m: Misbehavior, server: &Session, target: Option<StreamId>, seen_agent_id: u32) -> Answer {
+pub fn expected(
+    m: Misbehavior,
+    server: &Session,
+    target: Option<StreamId>,
+    seen_agent_id: u32,
+) -> Answer {
     if server.is_closed() {
         return Answer::Ignores;
     }
@@ -300,7 +307,10 @@ pub fn expected(m: Misbehavior, server: &Session, target: Option<StreamId>, seen
         | Misbehavior::DataBeforeAccept
         | Misbehavior::IgnoresWindow
         | Misbehavior::OverGrants
-            if gone || (state.is_none() && target.is_some_and(|id| id.0 <= seen_agent_id || Role::Server.opens(id))) =>
+            if gone
+                || (state.is_none()
+                    && target
+                        .is_some_and(|id| id.0 <= seen_agent_id || Role::Server.opens(id))) =>
         {
             Answer::Ignores
         }

@@ -184,3 +184,153 @@ pub fn hostile() -> Configuration {
 pub fn default_suite() -> Vec<Configuration> {
     vec![streams(), cancel(), flow(), session(), ping(), hostile()]
 }
+
+/// Bigger configurations for a long (nightly-style) run and for the record in docs/MODEL.md:
+/// `check --long`. Each still completes, in tens of minutes rather than seconds.
+pub fn long_suite() -> Vec<Configuration> {
+    let mut streams = streams();
+    streams.name = "streams-long";
+    streams.bounds.resets = 1;
+    streams
+        .claims
+        .extend([CANCEL_CROSSES_DIAL_OK, WALKS_AWAY, RESET_CROSSES_FIN]);
+    let mut flow = flow();
+    flow.name = "flow-long";
+    flow.bounds.reply_chunks = 1;
+    let mut session = session();
+    session.name = "session-long";
+    session.bounds.pings = 1;
+    session.claims.push(PING_ANSWERED);
+    let mut hostile = hostile();
+    hostile.name = "hostile-long";
+    hostile.bounds.chunks = 1;
+    hostile.bounds.reply_chunks = 1;
+    vec![streams, flow, session, hostile]
+}
+
+/// How far one run may go.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Stop after visiting this many states.
+    pub max_states: usize,
+    /// Checker threads.
+    pub threads: usize,
+    /// Breadth-first instead of depth-first.
+    pub bfs: bool,
+    /// Give up after this long.
+    pub timeout: std::time::Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_states: 20_000_000,
+            threads: 2,
+            bfs: false,
+            timeout: std::time::Duration::from_secs(1800),
+        }
+    }
+}
+
+/// What one configuration's run found.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// Unique states.
+    pub unique: usize,
+    /// States visited.
+    pub visited: usize,
+    /// Deepest path.
+    pub depth: usize,
+    /// Wall time.
+    pub elapsed: std::time::Duration,
+    /// Every reachable state was explored.
+    pub complete: bool,
+    /// Violated `always` properties, each with its path.
+    pub violations: Vec<(&'static str, Vec<crate::Action>)>,
+    /// Every property with its verdict: `always` (holds or not), then the examples reached
+    /// or claimed.
+    pub verdicts: Vec<(&'static str, Verdict)>,
+}
+
+/// One property's verdict in a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// An `always` property held in every state explored.
+    Holds,
+    /// An `always` property failed.
+    Violated,
+    /// An example was reached (claimed or not).
+    Reached {
+        /// The configuration claims it.
+        claimed: bool,
+    },
+    /// A claimed example was not reached in a complete run: a failure.
+    NotReached,
+    /// A claimed example was not reached, but the run was not complete.
+    Unknown,
+}
+
+impl Report {
+    /// Whether the run failed: a violation, or a claim not reached in a complete run.
+    pub fn failed(&self) -> bool {
+        self.verdicts
+            .iter()
+            .any(|(_, v)| matches!(v, Verdict::Violated | Verdict::NotReached))
+    }
+}
+
+/// Runs one configuration to completion (or to `limits`) and judges it.
+pub fn check(c: &Configuration, limits: Limits) -> Report {
+    use stateright::{Checker, Expectation, HasDiscoveries, Model};
+    let start = std::time::Instant::now();
+    let builder = crate::TunnelModel::new(c.bounds.clone())
+        .checker()
+        .threads(limits.threads)
+        .target_state_count(limits.max_states)
+        .timeout(limits.timeout)
+        .finish_when(HasDiscoveries::AnyFailures);
+    let judge = |checker: &dyn Checker<crate::TunnelModel>| {
+        let elapsed = start.elapsed();
+        let properties = checker.model().properties();
+        let mut violations = Vec::new();
+        for p in &properties {
+            if let (Expectation::Always, Some(path)) = (&p.expectation, checker.discovery(p.name)) {
+                violations.push((p.name, path.into_actions()));
+            }
+        }
+        let complete = checker.is_done()
+            && checker.state_count() < limits.max_states
+            && elapsed < limits.timeout
+            && violations.is_empty();
+        let mut verdicts = Vec::new();
+        for p in &properties {
+            let found = checker.discovery(p.name).is_some();
+            let claimed = c.claims.contains(&p.name);
+            let v = match (&p.expectation, found) {
+                (Expectation::Sometimes, true) => Verdict::Reached { claimed },
+                (Expectation::Sometimes, false) if !claimed => continue,
+                (Expectation::Sometimes, false) if complete => Verdict::NotReached,
+                (Expectation::Sometimes, false) => Verdict::Unknown,
+                (_, false) => Verdict::Holds,
+                (_, true) => Verdict::Violated,
+            };
+            verdicts.push((p.name, v));
+        }
+        Report {
+            unique: checker.unique_state_count(),
+            visited: checker.state_count(),
+            depth: checker.max_depth(),
+            elapsed,
+            complete,
+            violations,
+            verdicts,
+        }
+    };
+    if limits.bfs {
+        let checker = builder.spawn_bfs().join();
+        judge(&checker)
+    } else {
+        let checker = builder.spawn_dfs().join();
+        judge(&checker)
+    }
+}

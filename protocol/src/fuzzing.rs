@@ -7,9 +7,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use arbitrary::{Result, Unstructured};
 use bytes::{Bytes, BytesMut};
 
-use crate::error::CloseReason;
 use crate::Time;
 use crate::codec::FrameCodec;
+use crate::error::CloseReason;
 use crate::frame::*;
 use crate::session::{Config, Event, Session, StreamState};
 use crate::testing::{Carry, Pair, Side, test_agent_identity, test_server_identity};
@@ -191,7 +191,11 @@ fn spec_bytes(frame: &Frame) -> Option<Vec<u8>> {
         out.push(kind);
         out.push(flags);
         out.extend_from_slice(&stream.to_be_bytes());
-        out.extend_from_slice(&u32::try_from(payload.len()).unwrap_or(u32::MAX).to_be_bytes());
+        out.extend_from_slice(
+            &u32::try_from(payload.len())
+                .unwrap_or(u32::MAX)
+                .to_be_bytes(),
+        );
         out.extend_from_slice(payload);
     }
     fn str8(out: &mut Vec<u8>, s: &str) {
@@ -221,7 +225,6 @@ fn spec_bytes(frame: &Frame) -> Option<Vec<u8>> {
     Some(out)
 }
 
-
 /// Target `frame_roundtrip`: a valid frame encodes and decodes to itself.
 pub fn frame_roundtrip(data: &[u8]) {
     let mut u = Unstructured::new(data);
@@ -237,7 +240,10 @@ pub fn frame_roundtrip(data: &[u8]) {
         assert_eq!(&buf[..], &spec[..], "encoder vs SPEC layout of {frame}");
         let mut codec = FrameCodec::with_max_payload(MAX_PAYLOAD_LIMIT);
         let mut exact = BytesMut::from(&spec[..]);
-        assert_eq!(codec.decode(&mut exact).ok().flatten().as_ref(), Some(&frame));
+        assert_eq!(
+            codec.decode(&mut exact).ok().flatten().as_ref(),
+            Some(&frame)
+        );
         assert!(exact.is_empty());
     }
     let mut codec = FrameCodec::with_max_payload(MAX_PAYLOAD_LIMIT);
@@ -251,7 +257,10 @@ pub fn frame_roundtrip(data: &[u8]) {
     short.truncate(short.len() - 1);
     let mut codec = FrameCodec::with_max_payload(MAX_PAYLOAD_LIMIT);
     assert_eq!(codec.decode(&mut short).ok().flatten(), None);
-    if let Some(limit) = u32::try_from(frame.payload_len()).ok().and_then(|n| n.checked_sub(1)) {
+    if let Some(limit) = u32::try_from(frame.payload_len())
+        .ok()
+        .and_then(|n| n.checked_sub(1))
+    {
         let mut head = BytesMut::from(&frame.header().to_bytes()[..]);
         let mut codec = FrameCodec::with_max_payload(limit);
         assert!(
@@ -621,7 +630,10 @@ fn run_session_pair(u: &mut Unstructured<'_>) -> Result<()> {
                 }
             }
             5 => {
-                if p.session(side).reset(id, ErrorCode::CANCEL, "cancel").is_ok() {
+                if p.session(side)
+                    .reset(id, ErrorCode::CANCEL, "cancel")
+                    .is_ok()
+                {
                     t.reset.insert(id);
                 }
             }
@@ -718,12 +730,18 @@ fn run_session_pair(u: &mut Unstructured<'_>) -> Result<()> {
             let sent = t.sent.get(&(side, id)).map_or(&[][..], |v| &v[..]);
             let got = t.received.get(&(peer, id)).map_or(&[][..], |v| &v[..]);
             assert_eq!(got, sent, "{peer:?} stream {id}: not every byte arrived");
-            assert!(t.fin.contains(&(peer, id)), "{peer:?} stream {id}: FIN never read");
+            assert!(
+                t.fin.contains(&(peer, id)),
+                "{peer:?} stream {id}: FIN never read"
+            );
         }
         for side in [Side::Server, Side::Agent] {
             // Every application PING on a session that is still open was answered.
             if !p.session(side).is_closed() {
-                assert!(!t.ping_waiting.contains(&side), "{side:?}: a PING went unanswered");
+                assert!(
+                    !t.ping_waiting.contains(&side),
+                    "{side:?}: a PING went unanswered"
+                );
             }
             // A drain, once started, completes at both ends when the streams are done.
             if t.drained {

@@ -161,7 +161,12 @@ impl Session {
         // The refusal is moot (the peer has closed the stream), and dropping it keeps the
         // queue bounded by what the peer has live: a peer that cancels and dials again in one
         // burst is not a flood.
-        if let Some(at) = self.streams.refusals.iter().position(|(id, _)| *id == r.stream) {
+        if let Some(at) = self
+            .streams
+            .refusals
+            .iter()
+            .position(|(id, _)| *id == r.stream)
+        {
             self.streams.refusals.remove(at);
             self.maybe_drained();
             return Ok(());
