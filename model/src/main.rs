@@ -90,26 +90,6 @@ impl Named {
     }
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum Rogue {
-    All,
-    FrameBeforeWelcome,
-    HelloInOpenSession,
-    DialWithWrongParity,
-    ReusesStreamId,
-    DialAfterGoAway,
-    DialFlood,
-    FrameForUnopenedStream,
-    DialOkForOwnStream,
-    SecondDialOk,
-    DataBeforeAccept,
-    DataAfterFin,
-    IgnoresWindow,
-    OverGrants,
-    Malformed,
-    TooLarge,
-}
-
 #[derive(Args)]
 struct BoundArgs {
     /// Streams the server end opens.
@@ -160,9 +140,12 @@ struct BoundArgs {
     /// Flush only on a step of its own (true/false).
     #[arg(long)]
     batching: Option<bool>,
-    /// Make the agent end misbehave (repeatable).
+    /// Make the agent end misbehave in this way (repeatable).
     #[arg(long, value_enum)]
-    rogue: Vec<Rogue>,
+    rogue: Vec<Misbehavior>,
+    /// Let the agent end misbehave in every way.
+    #[arg(long)]
+    rogue_all: bool,
 }
 
 impl BoundArgs {
@@ -185,6 +168,7 @@ impl BoundArgs {
             self.handshake.is_some(),
             self.batching.is_some(),
             !self.rogue.is_empty(),
+            self.rogue_all,
         ];
         o.into_iter().any(|x| x)
     }
@@ -211,15 +195,10 @@ impl BoundArgs {
             handshake,
             batching
         );
-        if !self.rogue.is_empty() {
-            b.rogue = self
-                .rogue
-                .iter()
-                .flat_map(|r| match r {
-                    Rogue::All => Misbehavior::ALL.to_vec(),
-                    r => vec![Misbehavior::ALL[*r as usize - 1]],
-                })
-                .collect();
+        if self.rogue_all {
+            b.rogue = Misbehavior::ALL.to_vec();
+        } else if !self.rogue.is_empty() {
+            b.rogue.clone_from(&self.rogue);
             b.rogue.sort();
             b.rogue.dedup();
         }

@@ -17,7 +17,7 @@ use tether_proto::{CloseReason, Config, Role, Session, StreamState};
 use crate::{AppPhase, ModelState};
 
 /// A way the agent end breaks the protocol on purpose.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, clap::ValueEnum)]
 pub enum Misbehavior {
     /// A PING after HELLO, before WELCOME (SPEC 4.1): `PROTOCOL_ERROR`.
     FrameBeforeWelcome,
