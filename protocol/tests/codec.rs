@@ -349,3 +349,59 @@ fn the_tokio_decoder_reports_malformed_frames_as_decode_errors() {
         other => panic!("expected a decode error, got {other:?}"),
     }
 }
+
+// ----- boundaries the mutation run found untested (docs/MODEL.md, "Mutation score") -----
+
+fn hello_with(identifiers: Vec<Identifier>) -> Hello {
+    Hello {
+        versions: vec![1],
+        agent_id: "agent".into(),
+        identifiers,
+        settings: Settings::default(),
+        token: None,
+    }
+}
+
+#[test]
+fn a_hello_with_exactly_64_identifiers_decodes_and_65_are_refused() {
+    let ids = |n: usize| {
+        (0..n)
+            .map(|k| Identifier::Host(format!("node-{k}")))
+            .collect::<Vec<_>>()
+    };
+    let sixty_four = Frame::Hello(hello_with(ids(64)));
+    let mut buf = encode_all(std::slice::from_ref(&sixty_four));
+    let mut codec = FrameCodec::with_max_payload(HANDSHAKE_MAX_PAYLOAD);
+    assert_eq!(codec.decode(&mut buf).unwrap(), Some(sixty_four));
+    // 65 written by hand: the encoder would not take them.
+    let mut over = encode_all(&[Frame::Hello(hello_with(ids(64)))]);
+    let count_at = HEADER_LEN + 1 + 2 + 1 + "agent".len();
+    assert_eq!(over[count_at], 64);
+    over[count_at] = 65;
+    let mut codec = FrameCodec::with_max_payload(HANDSHAKE_MAX_PAYLOAD);
+    assert!(
+        codec.decode(&mut over).is_err(),
+        "65 identifiers are malformed"
+    );
+}
+
+#[test]
+fn an_unknown_identifier_value_over_255_bytes_is_refused_before_encoding() {
+    let long = Identifier::Unknown(IdentifierKind(0x20), vec![7; 256]);
+    assert!(hello_with(vec![long]).validate().is_err());
+    let fits = Identifier::Unknown(IdentifierKind(0x20), vec![7; 255]);
+    assert_eq!(hello_with(vec![fits]).validate(), Ok(()));
+}
+
+#[test]
+fn a_welcome_needs_a_server_id_of_1_to_255_bytes() {
+    let welcome = |server_id: String| Welcome {
+        version: 1,
+        server_id,
+        server_count: 1,
+        settings: Settings::default(),
+    };
+    assert!(welcome(String::new()).validate().is_err(), "empty");
+    assert!(welcome("s".repeat(256)).validate().is_err(), "256 bytes");
+    assert_eq!(welcome("s".repeat(255)).validate(), Ok(()));
+}

@@ -1271,3 +1271,53 @@ fn sessions_are_values_that_clone_compare_and_hash() {
     assert_ne!(a, p.server);
     assert!(p.server.check_invariants().is_ok());
 }
+
+// ----- boundaries the mutation run found untested (docs/MODEL.md, "Mutation score") -----
+
+#[test]
+fn a_chunk_of_exactly_max_frame_size_goes_out_as_one_data_frame() {
+    let mut p = pair();
+    let id = open_accepted(&mut p);
+    let max = p.server.peer_settings().max_frame_size() as usize;
+    assert_eq!(p.server.send(id, Bytes::from(vec![1u8; max])), Ok(max));
+    let frames = drain_frames(&mut p.server);
+    assert!(
+        matches!(&frames[..], [Frame::Data(d)] if d.payload.len() == max && !d.fin),
+        "{:?}",
+        frames.iter().map(Frame::payload_len).collect::<Vec<_>>()
+    );
+    // Nothing of it is left behind: the next byte goes out alone, not after an empty frame.
+    assert_eq!(p.server.send(id, Bytes::from_static(b"x")), Ok(1));
+    let frames = drain_frames(&mut p.server);
+    assert!(
+        matches!(&frames[..], [Frame::Data(d)] if d.payload.len() == 1),
+        "{:?}",
+        frames.iter().map(Frame::payload_len).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn a_send_that_fits_the_window_promises_no_writable() {
+    let mut p = Pair::established(small_window(100), small_window(100));
+    let id = open_accepted(&mut p);
+    // 10 of 100 bytes: taken whole, window not exhausted; nothing to be told later.
+    assert_eq!(p.server.send(id, Bytes::from(vec![1u8; 10])), Ok(10));
+    p.run();
+    let (got, _) = read_all(&mut p.agent, id);
+    assert_eq!(got.len(), 10);
+    p.agent.release(id, 10).unwrap();
+    // Credit returns only in batches (SPEC 6.4): send more so the threshold is crossed.
+    assert_eq!(p.server.send(id, Bytes::from(vec![2u8; 50])), Ok(50));
+    p.run();
+    let (got, _) = read_all(&mut p.agent, id);
+    p.agent
+        .release(id, u32::try_from(got.len()).unwrap())
+        .unwrap();
+    p.run();
+    let events = p.events(Side::Server);
+    assert!(
+        !events.iter().any(|e| matches!(e, Event::Writable { .. })),
+        "{events:?}"
+    );
+    assert_eq!(p.server.send_capacity(id), 100, "the credit did come back");
+}
