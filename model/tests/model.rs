@@ -253,21 +253,3 @@ fn a_stream_complete_when_the_tunnel_drops_still_reads_to_its_end() {
         );
     }
 }
-
-/// The default suite, as `check` runs it, in this build (with the session's debug assertions
-/// on in a dev build). Minutes in a dev build: ignored by default; the mutation run
-/// (`.cargo/mutants.toml`) includes it, and CI runs the release `check`.
-#[test]
-#[ignore = "minutes; run by cargo mutants and as `tether-model check` in CI"]
-fn the_default_suite_gives_every_verdict_good() {
-    for c in suite::default_suite() {
-        let report = suite::check(&c, suite::Limits::default());
-        assert!(
-            report.complete && !report.failed(),
-            "{}: {:?} {:?}",
-            c.name,
-            report.violations,
-            report.verdicts
-        );
-    }
-}
