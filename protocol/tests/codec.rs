@@ -405,3 +405,42 @@ fn a_welcome_needs_a_server_id_of_1_to_255_bytes() {
     assert!(welcome("s".repeat(256)).validate().is_err(), "256 bytes");
     assert_eq!(welcome("s".repeat(255)).validate(), Ok(()));
 }
+
+#[test]
+fn a_host_identifier_needs_1_to_255_printable_bytes() {
+    let host = |h: String| hello_with(vec![Identifier::Host(h)]).validate();
+    assert!(host(String::new()).is_err(), "empty");
+    assert!(host("h".repeat(256)).is_err(), "256 bytes");
+    assert!(host("a b".into()).is_err(), "a space");
+    assert_eq!(host("h".repeat(255)), Ok(()));
+}
+
+#[test]
+fn a_token_exposes_exactly_the_secret_it_was_given() {
+    let token = Token::new("s3cr3t-token").unwrap();
+    assert_eq!(token.expose(), "s3cr3t-token");
+}
+
+#[test]
+fn a_window_increment_of_2_pow_31_minus_1_decodes_and_one_more_is_malformed() {
+    let window = |increment: u32| {
+        let mut b = BytesMut::new();
+        Header {
+            kind: FrameKind::WINDOW,
+            flags: 0,
+            stream: StreamId(1),
+            len: 4,
+        }
+        .encode(&mut b);
+        b.extend_from_slice(&increment.to_be_bytes());
+        FrameCodec::with_max_payload(MAX_PAYLOAD_LIMIT).decode(&mut b)
+    };
+    assert_eq!(
+        window(MAX_WINDOW).unwrap(),
+        Some(Frame::Window(WindowUpdate {
+            stream: StreamId(1),
+            increment: MAX_WINDOW
+        }))
+    );
+    assert!(window(MAX_WINDOW + 1).is_err());
+}

@@ -1321,3 +1321,32 @@ fn a_send_that_fits_the_window_promises_no_writable() {
     );
     assert_eq!(p.server.send_capacity(id), 100, "the credit did come back");
 }
+
+#[test]
+fn a_reason_of_255_bytes_is_sent_and_256_is_refused() {
+    let mut p = pair();
+    let id = open_accepted(&mut p);
+    assert_eq!(
+        p.server.reset(id, ErrorCode::CANCEL, &"r".repeat(256)),
+        Err(ApiError::ReasonTooLong)
+    );
+    assert_eq!(
+        p.server.reset(id, ErrorCode::CANCEL, &"r".repeat(255)),
+        Ok(())
+    );
+}
+
+#[test]
+fn poll_transmit_encodes_every_ready_frame_and_counts_them() {
+    let mut p = pair();
+    let a = p.server.open(Protocol::TCP, "a", 1).unwrap();
+    let b = p.server.open(Protocol::TCP, "b", 2).unwrap();
+    let mut out = BytesMut::new();
+    assert_eq!(p.server.poll_transmit(&mut out), 2);
+    let (frames, error) = tether_proto::testing::decode_all(&out, MIN_MAX_FRAME_SIZE);
+    assert_eq!(error, None);
+    let ids: Vec<StreamId> = frames.iter().map(Frame::stream).collect();
+    assert_eq!(ids, vec![a, b]);
+    assert!(frames.iter().all(|f| matches!(f, Frame::Dial(_))));
+    assert_eq!(p.server.poll_transmit(&mut out), 0, "nothing left");
+}
