@@ -1350,3 +1350,32 @@ fn poll_transmit_encodes_every_ready_frame_and_counts_them() {
     assert!(frames.iter().all(|f| matches!(f, Frame::Dial(_))));
     assert_eq!(p.server.poll_transmit(&mut out), 0, "nothing left");
 }
+
+#[test]
+fn a_keepalive_interval_without_a_timeout_is_refused_and_no_keepalive_needs_none() {
+    let cfg = |interval: u64, timeout: u64| Config {
+        keepalive_interval_ms: interval,
+        keepalive_timeout_ms: timeout,
+        ..Config::default()
+    };
+    let identity = tether_proto::testing::test_agent_identity;
+    assert!(matches!(
+        Session::agent(cfg(1000, 0), identity(), Time::from_millis(0)),
+        Err(ApiError::InvalidConfig(_))
+    ));
+    assert!(Session::agent(cfg(0, 0), identity(), Time::from_millis(0)).is_ok());
+}
+
+#[test]
+fn recv_never_returns_more_than_asked_nor_an_empty_slice_before_the_end() {
+    let mut p = pair();
+    let id = open_accepted(&mut p);
+    p.agent.send(id, Bytes::from(vec![5u8; 2000])).unwrap();
+    p.run();
+    let mut sizes = Vec::new();
+    while let Ok(Some(b)) = p.server.recv(id, 100) {
+        sizes.push(b.len());
+    }
+    assert_eq!(sizes.iter().sum::<usize>(), 2000);
+    assert!(sizes.iter().all(|&n| n > 0 && n <= 100), "{sizes:?}");
+}
