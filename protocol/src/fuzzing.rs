@@ -313,7 +313,7 @@ pub fn session_ops(data: &[u8]) {
 }
 
 fn fuzz_config(u: &mut Unstructured<'_>) -> Result<Config> {
-    Ok(Config {
+    let c = Config {
         initial_window: u.int_in_range(1..=100_000)?,
         max_frame_size: u.int_in_range(MIN_MAX_FRAME_SIZE..=70_000)?,
         max_concurrent_streams: u.int_in_range(0..=4)?,
@@ -322,6 +322,13 @@ fn fuzz_config(u: &mut Unstructured<'_>) -> Result<Config> {
         handshake_timeout_ms: u.int_in_range(0..=5000)?,
         stream_id_limit: u.int_in_range(1..=40)?,
         ..Config::default()
+    };
+    // This end's own caps, derived from bytes already taken so that corpus files keep their
+    // meaning: a send buffer below or above the peer's window, an open limit of 1 to 4.
+    Ok(Config {
+        max_send_window: 1 + c.initial_window / 2,
+        max_open_streams: 1 + c.stream_id_limit % 4,
+        ..c
     })
 }
 

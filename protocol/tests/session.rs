@@ -1379,3 +1379,79 @@ fn recv_never_returns_more_than_asked_nor_an_empty_slice_before_the_end() {
     assert_eq!(sizes.iter().sum::<usize>(), 2000);
     assert!(sizes.iter().all(|&n| n > 0 && n <= 100), "{sizes:?}");
 }
+
+// ----- bounds this end chooses, whatever the peer announces (SPEC 10) -----
+
+#[test]
+fn a_peer_announcing_a_huge_window_gets_no_more_queued_than_this_ends_own_send_buffer() {
+    let server = Config {
+        max_send_window: 4096,
+        ..config()
+    };
+    let agent = Config {
+        initial_window: MAX_WINDOW,
+        ..config()
+    };
+    let mut p = Pair::established(server, agent);
+    let id = open_accepted(&mut p);
+    let big = Bytes::from(vec![7u8; 1 << 20]);
+    assert_eq!(p.server.send(id, big.clone()).unwrap(), 4096);
+    // The peer's window has room for 2 GiB; this end's buffer is full.
+    assert_eq!(p.server.send(id, big.clone()).unwrap(), 0);
+    assert!(p.events(Side::Server).is_empty());
+    // Once the bytes have left the buffer (onto the wire), the writer is told, once.
+    let frames = drain_frames(&mut p.server);
+    assert_eq!(frames.len(), 1, "{frames:?}");
+    assert_eq!(p.events(Side::Server), vec![Event::Writable { stream: id }]);
+    assert_eq!(p.server.send(id, big).unwrap(), 4096);
+}
+
+#[test]
+fn a_peer_announcing_unlimited_streams_gets_no_more_opens_than_this_ends_own_limit() {
+    let server = Config {
+        max_open_streams: 2,
+        ..config()
+    };
+    let agent = Config {
+        max_concurrent_streams: u32::MAX,
+        ..config()
+    };
+    let mut p = Pair::established(server, agent);
+    p.server.open(Protocol::TCP, "10.0.0.1", 80).unwrap();
+    p.server.open(Protocol::TCP, "10.0.0.1", 80).unwrap();
+    assert_eq!(
+        p.server.open(Protocol::TCP, "10.0.0.1", 80),
+        Err(ApiError::StreamLimit)
+    );
+}
+
+#[test]
+fn a_peer_keepalive_interval_below_the_floor_is_raised_to_it() {
+    let server = Config {
+        keepalive_interval_ms: 0,
+        ..config()
+    };
+    let agent = Config {
+        keepalive_interval_ms: 1,
+        keepalive_timeout_ms: 60_000,
+        ..config()
+    };
+    let mut p = Pair::established(server, agent);
+    p.record = true;
+    for _ in 0..500 {
+        p.advance(10);
+        p.run();
+    }
+    let server_pings = p
+        .sent
+        .0
+        .iter()
+        .filter(|f| matches!(f, Frame::Ping(ping) if !ping.ack))
+        .count();
+    // 5 s at the 1 s floor: five PINGs, not five thousand.
+    assert!(
+        (4..=5).contains(&server_pings),
+        "{server_pings} PINGs in 5 s"
+    );
+    assert!(MIN_KEEPALIVE_INTERVAL_MS == 1000);
+}

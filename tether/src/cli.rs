@@ -22,6 +22,15 @@ pub fn init_logging(default: &str) {
         .try_init();
 }
 
+/// Raises the soft limit on open files to the hard limit, as Go's runtime does at start: every
+/// tunnel and every proxied connection is a descriptor. Logs the limit in effect.
+pub fn raise_fd_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => tracing::info!(open_files = n, "file descriptor limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the file descriptor limit"),
+    }
+}
+
 /// Resolves on SIGTERM or Ctrl-C.
 pub async fn shutdown_signal() {
     #[cfg(unix)]
@@ -136,6 +145,9 @@ impl TunnelArgs {
         let ms = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         tether_proto::Config {
             initial_window: self.stream_window,
+            // What this end holds to send per stream is its own choice, as large as what it
+            // lets the peer send it, whatever window the peer announces (SPEC 6.2).
+            max_send_window: self.stream_window,
             keepalive_interval_ms: ms(self.keepalive_time),
             keepalive_timeout_ms: ms(self.keepalive_timeout),
             handshake_timeout_ms: ms(self.handshake_timeout),

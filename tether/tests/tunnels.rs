@@ -123,7 +123,10 @@ async fn an_agent_with_the_wrong_ca_or_no_client_certificate_gets_no_session() {
 async fn a_bad_token_is_refused_and_a_good_one_accepted() {
     let pki = Pki::new();
     let mut cfg = server_config(&pki);
-    cfg.tokens = Some(["s3cret".to_owned()].into_iter().collect());
+    cfg.tokens = Some(tether::server::Tokens::new([(
+        "s3cret".into(),
+        "good".into(),
+    )]));
     let server = Server::start(cfg).await.unwrap();
     let dir = std::env::temp_dir().join(format!("tether-token-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

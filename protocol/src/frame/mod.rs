@@ -38,7 +38,9 @@ pub use hello::{
 };
 pub use ping::{FLAG_ACK, Ping};
 pub use reset::Reset;
-pub use settings::{MAX_SETTINGS, MIN_MAX_FRAME_SIZE, SettingId, Settings};
+pub use settings::{
+    MAX_SETTINGS, MIN_KEEPALIVE_INTERVAL_MS, MIN_MAX_FRAME_SIZE, SettingId, Settings,
+};
 pub use unknown::Unknown;
 pub use welcome::Welcome;
 pub use window::WindowUpdate;

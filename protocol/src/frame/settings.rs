@@ -27,6 +27,10 @@ pub const MAX_SETTINGS: usize = 32;
 /// The smallest MAX_FRAME_SIZE a peer may announce (SPEC 3.5).
 pub const MIN_MAX_FRAME_SIZE: u32 = 1024;
 
+/// The shortest KEEPALIVE_INTERVAL a receiver honours, in ms: a peer's smaller non-zero
+/// value is raised to it (SPEC 7.3), so a peer cannot make this end PING without pause.
+pub const MIN_KEEPALIVE_INTERVAL_MS: u64 = 1000;
+
 /// Settings one end announces. `None` leaves the default of SPEC 3.5.
 #[derive(Clone, Default, PartialEq, Eq, Hash)]
 pub struct Settings {

@@ -22,7 +22,7 @@ impl Session {
         if self.is_draining() {
             return Err(ApiError::Draining);
         }
-        if self.streams.local_live >= self.peer.max_concurrent_streams() {
+        if self.streams.local_live >= self.open_limit() {
             return Err(ApiError::StreamLimit);
         }
         if self.streams.next_local > self.config.stream_id_limit {
@@ -78,11 +78,15 @@ impl Session {
     }
 
     /// Queues bytes on an established stream; returns how many were taken, at most the credit
-    /// left (SPEC 6.2). When the count is short or the window is now exhausted, a `Writable`
-    /// event follows when credit returns. The bytes are not copied.
+    /// left and at most what this end's own send buffer (`max_send_window`) has room for,
+    /// whatever the peer's window (SPEC 6.2, 10). When the count is short, or the window or
+    /// the buffer is now full, a `Writable` event follows when there is room again. The bytes
+    /// are not copied.
     pub fn send(&mut self, id: StreamId, data: Bytes) -> Result<usize, ApiError> {
+        let cap = self.config.max_send_window;
         let s = self.sending_stream(id)?;
-        let n = s.send.window.available().min(len32(&data));
+        let room = cap.saturating_sub(s.send.queued);
+        let n = s.send.window.available().min(room).min(len32(&data));
         let short = (n as usize) < data.len();
         if n > 0 {
             let consumed = s.send.window.consume(n);
@@ -92,7 +96,7 @@ impl Session {
         }
         // SPEC 6.2: a writer that was cut short, or that used the last of the window, is told
         // when credit returns.
-        if short || s.send.window.is_exhausted() {
+        if short || s.send.window.is_exhausted() || s.send.queued >= cap {
             s.want_writable = true;
         }
         if n > 0 {

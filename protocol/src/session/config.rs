@@ -49,6 +49,18 @@ pub struct Config {
     /// The highest stream id this end will open; at it, the session drains (SPEC 5.1). Local
     /// policy, at most 2^31-1.
     pub stream_id_limit: u32,
+    /// The most bytes this end holds to send on one stream, whatever INITIAL_WINDOW the peer
+    /// announces: its send window is the smaller of the two (SPEC 6.2, 10). At least 1.
+    pub max_send_window: u32,
+    /// The most streams this end opens at once, whatever MAX_CONCURRENT_STREAMS the peer
+    /// announces (SPEC 5.7, 10).
+    pub max_open_streams: u32,
+    /// DATA payloads shorter than this are copied into the stream's receive buffer; longer ones
+    /// are kept as the very slices they arrived as. A slice keeps its whole allocation alive,
+    /// so an adapter that reads into allocations of `B` bytes sets this to `B / 8`: then what
+    /// a stream's unread bytes keep alive is at most 8 times what they are, whatever sizes the
+    /// peer chooses for its frames (SPEC 10). At least 1.
+    pub recv_copy_below: u32,
 }
 
 impl Default for Config {
@@ -62,6 +74,9 @@ impl Default for Config {
             handshake_timeout_ms: 10_000,
             versions: vec![PROTOCOL_VERSION],
             stream_id_limit: MAX_STREAM_ID,
+            max_send_window: Settings::DEFAULT_INITIAL_WINDOW,
+            max_open_streams: Settings::DEFAULT_MAX_CONCURRENT_STREAMS,
+            recv_copy_below: 1024,
         }
     }
 }
@@ -89,6 +104,11 @@ impl Config {
         }
         if self.stream_id_limit > MAX_STREAM_ID {
             return Err(ApiError::InvalidConfig("stream id limit over 2^31-1"));
+        }
+        if self.max_send_window == 0 || self.recv_copy_below == 0 {
+            return Err(ApiError::InvalidConfig(
+                "max send window and recv copy threshold must be at least 1",
+            ));
         }
         if self.keepalive_interval_ms > 0 && self.keepalive_timeout_ms == 0 {
             return Err(ApiError::InvalidConfig(

@@ -85,6 +85,7 @@ impl Session {
 
     pub(super) fn on_data(&mut self, d: Data) -> Result<(), ProtocolError> {
         let kind = FrameKind::DATA;
+        let copy_below = self.config.recv_copy_below;
         let Some(id) = self.streams.lookup(kind, d.stream)? else {
             return Ok(());
         };
@@ -108,7 +109,7 @@ impl Session {
                 "DATA beyond the window",
             )
         })?;
-        s.recv.buf.push(d.payload);
+        s.recv.buf.push(d.payload, copy_below);
         if d.fin {
             s.recv.state = RecvState::FinReceived;
         }
@@ -126,6 +127,7 @@ impl Session {
             return Ok(());
         };
         let initial = self.peer.initial_window();
+        let send_cap = self.config.max_send_window;
         let Some(s) = self.streams.get_mut(id) else {
             return Ok(());
         };
@@ -149,7 +151,8 @@ impl Session {
                 "WINDOW grants more than was sent",
             )
         })?;
-        if s.want_writable && s.send.state == SendState::Open {
+        // A writer held back by this end's send buffer waits for it to drain instead.
+        if s.want_writable && s.send.state == SendState::Open && s.send.queued < send_cap {
             s.want_writable = false;
             self.events.push_back(Event::Writable { stream: id });
         }

@@ -2,7 +2,7 @@
 //! builds, and by the model checker and the fuzz targets through the same function.
 
 use super::keepalive::Timer;
-use super::stream::{COALESCE_BELOW, Phase, SendState};
+use super::stream::{Phase, SendState};
 use super::{Session, SessionPhase};
 use crate::frame::{MAX_STREAM_ID, MAX_WINDOW, MIN_MAX_FRAME_SIZE};
 
@@ -65,6 +65,9 @@ impl Session {
             if s.send.queued > peer_initial - s.send.window.available() {
                 return Err("queued bytes are part of the unacknowledged bytes");
             }
+            if s.send.queued > self.config.max_send_window {
+                return Err("a stream never holds more to send than this end's own cap");
+            }
             let sum: usize = s.send.queue.iter().map(bytes::Bytes::len).sum();
             if sum != s.send.queued as usize {
                 return Err("queued is the total length of the send queue");
@@ -87,7 +90,9 @@ impl Session {
             if s.recv.buf.len() > 0 && s.phase != Phase::Established {
                 return Err("only established streams buffer received bytes");
             }
-            if s.recv.buf.chunk_count() > 2 * (local_initial as usize / COALESCE_BELOW) + 2 {
+            if s.recv.buf.chunk_count()
+                > 2 * (local_initial / self.config.recv_copy_below) as usize + 2
+            {
                 return Err("a receive buffer holds O(window / 1 KiB) slices, whatever the frames");
             }
             if s.is_done() {
@@ -97,7 +102,7 @@ impl Session {
         if local != self.streams.local_live || peer != self.streams.peer_live {
             return Err("the live-stream counters match the table");
         }
-        if established && local > self.peer.max_concurrent_streams() {
+        if established && local > self.open_limit() {
             return Err("this end never opens more streams than the peer allows");
         }
         if peer > self.config.max_concurrent_streams {

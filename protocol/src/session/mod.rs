@@ -52,8 +52,8 @@ use crate::Time;
 use crate::codec::FrameCodec;
 use crate::error::{ApiError, CloseReason, ProtocolError};
 use crate::frame::{
-    DialOk, ErrorCode, Frame, FrameKind, GoAway, HANDSHAKE_MAX_PAYLOAD, HEADER_LEN, Ping, Reset,
-    Settings, StreamId, WindowUpdate,
+    DialOk, ErrorCode, Frame, FrameKind, GoAway, HANDSHAKE_MAX_PAYLOAD, HEADER_LEN,
+    MIN_KEEPALIVE_INTERVAL_MS, Ping, Reset, Settings, StreamId, WindowUpdate,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -274,9 +274,22 @@ impl Session {
         (self.config.initial_window / 2).max(1)
     }
 
+    /// How many streams this end may have open: the peer's MAX_CONCURRENT_STREAMS, capped by
+    /// this end's own limit (SPEC 5.7, 10).
+    pub(super) fn open_limit(&self) -> u32 {
+        self.peer
+            .max_concurrent_streams()
+            .min(self.config.max_open_streams)
+    }
+
     fn keepalive_interval(&self) -> u64 {
         let ours = self.config.keepalive_interval_ms;
-        let theirs = u64::from(self.peer.keepalive_interval());
+        // SPEC 7.3: a peer's interval below the floor is raised to it, so a peer cannot make
+        // this end PING without pause.
+        let theirs = match self.peer.keepalive_interval() {
+            0 => 0,
+            t => u64::from(t).max(MIN_KEEPALIVE_INTERVAL_MS),
+        };
         match (ours, theirs) {
             (0, t) => t,
             (o, 0) => o,
@@ -514,6 +527,16 @@ impl Session {
             None => bytes::Bytes::new(),
         };
         s.send.queued -= len32(&payload);
+        // SPEC 6.2: a writer held back by this end's own send buffer (not the window) is told
+        // once bytes have left it.
+        if s.want_writable
+            && s.send.state == SendState::Open
+            && !s.send.window.is_exhausted()
+            && s.send.queued < self.config.max_send_window
+        {
+            s.want_writable = false;
+            self.events.push_back(Event::Writable { stream: id });
+        }
         let fin = s.send.queue.is_empty() && s.send.state == SendState::Finishing;
         if fin {
             s.send.state = SendState::Finished;

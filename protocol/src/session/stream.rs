@@ -32,11 +32,6 @@ use super::window::Window;
 use crate::error::{Initiator, StreamError};
 use crate::frame::{Dial, ErrorCode};
 
-/// Payloads shorter than this are copied into the receive buffer's tail instead of being kept
-/// as their own slice, so a peer that sends 1-byte frames costs O(window) memory, not
-/// O(window × per-chunk overhead) (SPEC 10).
-pub(crate) const COALESCE_BELOW: usize = 1024;
-
 /// Where a stream is in its life (SPEC 5.2).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) enum Phase {
@@ -94,10 +89,11 @@ pub(crate) struct SendHalf {
 
 /// Bytes that arrived and wait for the application's `recv`, in order.
 ///
-/// Large payloads are kept as the slices they arrived as (no copy); payloads under
-/// [`COALESCE_BELOW`] are appended to `tail`, which always holds the newest bytes. So every
-/// chunk but the last is at least `COALESCE_BELOW` long or followed by one that is: a stream
-/// holds at most `2 × window / COALESCE_BELOW + 2` chunks, whatever the frame sizes.
+/// Large payloads are kept as the slices they arrived as (no copy); payloads under the
+/// session's `recv_copy_below` (`T`) are appended to `tail`, which always holds the newest
+/// bytes. So every chunk but the last is at least `T` long or followed by one that is: a
+/// stream holds at most `2 × window / T + 2` chunks, whatever the frame sizes, so a peer that
+/// sends 1-byte frames costs O(window) memory, not O(window × per-chunk overhead) (SPEC 10).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 pub(crate) struct RecvBuf {
     chunks: VecDeque<Bytes>,
@@ -116,13 +112,13 @@ impl RecvBuf {
         self.chunks.len() + usize::from(!self.tail.is_empty())
     }
 
-    /// Appends a payload that fits the window.
-    pub(crate) fn push(&mut self, payload: Bytes) {
+    /// Appends a payload that fits the window; one shorter than `copy_below` is copied.
+    pub(crate) fn push(&mut self, payload: Bytes, copy_below: u32) {
         if payload.is_empty() {
             return;
         }
         self.len += len32(&payload);
-        if payload.len() < COALESCE_BELOW {
+        if len32(&payload) < copy_below {
             self.tail.extend_from_slice(&payload);
             return;
         }

@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::io;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -73,15 +73,36 @@ impl std::str::FromStr for Rule {
     }
 }
 
-/// Which destinations an agent dials. Empty: everything (Konnectivity's default), logged at
-/// start.
+/// Which destinations an agent dials.
+///
+/// A destination is allowed when a rule matches it: a name rule (`node-1`, `*.svc`, `*`)
+/// matches the name asked for, an IP rule (`10.0.0.0/8`) the address. Names are resolved once
+/// and every address is checked again before it is dialled, and exactly the checked address is
+/// dialled: loopback, link-local (169.254.0.0/16 with the cloud metadata address, fe80::/10)
+/// and unspecified addresses are refused unless an IP rule names them, whatever the name rule
+/// or the empty allowlist says, so a name that resolves to the agent's own host or to the
+/// metadata service is not a way in. An empty allowlist allows every other destination
+/// (Konnectivity's default), logged at start.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Allowlist {
     rules: Vec<Rule>,
 }
 
+/// Whether `ip` is one an agent never dials unless an IP rule names it: its own host
+/// (loopback), the link-local range with the cloud metadata address, or unspecified.
+pub fn is_sensitive(ip: IpAddr) -> bool {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    match ip {
+        IpAddr::V4(a) => a.is_loopback() || a.is_link_local() || a.is_unspecified(),
+        IpAddr::V6(a) => a.is_loopback() || a.is_unicast_link_local() || a.is_unspecified(),
+    }
+}
+
 impl Allowlist {
-    /// From rules; empty allows everything.
+    /// From rules; empty allows everything but sensitive addresses (see [`is_sensitive`]).
     pub fn new(rules: Vec<Rule>) -> Allowlist {
         Allowlist { rules }
     }
@@ -96,51 +117,127 @@ impl Allowlist {
         Ok(Allowlist { rules })
     }
 
-    /// Whether every destination is allowed.
+    /// Whether every destination but the sensitive addresses is allowed.
     pub fn allows_all(&self) -> bool {
         self.rules.is_empty()
     }
 
-    /// Whether `host:port` may be dialled.
+    /// Whether the name or address `host` may be dialled on `port`, before resolution. An IP
+    /// literal is checked in full here; a name's addresses are checked by
+    /// [`Allowlist::allows_addr`] once resolved.
     pub fn allows(&self, host: &str, port: u16) -> bool {
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        if let Ok(ip) = bare.parse::<IpAddr>() {
+            return self.allows_addr(ip, port);
+        }
         if self.rules.is_empty() {
             return true;
         }
         let lower = host.to_ascii_lowercase();
-        let ip = host.parse::<IpAddr>().ok();
         self.rules.iter().any(|r| {
             r.port.is_none_or(|p| p == port)
                 && match &r.host {
                     HostRule::Any => true,
                     HostRule::Exact(h) => *h == lower,
                     HostRule::Suffix(s) => lower.ends_with(s.as_str()),
-                    HostRule::Net(n) => ip.is_some_and(|ip| n.contains(&ip)),
+                    HostRule::Net(_) => false,
                 }
         })
+    }
+
+    /// Whether the address `ip` (an IP literal asked for, or what an allowed name resolved to)
+    /// may be dialled on `port`: a sensitive address only when an IP rule names it; any other
+    /// when the list is empty, or a `*` rule or an IP rule allows it, or it came from a name
+    /// already allowed (`resolved_from_name`).
+    fn allows_ip(&self, ip: IpAddr, port: u16, resolved_from_name: bool) -> bool {
+        let named = self.rules.iter().any(|r| {
+            r.port.is_none_or(|p| p == port)
+                && matches!(&r.host, HostRule::Net(n) if n.contains(&ip))
+        });
+        if is_sensitive(ip) {
+            return named;
+        }
+        named
+            || self.rules.is_empty()
+            || resolved_from_name
+            || self
+                .rules
+                .iter()
+                .any(|r| r.port.is_none_or(|p| p == port) && r.host == HostRule::Any)
+    }
+
+    /// Whether an IP literal may be dialled on `port`.
+    pub fn allows_addr(&self, ip: IpAddr, port: u16) -> bool {
+        self.allows_ip(ip, port, false)
     }
 }
 
 impl fmt::Display for Allowlist {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.rules.is_empty() {
-            return f.write_str("*");
+            f.write_str("*")?;
+        } else {
+            write!(f, "{} rule(s)", self.rules.len())?;
         }
-        write!(f, "{} rule(s)", self.rules.len())
+        f.write_str(
+            "; loopback, link-local and unspecified addresses only where an IP rule names them",
+        )
     }
 }
 
-/// Connects to `host:port` within `timeout`, mapping failures to the RESET codes of SPEC 8.1.
+/// Resolves `host` once, keeps the addresses the allowlist allows, and connects to one of
+/// exactly those, all within `timeout`; failures map to the RESET codes of SPEC 8.1. A name
+/// whose every address is refused is `DIAL_FORBIDDEN`.
 pub async fn connect(
+    allowlist: &Allowlist,
     host: &str,
     port: u16,
     timeout: Duration,
 ) -> Result<TcpStream, (ErrorCode, String)> {
-    match tokio::time::timeout(timeout, TcpStream::connect((host, port))).await {
-        Ok(Ok(s)) => {
-            let _ = s.set_nodelay(true);
-            Ok(s)
+    let attempt = async {
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        let (addrs, from_name) = match bare.parse::<IpAddr>() {
+            Ok(ip) => (vec![SocketAddr::new(ip, port)], false),
+            Err(_) => {
+                let found = tokio::net::lookup_host((bare, port)).await.map_err(|e| {
+                    (
+                        ErrorCode::DIAL_UNREACHABLE,
+                        format!("resolving {host}: {e}"),
+                    )
+                })?;
+                (found.collect::<Vec<_>>(), true)
+            }
+        };
+        let allowed: Vec<SocketAddr> = addrs
+            .iter()
+            .copied()
+            .filter(|a| allowlist.allows_ip(a.ip(), port, from_name))
+            .collect();
+        if allowed.is_empty() {
+            let shown: Vec<String> = addrs.iter().map(|a| a.ip().to_string()).collect();
+            return Err((
+                ErrorCode::DIAL_FORBIDDEN,
+                format!(
+                    "{host} resolves only to addresses the allowlist refuses ({})",
+                    shown.join(", ")
+                ),
+            ));
         }
-        Ok(Err(e)) => Err((dial_code(&e), e.to_string())),
+        let mut last = None;
+        for addr in allowed {
+            match TcpStream::connect(addr).await {
+                Ok(s) => {
+                    let _ = s.set_nodelay(true);
+                    return Ok(s);
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        let e = last.unwrap_or_else(|| io::Error::other("no address"));
+        Err((dial_code(&e), e.to_string()))
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(r) => r,
         Err(_) => Err((
             ErrorCode::DIAL_TIMEOUT,
             format!("no connection within {timeout:?}"),
@@ -161,8 +258,40 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_empty_allowlist_allows_everything() {
-        assert!(Allowlist::default().allows("anything", 1));
+    fn an_empty_allowlist_allows_everything_but_sensitive_addresses() {
+        let a = Allowlist::default();
+        assert!(a.allows("anything", 1));
+        assert!(a.allows("10.0.0.1", 1));
+        for ip in [
+            "127.0.0.1",
+            "127.9.9.9",
+            "::1",
+            "169.254.169.254",
+            "fe80::1",
+            "0.0.0.0",
+            "::",
+            "::ffff:127.0.0.1",
+            "[::1]",
+        ] {
+            assert!(!a.allows(ip, 80), "{ip}");
+        }
+    }
+
+    #[test]
+    fn sensitive_addresses_need_an_ip_rule_that_names_them() {
+        let a = Allowlist::parse("*, localhost:80").unwrap();
+        assert!(
+            !a.allows("127.0.0.1", 80),
+            "a * rule does not name loopback"
+        );
+        assert!(
+            !a.allows_ip("127.0.0.1".parse().unwrap(), 80, true),
+            "nor does a name rule"
+        );
+        let b = Allowlist::parse("127.0.0.1:80, 169.254.0.0/16:53").unwrap();
+        assert!(b.allows("127.0.0.1", 80));
+        assert!(!b.allows("127.0.0.1", 81));
+        assert!(b.allows("169.254.169.254", 53));
     }
 
     #[test]

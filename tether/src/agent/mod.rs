@@ -95,8 +95,11 @@ impl Agent {
     /// Starts connecting to every server; returns at once.
     pub fn start(config: AgentConfig) -> Agent {
         if config.allowlist.allows_all() {
-            tracing::warn!("no destination allowlist: every destination may be dialled");
+            tracing::warn!(
+                "no destination allowlist: every destination may be dialled but the agent's own loopback, link-local and unspecified addresses"
+            );
         }
+        tracing::info!(allowlist = %config.allowlist, "effective dial policy");
         let (shutdown, rx) = watch::channel(false);
         let tunnels = Arc::new(Mutex::new(Vec::new()));
         let config = Arc::new(config);
@@ -231,7 +234,11 @@ async fn connect_once(
     };
     // The session exists before the first byte: its handshake deadline is the one budget for
     // TCP, TLS and WELCOME together (SPEC 4.4).
-    let session = Session::agent(cfg.session.clone(), identity, Time::from_millis(0))?;
+    let session = Session::agent(
+        crate::tunnel::session_config(&cfg.session),
+        identity,
+        Time::from_millis(0),
+    )?;
     let setup = async {
         let tcp = TcpStream::connect(addr).await?;
         tcp.set_nodelay(true)?;
@@ -285,7 +292,16 @@ async fn serve_dial(cfg: Arc<AgentConfig>, incoming: Incoming) {
         );
         return;
     }
-    match dialer::connect(&host, port, cfg.dial_timeout).await {
+    // SPEC 5.5: the opener may give up while the connect is in flight (its own dial timeout,
+    // a client gone); the connect is dropped at once, closing its socket.
+    let connected = tokio::select! {
+        r = dialer::connect(&cfg.allowlist, &host, port, cfg.dial_timeout) => r,
+        () = incoming.cancelled() => {
+            tracing::debug!(%host, port, "dial cancelled by the opener while connecting");
+            return;
+        }
+    };
+    match connected {
         Ok(socket) => match incoming.accept() {
             Ok(stream) => {
                 if let Err(e) = pump(stream, socket, bytes::Bytes::new()).await {

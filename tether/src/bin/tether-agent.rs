@@ -54,7 +54,8 @@ struct Args {
     #[arg(long)]
     service_account_token_path: Option<PathBuf>,
     /// Destinations that may be dialled, comma-separated: `10.0.0.0/8:10250`, `*.svc:443`,
-    /// `node-1`, `*:22`. Empty: everything (logged).
+    /// `node-1`, `*:22`. Empty: everything (logged). Loopback, link-local and unspecified
+    /// addresses, asked for or resolved from a name, only where an IP rule names them.
     #[arg(long, default_value = "")]
     allowed_destinations: String,
     /// How long a dial to a destination may take.
@@ -71,6 +72,7 @@ struct Args {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let a = Args::parse();
     cli::init_logging("info");
+    cli::raise_fd_limit();
     let client_cert = match (&a.agent_cert, &a.agent_key) {
         (Some(c), Some(k)) => Some((tls::read_pem(c)?, tls::read_pem(k)?)),
         _ => None,

@@ -7,13 +7,15 @@
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use tether::server::{Server, ServerConfig, parse_strategies};
+use tether::server::{
+    AddressClaims, HostClaims, IdRule, IdentityPolicy, Server, ServerConfig, Tokens,
+    parse_strategies,
+};
 use tether::{cli, tls};
 
 /// The tether server: accepts agent tunnels and serves HTTP CONNECT to the nodes behind them.
@@ -24,15 +26,16 @@ struct Args {
     /// Frontend mode; only `http-connect` is supported (Konnectivity's `grpc` mode is not).
     #[arg(long, default_value = "http-connect")]
     mode: String,
-    /// Serve the CONNECT frontend on this Unix socket (instead of, or besides, TCP).
+    /// Serve the CONNECT frontend on this Unix socket. With it, the TCP frontend is off unless
+    /// --server-port is given.
     #[arg(long)]
     uds_name: Option<PathBuf>,
     /// Address of the CONNECT frontend on TCP.
     #[arg(long, default_value = "127.0.0.1")]
     server_bind_address: IpAddr,
-    /// Port of the CONNECT frontend on TCP; 0 disables it when --uds-name is set.
-    #[arg(long, default_value_t = 8090)]
-    server_port: u16,
+    /// Port of the CONNECT frontend on TCP (8090 when --uds-name is not set; 0 disables it).
+    #[arg(long)]
+    server_port: Option<u16>,
     /// Certificate of the CONNECT frontend (enables TLS on it).
     #[arg(long, requires = "server_key")]
     server_cert: Option<PathBuf>,
@@ -57,9 +60,29 @@ struct Args {
     /// CA that signs agents' client certificates; when set, agents must present one.
     #[arg(long)]
     cluster_ca_cert: Option<PathBuf>,
-    /// File of accepted agent bearer tokens, one per line (`#` comments).
+    /// File of accepted agent bearer tokens: `<token> <agent-id>` per line (`*` for any id;
+    /// `#` comments). A token is good only for the agent id it names.
     #[arg(long)]
     agent_tokens_file: Option<PathBuf>,
+    /// How an agent's id is bound to its credential: `credential` (the client certificate's
+    /// common name or a DNS name, and the id its token names) or `any` (for fleets that share
+    /// one credential).
+    #[arg(long, default_value = "credential")]
+    agent_id_rule: IdRule,
+    /// Which `host=` identifiers an agent may claim: `own` (only its agent id) or `any`.
+    #[arg(long, default_value = "own")]
+    host_identifiers: HostClaims,
+    /// Which ipv4/ipv6/cidr/default-route identifiers an agent may claim: `any`, `cert` (ipv4
+    /// and ipv6 in its client certificate only) or `none`.
+    #[arg(long, default_value = "any")]
+    address_identifiers: AddressClaims,
+    /// Tunnels one agent id may hold to this server at once (default: --server-count); a
+    /// newer tunnel replaces the oldest.
+    #[arg(long)]
+    max_tunnels_per_agent: Option<usize>,
+    /// Agent connections that may be in their TLS handshake or HELLO at once.
+    #[arg(long, default_value_t = 256)]
+    max_pending_handshakes: usize,
     /// This server's id, sent to agents.
     #[arg(long, default_value = "tether-server")]
     server_id: String,
@@ -88,6 +111,7 @@ struct Args {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let a = Args::parse();
     cli::init_logging("info");
+    cli::raise_fd_limit();
     if a.mode != "http-connect" {
         return Err(format!("--mode {}: only http-connect is supported", a.mode).into());
     }
@@ -114,12 +138,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let tokens = match &a.agent_tokens_file {
         Some(p) => Some(
-            std::fs::read_to_string(p)?
-                .lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty() && !l.starts_with('#'))
-                .map(str::to_owned)
-                .collect::<HashSet<_>>(),
+            Tokens::parse(&std::fs::read_to_string(p)?)
+                .map_err(|e| format!("{}: {e}", p.display()))?,
         ),
         None => None,
     };
@@ -132,13 +152,26 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         agent_addr: SocketAddr::new(a.agent_bind_address, a.agent_port),
         agent_tls,
         tokens,
+        identity: IdentityPolicy {
+            id_rule: a.agent_id_rule,
+            host_claims: a.host_identifiers,
+            address_claims: a.address_identifiers,
+        },
+        max_tunnels_per_agent: a
+            .max_tunnels_per_agent
+            .unwrap_or(usize::from(a.server_count.max(1))),
+        max_handshakes: a.max_pending_handshakes,
         server_id: a.server_id,
         server_count: a.server_count,
         strategies: parse_strategies(&a.proxy_strategies)?,
         dial_timeout: a.backend_dial_timeout,
         session: a.tunnel.session(),
-        connect_addr: (a.server_port != 0 || a.uds_name.is_none())
-            .then(|| SocketAddr::new(a.server_bind_address, a.server_port)),
+        // With --uds-name alone the TCP frontend stays off: it is unauthenticated.
+        connect_addr: match (a.server_port, &a.uds_name) {
+            (Some(0), _) | (None, Some(_)) => None,
+            (Some(port), _) => Some(SocketAddr::new(a.server_bind_address, port)),
+            (None, None) => Some(SocketAddr::new(a.server_bind_address, 8090)),
+        },
         connect_tls,
         uds_path: a.uds_name,
         health_addr: (a.health_port != 0)

@@ -2,10 +2,10 @@
 //! CONNECT frontend (TCP, optional TLS/mTLS, and a Unix socket) and health and metrics.
 
 pub mod connect;
+pub mod identity;
 mod metrics;
 pub mod registry;
 
-use std::collections::HashSet;
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -18,11 +18,12 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
+pub use identity::{AddressClaims, HostClaims, IdRule, IdentityPolicy, Tokens};
 pub use metrics::Metrics;
 pub use registry::{Registry, Strategy, parse_strategies};
 
 use crate::stream::TetherStream;
-use crate::tunnel::{DialError, Handshake, Start, Tunnel, handshake_deadline};
+use crate::tunnel::{DialError, Handshake, Start, Tunnel, handshake_deadline, session_config};
 
 /// What a server needs to run.
 #[derive(Clone)]
@@ -31,8 +32,16 @@ pub struct ServerConfig {
     pub agent_addr: SocketAddr,
     /// TLS for agents; with a client CA, agents must present a certificate it signed.
     pub agent_tls: Arc<rustls::ServerConfig>,
-    /// Accepted bearer tokens; `None`: no token needed (rely on client certificates).
-    pub tokens: Option<HashSet<String>>,
+    /// Accepted bearer tokens and the agent id each is bound to; `None`: no token needed (rely
+    /// on client certificates).
+    pub tokens: Option<Tokens>,
+    /// How agent ids and identifiers are bound to credentials.
+    pub identity: IdentityPolicy,
+    /// Tunnels one agent id may hold to this server at once; a newer one replaces the oldest.
+    pub max_tunnels_per_agent: usize,
+    /// Agent connections that may be in their TLS handshake or HELLO at once; more wait in
+    /// the listen backlog.
+    pub max_handshakes: usize,
     /// This server's id (sent in WELCOME).
     pub server_id: String,
     /// How many servers the agents should connect to (HA).
@@ -65,6 +74,9 @@ impl ServerConfig {
             agent_addr,
             agent_tls,
             tokens: None,
+            identity: IdentityPolicy::default(),
+            max_tunnels_per_agent: 1,
+            max_handshakes: 256,
             server_id: "tether-server".into(),
             server_count: 1,
             strategies: vec![Strategy::Default],
@@ -235,7 +247,13 @@ impl Server {
 
 async fn accept_agents(core: Arc<ServerCore>, l: TcpListener, cfg: Arc<ServerConfig>) {
     let acceptor = TlsAcceptor::from(cfg.agent_tls.clone());
+    // Unauthenticated connections cost a task, a TLS state and a session each: at most
+    // `max_handshakes` at once; the rest wait in the kernel's backlog (docs/SECURITY.md).
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(cfg.max_handshakes.max(1)));
     loop {
+        let Ok(permit) = handshakes.clone().acquire_owned().await else {
+            return;
+        };
         let Ok((tcp, peer)) = l.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
@@ -245,8 +263,8 @@ async fn accept_agents(core: Arc<ServerCore>, l: TcpListener, cfg: Arc<ServerCon
             core.clone(),
             cfg.clone(),
             acceptor.clone(),
-            tcp,
-            peer,
+            (tcp, peer),
+            permit,
         ));
     }
 }
@@ -255,8 +273,8 @@ async fn serve_agent(
     core: Arc<ServerCore>,
     cfg: Arc<ServerConfig>,
     acceptor: TlsAcceptor,
-    tcp: TcpStream,
-    peer: SocketAddr,
+    (tcp, peer): (TcpStream, SocketAddr),
+    handshake_permit: tokio::sync::OwnedSemaphorePermit,
 ) {
     // The session exists from the first byte: its handshake deadline is the one budget for
     // TLS and HELLO together (SPEC 4.4).
@@ -265,13 +283,14 @@ async fn serve_agent(
         server_id: cfg.server_id.clone(),
         server_count: cfg.server_count,
     };
-    let session = match Session::server(cfg.session.clone(), identity, Time::from_millis(0)) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "session configuration refused");
-            return;
-        }
-    };
+    let session =
+        match Session::server(session_config(&cfg.session), identity, Time::from_millis(0)) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "session configuration refused");
+                return;
+            }
+        };
     let tls = acceptor.accept(crate::tls::tunnel_transport(tcp));
     let tls = match handshake_deadline(&session, epoch) {
         Some(deadline) => tokio::time::timeout_at(deadline, tls).await,
@@ -294,17 +313,31 @@ async fn serve_agent(
     tls.get_mut()
         .1
         .set_buffer_limit(Some(crate::tls::TUNNEL_SEND_BUFFER));
-    let tokens = cfg.tokens.clone();
+    // What the connection proved: the verified client certificate's names (mTLS).
+    let credential = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
+        None => identity::Credential::default(),
+        Some(der) => match identity::CertNames::from_der(der) {
+            Ok(names) => identity::Credential { cert: Some(names) },
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "agent refused");
+                core.metrics.agent_refused();
+                return;
+            }
+        },
+    };
+    let policy_cfg = cfg.clone();
     let start = Start {
         incoming: None,
-        // SPEC 4.2: the protocol carries the token; the server decides.
-        policy: Some(Box::new(move |h| match (&tokens, &h.token) {
-            (None, _) => Ok(()),
-            (Some(set), Some(t)) if set.contains(t.expose()) => Ok(()),
-            (Some(_), _) => Err((
-                ErrorCode::UNAUTHORIZED,
-                "invalid or missing token".to_owned(),
-            )),
+        // SPEC 4.2: the protocol carries the id, identifiers and token; the server decides,
+        // against what the connection proved (docs/SECURITY.md).
+        policy: Some(Box::new(move |h| {
+            identity::check(
+                &policy_cfg.identity,
+                policy_cfg.tokens.as_ref(),
+                &credential,
+                h,
+            )
+            .map_err(|reason| (ErrorCode::UNAUTHORIZED, reason))
         })),
         epoch,
         label: format!("server<-{peer}"),
@@ -319,10 +352,20 @@ async fn serve_agent(
             return;
         }
     };
+    drop(handshake_permit);
     let agent_id = hello.agent_id.escape_debug().to_string();
-    let conn = core
+    let conn = core.registry.add(
+        hello.agent_id.clone(),
+        hello.identifiers.clone(),
+        tunnel.clone(),
+    );
+    for old in core
         .registry
-        .add(hello.agent_id, hello.identifiers.clone(), tunnel.clone());
+        .over_cap(&hello.agent_id, cfg.max_tunnels_per_agent)
+    {
+        tracing::info!(%peer, %agent_id, replaced = %old.label(), "a newer tunnel of the agent replaces its oldest");
+        old.go_away("replaced by a newer tunnel of the same agent");
+    }
     core.metrics.agents(core.registry.len());
     tracing::info!(%peer, %agent_id, identifiers = ?hello.identifiers, "agent connected");
     let reason = tunnel.closed().await;

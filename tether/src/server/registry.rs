@@ -87,6 +87,21 @@ impl Registry {
         conn
     }
 
+    /// The tunnels of `agent_id` beyond the newest `cap`, oldest first: a new tunnel replaces
+    /// the oldest when an agent is at its cap (docs/SECURITY.md). They are left registered,
+    /// for the caller to drain; routing skips a draining tunnel.
+    pub fn over_cap(&self, agent_id: &str, cap: usize) -> Vec<Tunnel> {
+        let Ok(a) = self.agents.lock() else {
+            return Vec::new();
+        };
+        let mine: Vec<&Entry> = a
+            .iter()
+            .filter(|e| e.agent_id == agent_id && e.tunnel.is_usable())
+            .collect();
+        let extra = mine.len().saturating_sub(cap.max(1));
+        mine[..extra].iter().map(|e| e.tunnel.clone()).collect()
+    }
+
     /// Removes a registration (its tunnel ended).
     pub fn remove(&self, conn: u64) {
         if let Ok(mut a) = self.agents.lock() {

@@ -13,7 +13,7 @@ use crate::buffer::{Chunks, Recycled};
 /// Free space the reader wants before each read, and the size of its allocations: DATA
 /// payloads are slices of them, so one is reused once every payload read into it is gone.
 const READ_MIN: usize = 64 * 1024;
-const READ_BLOCK: usize = 512 * 1024;
+pub(super) const READ_BLOCK: usize = 512 * 1024;
 /// Older read allocations the reader keeps for reuse.
 const READ_SPARES: usize = 2;
 /// A read shorter than this lets the reader's spare allocations go.

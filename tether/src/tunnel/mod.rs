@@ -58,6 +58,14 @@ impl Incoming {
     pub fn reject(self, code: ErrorCode, reason: &str) {
         self.stream.reset(code, reason);
     }
+
+    /// Resolves once the dial is over without this end's answer: the opener cancelled it
+    /// (RESET) or the tunnel closed. An acceptor races its connect against this, so a dial the
+    /// opener gave up on holds no socket (SPEC 5.5).
+    pub async fn cancelled(&self) {
+        let id = self.stream.id;
+        std::future::poll_fn(|cx| self.stream.tunnel.poll_pending(id, cx)).await;
+    }
 }
 
 /// Decides an agent's HELLO at the server end (SPEC 4.2): `Err` refuses it with a GOAWAY
@@ -191,6 +199,17 @@ pub struct Start {
     pub epoch: Instant,
     /// A name for logs.
     pub label: String,
+}
+
+/// `config` as a tunnel runs it: DATA payloads under an eighth of the reader's allocation are
+/// copied into their stream's buffer, so a stream's unread bytes keep at most 8 times their
+/// size alive however a peer sizes its frames (SPEC 10, docs/SECURITY.md).
+pub fn session_config(config: &tether_proto::Config) -> tether_proto::Config {
+    let floor = u32::try_from(driver::READ_BLOCK / 8).unwrap_or(u32::MAX);
+    tether_proto::Config {
+        recv_copy_below: config.recv_copy_below.max(floor),
+        ..config.clone()
+    }
 }
 
 /// When the handshake deadline of `session` falls, as an instant of `epoch`'s clock: the TLS
@@ -353,6 +372,18 @@ impl Tunnel {
     pub(crate) fn accept(&self, id: StreamId) -> io::Result<()> {
         self.drive(|sh, _| sh.session.accept(id))
             .map_err(api_io_error)
+    }
+
+    /// Pending (waker registered) while `id` is a dial waiting for this end's answer; ready once
+    /// it is anything else (cancelled by the opener, the tunnel closed).
+    pub(crate) fn poll_pending(&self, id: StreamId, cx: &mut Context<'_>) -> Poll<()> {
+        self.drive(|sh, _| match sh.session.stream_state(id) {
+            Some(StreamState::Pending) => {
+                sh.park_reader(id, cx);
+                Poll::Pending
+            }
+            _ => Poll::Ready(()),
+        })
     }
 
     /// One `recv` of at most `max` bytes; pending (waker registered) while nothing is there.

@@ -68,15 +68,20 @@ pub fn server_config(pki: &Pki) -> ServerConfig {
     }
 }
 
+/// An agent `id` with a certificate of its own, whose common name and DNS name are `id`
+/// (the server binds agent ids to certificates).
 pub fn agent_config(pki: &Pki, server: SocketAddr, id: &str) -> AgentConfig {
+    let cert = pki.ca.leaf(id, &[id]);
     let tls = tls::client_config(
         pki.ca_pem(),
-        Some((pki.agent.cert.as_bytes(), pki.agent.key.as_bytes())),
+        Some((cert.cert.as_bytes(), cert.key.as_bytes())),
     )
     .unwrap();
     AgentConfig {
         server_name: Some("localhost".into()),
         identifiers: vec![Identifier::Host(id.into())],
+        // Backends live on loopback, which an agent dials only where an IP rule names it.
+        allowlist: tether::agent::Allowlist::parse("127.0.0.0/8, [::1]").unwrap(),
         dial_timeout: Duration::from_secs(2),
         sync_interval: Duration::from_millis(50),
         sync_interval_cap: Duration::from_millis(400),
