@@ -45,8 +45,14 @@ impl Abort for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {
 
 #[cfg(unix)]
 impl Abort for tokio::net::UnixStream {
-    /// A Unix socket has no RST; its peer sees the end of the stream.
-    fn abort_on_close(&self) {}
+    /// A Unix socket has no RST. What the platform offers: shutting down this end's reading
+    /// makes the client's next write fail (EPIPE), and closing with bytes the client sent
+    /// still unread makes its next read fail (ECONNRESET, Linux). A client that had sent
+    /// everything and only reads sees a plain end of stream: the server logs and counts every
+    /// failed stream (docs/SECURITY.md).
+    fn abort_on_close(&self) {
+        let _ = socket2::SockRef::from(self).shutdown(std::net::Shutdown::Read);
+    }
 }
 
 /// Joins `socket` and `stream` until both directions have ended; on an error, `socket` is

@@ -113,6 +113,9 @@ async fn connect_over_the_unix_socket_reaches_the_backend() {
     let mut cfg = server_config(&pki);
     cfg.uds_path = Some(path.clone());
     let server = tether::Server::start(cfg).await.unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o770, "owner and group only");
     let _agent = tether::Agent::start(agent_config(&pki, server.agent_addr, "agent-1"));
     assert!(server.wait_agents(1, WAIT).await);
     let backend = echo_backend().await;

@@ -5,8 +5,6 @@
 //! `HTTP/1.1 200 Connection established\r\n\r\n`, then tunnel bytes. Every failure is a status
 //! with a one-line reason.
 
-use std::time::Duration;
-
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -47,7 +45,10 @@ fn status_text(status: u16) -> &'static str {
     }
 }
 
-/// Splits `host:port` or `[v6]:port`.
+/// Splits an authority-form request target (RFC 9110 9.3.6): `host:port` or `[v6]:port`.
+/// Strict: the host is a DNS-style name (letters, digits, `-`, `.`, `_`), an IPv4 address or
+/// a bracketed IPv6 address; the port is 1 to 65535 in plain decimal (no sign, no leading
+/// zero).
 pub fn parse_authority(target: &str) -> Result<(String, u16), HttpError> {
     let (host, port) = if let Some(rest) = target.strip_prefix('[') {
         let (h, after) = rest
@@ -56,20 +57,35 @@ pub fn parse_authority(target: &str) -> Result<(String, u16), HttpError> {
         let port = after
             .strip_prefix(':')
             .ok_or_else(|| err(400, "request target has no port"))?;
+        if h.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err(err(
+                400,
+                "request target has a bracketed host that is not IPv6",
+            ));
+        }
         (h, port)
     } else {
-        target
+        let (h, port) = target
             .rsplit_once(':')
-            .ok_or_else(|| err(400, "request target has no port"))?
+            .ok_or_else(|| err(400, "request target has no port"))?;
+        let name_char = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_');
+        if !h.bytes().all(name_char) {
+            return Err(err(400, "request target host is not a name or an address"));
+        }
+        (h, port)
     };
-    if host.is_empty() || host.len() > 255 || !host.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(err(400, "request target host is empty or invalid"));
+    if host.is_empty() || host.len() > 255 {
+        return Err(err(400, "request target host is empty or over 255 bytes"));
     }
+    let decimal = !port.is_empty()
+        && port.len() <= 5
+        && port.bytes().all(|b| b.is_ascii_digit())
+        && !port.starts_with('0');
     let port: u16 = port
         .parse()
         .ok()
-        .filter(|p| *p != 0)
-        .ok_or_else(|| err(400, "request target port is not 1-65535"))?;
+        .filter(|_| decimal)
+        .ok_or_else(|| err(400, "request target port is not 1-65535 in plain decimal"))?;
     Ok((host.to_owned(), port))
 }
 
@@ -78,11 +94,25 @@ pub type Head = ((String, u16), usize);
 
 /// Parses a request head at the front of `buf`: `Ok(None)` if it is not complete yet,
 /// otherwise the CONNECT target and the head's length. Pure, so it can be fuzzed.
+///
+/// Strict where httparse is lenient (RFC 9112 2.2 allows either): an empty line before the
+/// request line, or a line ended by a bare LF, is a 400.
 pub fn parse_head(buf: &[u8]) -> Result<Option<Head>, HttpError> {
+    if buf.first().is_some_and(|b| matches!(b, b'\r' | b'\n')) {
+        return Err(err(400, "empty line before the request line"));
+    }
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut req = httparse::Request::new(&mut headers);
     match req.parse(buf) {
         Ok(httparse::Status::Complete(len)) => {
+            let head = &buf[..len];
+            if head
+                .iter()
+                .enumerate()
+                .any(|(i, b)| *b == b'\n' && (i == 0 || head[i - 1] != b'\r'))
+            {
+                return Err(err(400, "a line of the request head ends in a bare LF"));
+            }
             let method = req.method.unwrap_or_default();
             if method != "CONNECT" {
                 return Err(err(405, format!("method {method} is not CONNECT")));
@@ -107,6 +137,11 @@ pub fn fuzz_head(data: &[u8]) {
             assert!(len <= data.len());
             assert!(port != 0 && !host.is_empty() && host.len() <= 255);
             assert!(host.bytes().all(|b| b.is_ascii_graphic()));
+            assert!(
+                !data[..len]
+                    .windows(2)
+                    .any(|w| w[1] == b'\n' && w[0] != b'\r')
+            );
             let again = parse_head(&data[..len]).expect("the head alone parses");
             assert_eq!(again, Some(((host, port), len)));
         }
@@ -115,10 +150,11 @@ pub fn fuzz_head(data: &[u8]) {
     }
 }
 
-/// Reads and parses the request head; returns the target and any bytes read past the head.
+/// Reads and parses the request head by `deadline`; returns the target and any bytes read
+/// past the head.
 pub async fn read_request<S: AsyncRead + Unpin>(
     conn: &mut S,
-    timeout: Duration,
+    deadline: tokio::time::Instant,
 ) -> Result<((String, u16), Bytes), HttpError> {
     let mut buf = BytesMut::with_capacity(1024);
     let read = async {
@@ -141,7 +177,7 @@ pub async fn read_request<S: AsyncRead + Unpin>(
             }
         }
     };
-    tokio::time::timeout(timeout, read)
+    tokio::time::timeout_at(deadline, read)
         .await
         .unwrap_or_else(|_| Err(err(408, "request head not received in time")))
 }
@@ -164,12 +200,18 @@ async fn answer<S: AsyncWrite + Unpin>(conn: &mut S, e: &HttpError) {
     let _ = conn.shutdown().await;
 }
 
-/// Serves one CONNECT client connection to its end.
-pub async fn serve<S>(core: &ServerCore, mut conn: S, peer: &str)
-where
+/// Serves one CONNECT client connection to its end. `deadline` is the one budget for the
+/// connection's TLS handshake (if any) and its request head together.
+pub async fn serve<S>(
+    core: &ServerCore,
+    mut conn: S,
+    peer: &str,
+    frontend: Frontend,
+    deadline: tokio::time::Instant,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Abort,
 {
-    let ((host, port), first) = match read_request(&mut conn, core.header_timeout).await {
+    let ((host, port), first) = match read_request(&mut conn, deadline).await {
         Ok(r) => r,
         Err(e) => {
             tracing::info!(%peer, status = e.status, reason = %e.reason, "CONNECT refused");
@@ -200,7 +242,34 @@ where
         Ok(moved) => {
             tracing::debug!(%peer, %host, port, up = moved.up, down = moved.down, "CONNECT done")
         }
-        Err(e) => tracing::debug!(%peer, %host, port, error = %e, "CONNECT ended with an error"),
+        Err(e) => {
+            // On a Unix socket the client may see a plain end of stream (docs/SECURITY.md): the
+            // failure is always logged and counted, so it is never silent.
+            core.metrics.stream_failed(frontend);
+            tracing::warn!(%peer, %host, port, frontend = frontend.name(), error = %e, "CONNECT stream failed");
+        }
+    }
+}
+
+/// Which frontend a CONNECT client came in on (a metrics label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Frontend {
+    /// Plain TCP.
+    Tcp,
+    /// TCP with TLS.
+    Tls,
+    /// The Unix socket.
+    Uds,
+}
+
+impl Frontend {
+    /// The label value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Frontend::Tcp => "tcp",
+            Frontend::Tls => "tls",
+            Frontend::Uds => "uds",
+        }
     }
 }
 
@@ -323,5 +392,37 @@ mod tests {
         assert_eq!(parse_authority("node-1:0").unwrap_err().status, 400);
         assert_eq!(parse_authority(":80").unwrap_err().status, 400);
         assert_eq!(parse_authority("[::1]").unwrap_err().status, 400);
+    }
+
+    #[test]
+    fn ports_and_hosts_outside_plain_syntax_are_a_400() {
+        for bad in [
+            "node:+19010",
+            "node:019010",
+            "node:19010 ",
+            "node:65536",
+            "node:",
+            "a/b:80",
+            "user@node:80",
+            "[not-v6]:80",
+            "[::1]:+1",
+        ] {
+            assert_eq!(parse_authority(bad).unwrap_err().status, 400, "{bad}");
+        }
+        assert_eq!(parse_authority("node_1.x:65535").unwrap().1, 65535);
+    }
+
+    #[test]
+    fn bare_lf_and_leading_empty_lines_are_a_400() {
+        let ok = b"CONNECT node:80 HTTP/1.1\r\nHost: x\r\n\r\n";
+        assert!(parse_head(ok).unwrap().is_some());
+        for bad in [
+            &b"\r\nCONNECT node:80 HTTP/1.1\r\n\r\n"[..],
+            b"\nCONNECT node:80 HTTP/1.1\r\n\r\n",
+            b"CONNECT node:80 HTTP/1.1\nHost: x\n\n",
+            b"CONNECT node:80 HTTP/1.1\r\nHost: x\n\r\n",
+        ] {
+            assert_eq!(parse_head(bad).unwrap_err().status, 400, "{bad:?}");
+        }
     }
 }

@@ -18,8 +18,10 @@ pub struct Metrics {
     registry: Registry,
     agents: Gauge,
     refused: Counter,
+    handshakes: Gauge,
     dials: Family<Vec<(String, String)>, Counter>,
     connects: Family<Vec<(String, String)>, Counter>,
+    failed: Family<Vec<(String, String)>, Counter>,
 }
 
 impl Default for Metrics {
@@ -34,8 +36,15 @@ impl Metrics {
         let mut registry = Registry::with_prefix("tether");
         let agents = Gauge::default();
         let refused = Counter::default();
+        let handshakes = Gauge::default();
+        registry.register(
+            "agent_handshakes",
+            "Agent connections in their TLS handshake or HELLO now (capped by max_handshakes)",
+            handshakes.clone(),
+        );
         let dials = Family::default();
         let connects = Family::default();
+        let failed = Family::default();
         registry.register("agents", "Agent tunnels connected", agents.clone());
         registry.register(
             "agents_refused",
@@ -48,7 +57,14 @@ impl Metrics {
             "HTTP CONNECT requests, by status",
             connects.clone(),
         );
+        registry.register(
+            "connect_streams_failed",
+            "CONNECT streams that ended with an error after the 200, by frontend",
+            failed.clone(),
+        );
         Metrics {
+            handshakes,
+            failed,
             registry,
             agents,
             refused,
@@ -61,13 +77,31 @@ impl Metrics {
         self.agents.set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
+    /// One more (`true`) or one fewer agent connection in its handshake.
+    pub(crate) fn handshaking(&self, more: bool) {
+        if more {
+            self.handshakes.inc();
+        } else {
+            self.handshakes.dec();
+        }
+    }
+
     pub(crate) fn agent_refused(&self) {
         self.refused.inc();
     }
 
-    pub(crate) fn dial(&self, result: String) {
+    /// Counts a dial by its result: `ok`, `no_agent`, `timeout`, `unavailable`, an error
+    /// code's name, or `other` for a code this server does not know, so an agent that picks
+    /// codes at will cannot grow the label set (docs/SECURITY.md).
+    pub(crate) fn dial(&self, result: &str) {
         self.dials
-            .get_or_create(&vec![("result".to_owned(), result)])
+            .get_or_create(&vec![("result".to_owned(), result.to_owned())])
+            .inc();
+    }
+
+    pub(crate) fn stream_failed(&self, frontend: super::connect::Frontend) {
+        self.failed
+            .get_or_create(&vec![("frontend".to_owned(), frontend.name().to_owned())])
             .inc();
     }
 

@@ -111,11 +111,11 @@ impl ServerCore {
             .ok_or(DialError::NoAgent)?;
         let result = tunnel.dial(host, port, self.dial_timeout).await;
         self.metrics.dial(match &result {
-            Ok(_) => "ok".to_owned(),
-            Err(DialError::NoAgent) => "no_agent".to_owned(),
-            Err(DialError::Timeout) => "timeout".to_owned(),
-            Err(DialError::Unavailable(_)) => "unavailable".to_owned(),
-            Err(DialError::Failed(e)) => e.code.to_string(),
+            Ok(_) => "ok",
+            Err(DialError::NoAgent) => "no_agent",
+            Err(DialError::Timeout) => "timeout",
+            Err(DialError::Unavailable(_)) => "unavailable",
+            Err(DialError::Failed(e)) => e.code.name().unwrap_or("other"),
         });
         result
     }
@@ -170,6 +170,9 @@ impl Server {
         if let Some(path) = &config.uds_path {
             let _ = std::fs::remove_file(path);
             let l = tokio::net::UnixListener::bind(path)?;
+            // Owner and group only, as Konnectivity's server sets it (docs/SECURITY.md).
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o770))?;
             tasks.push(tokio::spawn(accept_connect_uds(core.clone(), l)));
         }
         let mut health_addr = None;
@@ -259,13 +262,30 @@ async fn accept_agents(core: Arc<ServerCore>, l: TcpListener, cfg: Arc<ServerCon
             continue;
         };
         let _ = tcp.set_nodelay(true);
+        core.metrics.handshaking(true);
+        let slot = HandshakeSlot {
+            _permit: permit,
+            core: core.clone(),
+        };
         tokio::spawn(serve_agent(
             core.clone(),
             cfg.clone(),
             acceptor.clone(),
             (tcp, peer),
-            permit,
+            slot,
         ));
+    }
+}
+
+/// A place among the connections in their handshake; given back when dropped.
+struct HandshakeSlot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    core: Arc<ServerCore>,
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        self.core.metrics.handshaking(false);
     }
 }
 
@@ -274,7 +294,7 @@ async fn serve_agent(
     cfg: Arc<ServerConfig>,
     acceptor: TlsAcceptor,
     (tcp, peer): (TcpStream, SocketAddr),
-    handshake_permit: tokio::sync::OwnedSemaphorePermit,
+    handshake_slot: HandshakeSlot,
 ) {
     // The session exists from the first byte: its handshake deadline is the one budget for
     // TLS and HELLO together (SPEC 4.4).
@@ -352,7 +372,7 @@ async fn serve_agent(
             return;
         }
     };
-    drop(handshake_permit);
+    drop(handshake_slot);
     let agent_id = hello.agent_id.escape_debug().to_string();
     let conn = core.registry.add(
         hello.agent_id.clone(),
@@ -386,6 +406,8 @@ async fn accept_connect_tcp(
             continue;
         };
         let _ = tcp.set_nodelay(true);
+        // One budget for the TLS handshake and the request head together.
+        let deadline = tokio::time::Instant::now() + core.header_timeout;
         let core = core.clone();
         let acceptor = acceptor.clone();
         // Two kinds of task, so a plain connection's task is not sized for a TLS one (a
@@ -393,13 +415,17 @@ async fn accept_connect_tcp(
         let peer = peer.to_string();
         match acceptor {
             Some(a) => tokio::spawn(async move {
-                match tokio::time::timeout(core.header_timeout, a.accept(tcp)).await {
-                    Ok(Ok(tls)) => connect::serve(&core, tls, &peer).await,
+                match tokio::time::timeout_at(deadline, a.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        connect::serve(&core, tls, &peer, connect::Frontend::Tls, deadline).await;
+                    }
                     Ok(Err(e)) => tracing::info!(%peer, error = %e, "CONNECT client TLS failed"),
                     Err(_) => tracing::info!(%peer, "CONNECT client TLS timed out"),
                 }
             }),
-            None => tokio::spawn(async move { connect::serve(&core, tcp, &peer).await }),
+            None => tokio::spawn(async move {
+                connect::serve(&core, tcp, &peer, connect::Frontend::Tcp, deadline).await;
+            }),
         };
     }
 }
@@ -411,8 +437,11 @@ async fn accept_connect_uds(core: Arc<ServerCore>, l: tokio::net::UnixListener) 
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
+        let deadline = tokio::time::Instant::now() + core.header_timeout;
         let core = core.clone();
-        tokio::spawn(async move { connect::serve(&core, s, "uds").await });
+        tokio::spawn(async move {
+            connect::serve(&core, s, "uds", connect::Frontend::Uds, deadline).await;
+        });
     }
 }
 
