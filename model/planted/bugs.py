@@ -64,4 +64,8 @@ BUGS = [
      "protocol/src/session/inbound.rs",
      "            Phase::Resetting { .. } => Ok(()),\n            _ => Err(protocol_error(kind, \"DIAL_OK for an established stream\")),",
      "            _ => Err(protocol_error(kind, \"DIAL_OK for an established stream\")),"),
+    ("a writer held back by its own send buffer never told when it drains",
+     "protocol/src/session/mod.rs",
+     "            s.want_writable = false;\n            self.events.push_back(Event::Writable { stream: id });\n        }\n        let fin",
+     "        }\n        let fin"),
 ]

@@ -75,6 +75,9 @@ pub struct Bounds {
     /// Whether frames leave a session only on a `Flush` step (a writer that batches), so
     /// several chunks can queue on a stream; otherwise every step flushes.
     pub batching: bool,
+    /// Each end's own send buffer (`max_send_window`), in bytes; 0 leaves the default, which
+    /// is above any window here (SPEC 6.2: a sender holds at most this much unsent).
+    pub send_buffer: u32,
     /// The misbehaviours the agent end may commit (one per run); empty for an honest agent.
     pub rogue: Vec<Misbehavior>,
 }
@@ -100,6 +103,7 @@ impl Bounds {
             keepalive: false,
             handshake: false,
             batching: false,
+            send_buffer: 0,
             rogue: Vec::new(),
         }
     }
@@ -115,6 +119,10 @@ impl Bounds {
             keepalive_interval_ms: if self.keepalive { 1000 } else { 0 },
             keepalive_timeout_ms: 500,
             handshake_timeout_ms: if self.handshake { 3000 } else { 0 },
+            max_send_window: match self.send_buffer {
+                0 => Config::default().max_send_window,
+                n => n,
+            },
             ..Config::default()
         }
     }
@@ -296,6 +304,8 @@ pub struct Seen {
     pub chunks_queued: bool,
     /// A DATA frame went out at MAX_FRAME_SIZE with more of its chunk behind it.
     pub split: bool,
+    /// A `send` was cut short by this end's own send buffer while the window had room.
+    pub send_buffer_full: bool,
     /// A PING went out that the application did not ask for (the keepalive timer's).
     pub keepalive_ping: bool,
     /// The application's PING was answered (`PingAnswered`).
@@ -714,6 +724,7 @@ impl TunnelModel {
                     Bytes::from(vec![chunk_byte(i, id, k); want.min(total - st.sent.len())]);
                 let n = end.session.send(id, bytes.clone()).ok()?;
                 let capacity = end.session.send_capacity(id);
+                end.seen.send_buffer_full |= n < bytes.len() && end.session.send_window(id) > 0;
                 end.seen.chunks_queued |= end.session.queued(id) as usize > chunk;
                 let st = end.streams.get_mut(&id)?;
                 st.sent.extend_from_slice(&bytes[..n]);

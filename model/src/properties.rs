@@ -43,6 +43,8 @@ pub const TWO_LIVE_EACH: &str = "each end has two of its own streams live at onc
 pub const OPEN_AT_LIMIT: &str = "an open is refused at the peer's concurrency limit";
 /// Several chunks queued.
 pub const CHUNKS_QUEUED: &str = "several chunks are queued on one stream";
+/// Example: a send is cut short by the sender's own send buffer while the window has room.
+pub const SEND_BUFFER_FULL: &str = "a send is held back by this end's own send buffer";
 /// Frame splitting.
 pub const SPLIT: &str = "a chunk is split at MAX_FRAME_SIZE";
 /// Keepalive PING and answer.
@@ -212,6 +214,9 @@ pub fn all() -> Vec<Property<TunnelModel>> {
         }),
         Property::sometimes(CHUNKS_QUEUED, |_: &TunnelModel, s: &ModelState| {
             s.ends.iter().any(|e| e.seen.chunks_queued)
+        }),
+        Property::sometimes(SEND_BUFFER_FULL, |_: &TunnelModel, s: &ModelState| {
+            s.ends.iter().any(|e| e.seen.send_buffer_full)
         }),
         Property::sometimes(SPLIT, |_: &TunnelModel, s: &ModelState| {
             s.ends.iter().any(|e| e.seen.split)

@@ -99,6 +99,31 @@ pub fn flow() -> Configuration {
     }
 }
 
+/// A sender whose own send buffer (1,024) is below a chunk (1,536) and the peer's window
+/// (4,096, more than the stream carries): sends cut short by the buffer, not the window,
+/// resume only when queued bytes have gone out, and no WINDOW ever comes to mask a lost
+/// `Writable`: the liveness check sees one as a hang (SPEC 6.2, 10).
+pub fn sendbuf() -> Configuration {
+    Configuration {
+        name: "sendbuf",
+        about: "send buffer 1,024 < chunk 1,536, two chunks < window 4,096, a batching writer: \
+                sends held back by this end's own buffer, resumed as it drains",
+        bounds: Bounds {
+            window: 4096,
+            chunks: 2,
+            reply_chunks: 0,
+            chunk_size: 1536,
+            resets: 1,
+            goaways: 0,
+            drop: false,
+            batching: true,
+            send_buffer: 1024,
+            ..Bounds::tiny()
+        },
+        claims: vec![COMPLETES, SEND_BUFFER_FULL, RESET_CROSSES_FIN],
+    }
+}
+
 /// The session's life: handshake (welcome, refusal, version mismatch, deadline), keepalive,
 /// drains from either end, tunnel loss.
 pub fn session() -> Configuration {
@@ -182,7 +207,15 @@ pub fn hostile() -> Configuration {
 
 /// The default suite, in the order `check` runs it.
 pub fn default_suite() -> Vec<Configuration> {
-    vec![streams(), cancel(), flow(), session(), ping(), hostile()]
+    vec![
+        streams(),
+        cancel(),
+        flow(),
+        sendbuf(),
+        session(),
+        ping(),
+        hostile(),
+    ]
 }
 
 /// Bigger configurations for a long (nightly-style) run and for the record in docs/MODEL.md:

@@ -209,14 +209,24 @@ impl Session {
         self.streams.get(id).and_then(stream::Stream::error)
     }
 
-    /// How many bytes `send` would accept on `id` now.
+    /// How many bytes `send` would accept on `id` now: the credit left, at most the room
+    /// left in this end's own send buffer.
     pub fn send_capacity(&self, id: StreamId) -> usize {
         match self.streams.get(id) {
             Some(s) if s.phase == Phase::Established && s.send.state == SendState::Open => {
-                s.send.window.available() as usize
+                let room = self.config.max_send_window.saturating_sub(s.send.queued);
+                s.send.window.available().min(room) as usize
             }
             _ => 0,
         }
+    }
+
+    /// The credit the peer has left this end on `id` (its send window), whatever this end's
+    /// own send buffer holds.
+    pub fn send_window(&self, id: StreamId) -> u32 {
+        self.streams
+            .get(id)
+            .map_or(0, |s| s.send.window.available())
     }
 
     /// Live streams (not closed), both ends' together: what counts against
