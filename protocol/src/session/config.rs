@@ -49,8 +49,9 @@ pub struct Config {
     /// The highest stream id this end will open; at it, the session drains (SPEC 5.1). Local
     /// policy, at most 2^31-1.
     pub stream_id_limit: u32,
-    /// The most bytes this end holds to send on one stream, whatever INITIAL_WINDOW the peer
-    /// announces: its send window is the smaller of the two (SPEC 6.2, 10). At least 1.
+    /// The most bytes this end holds unsent on one stream, whatever INITIAL_WINDOW the peer
+    /// announces (SPEC 6.2, 10); the send window itself still follows the peer's value. At
+    /// least 1.
     pub max_send_window: u32,
     /// The most streams this end opens at once, whatever MAX_CONCURRENT_STREAMS the peer
     /// announces (SPEC 5.7, 10).
@@ -105,9 +106,9 @@ impl Config {
         if self.stream_id_limit > MAX_STREAM_ID {
             return Err(ApiError::InvalidConfig("stream id limit over 2^31-1"));
         }
-        if self.max_send_window == 0 || self.recv_copy_below == 0 {
+        if self.max_send_window == 0 || self.recv_copy_below == 0 || self.max_open_streams == 0 {
             return Err(ApiError::InvalidConfig(
-                "max send window and recv copy threshold must be at least 1",
+                "max send window, max open streams and recv copy threshold must be at least 1",
             ));
         }
         if self.keepalive_interval_ms > 0 && self.keepalive_timeout_ms == 0 {

@@ -15,8 +15,10 @@
 //!   (what the application must know), [`Session::poll_timeout`] (when to call back).
 //!
 //! After any input or command, poll all three until they return `None`: any call may queue
-//! frames, events, or move the deadline. Nothing is produced by polling alone, so a caller that
-//! drains the three after each call has seen everything.
+//! frames, events, or move the deadline. Polling produces nothing but one thing: taking DATA
+//! with [`Session::poll_frame`] may free room in a stream's send buffer and queue its
+//! `Writable` event (SPEC 6.2). So poll events after frames: a caller that drains frames, then
+//! events, then the deadline after each call has seen everything.
 //!
 //! The state has owners, each in its own file: the stream table (`streams.rs`), one
 //! stream's halves and buffers (`stream.rs`), keepalive and the timer table

@@ -181,7 +181,8 @@ pub(crate) struct Stream {
     pub(crate) abandoned: bool,
     /// The stream is in the session's ready ring.
     pub(crate) scheduled: bool,
-    /// A `send` was short; a `Writable` event is owed when credit returns.
+    /// A `send` was short, or filled the window or the send buffer: a `Writable` event is owed
+    /// when there is room again (credit returns, or queued bytes go out).
     pub(crate) want_writable: bool,
 }
 

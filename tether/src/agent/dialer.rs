@@ -78,9 +78,10 @@ impl std::str::FromStr for Rule {
 /// A destination is allowed when a rule matches it: a name rule (`node-1`, `*.svc`, `*`)
 /// matches the name asked for, an IP rule (`10.0.0.0/8`) the address. Names are resolved once
 /// and every address is checked again before it is dialled, and exactly the checked address is
-/// dialled: loopback, link-local (169.254.0.0/16 with the cloud metadata address, fe80::/10)
-/// and unspecified addresses are refused unless an IP rule names them, whatever the name rule
-/// or the empty allowlist says, so a name that resolves to the agent's own host or to the
+/// dialled: loopback, link-local (169.254.0.0/16 with the cloud metadata address, fe80::/10),
+/// the other cloud metadata addresses and unspecified addresses are refused unless an IP rule
+/// inside that range names them (`127.0.0.1`, not `0.0.0.0/0`), whatever a name rule, `*` or
+/// the empty allowlist says, so a name that resolves to the agent's own host or to the
 /// metadata service is not a way in. An empty allowlist allows every other destination
 /// (Konnectivity's default), logged at start.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -88,17 +89,56 @@ pub struct Allowlist {
     rules: Vec<Rule>,
 }
 
-/// Whether `ip` is one an agent never dials unless an IP rule names it: its own host
-/// (loopback), the link-local range with the cloud metadata address, or unspecified.
-pub fn is_sensitive(ip: IpAddr) -> bool {
-    let ip = match ip {
+/// An IPv4 address written as IPv4-mapped IPv6 (`::ffff:a.b.c.d`) is that IPv4 address, for
+/// every check.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
         v4 => v4,
-    };
-    match ip {
-        IpAddr::V4(a) => a.is_loopback() || a.is_link_local() || a.is_unspecified(),
-        IpAddr::V6(a) => a.is_loopback() || a.is_unicast_link_local() || a.is_unspecified(),
     }
+}
+
+/// Cloud metadata services outside the link-local range: AWS's IPv6 endpoint and Alibaba's.
+const METADATA: [IpAddr; 2] = [
+    IpAddr::V6(std::net::Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)),
+    IpAddr::V4(std::net::Ipv4Addr::new(100, 100, 100, 200)),
+];
+
+/// Which sensitive range `ip` is in, if any: its own host (loopback), the link-local range
+/// with the cloud metadata address 169.254.169.254, another metadata address
+/// (`fd00:ec2::254`, `100.100.100.200`), or unspecified.
+fn sensitive_range(ip: IpAddr) -> Option<u8> {
+    let ip = canonical(ip);
+    if let Some(i) = METADATA.iter().position(|m| *m == ip) {
+        return u8::try_from(i).ok().map(|i| 10 + i);
+    }
+    let (loopback, link_local, unspecified) = match ip {
+        IpAddr::V4(a) => (a.is_loopback(), a.is_link_local(), a.is_unspecified()),
+        IpAddr::V6(a) => (
+            a.is_loopback(),
+            a.is_unicast_link_local(),
+            a.is_unspecified(),
+        ),
+    };
+    [loopback, link_local, unspecified]
+        .iter()
+        .position(|b| *b)
+        .and_then(|i| u8::try_from(i).ok())
+}
+
+/// Whether `ip` is one an agent never dials unless an IP rule inside its range names it (see
+/// [`Allowlist`]).
+pub fn is_sensitive(ip: IpAddr) -> bool {
+    sensitive_range(ip).is_some()
+}
+
+/// Whether a rule's net lies inside the one sensitive range of `ip`: `127.0.0.1` or
+/// `169.254.0.0/16` name sensitive addresses explicitly, `0.0.0.0/0` or `::/0` do not.
+fn names_sensitive(net: &IpNet, ip: IpAddr) -> bool {
+    let range = sensitive_range(ip);
+    range.is_some()
+        && sensitive_range(net.network()) == range
+        && sensitive_range(net.broadcast()) == range
 }
 
 impl Allowlist {
@@ -150,13 +190,19 @@ impl Allowlist {
     /// when the list is empty, or a `*` rule or an IP rule allows it, or it came from a name
     /// already allowed (`resolved_from_name`).
     fn allows_ip(&self, ip: IpAddr, port: u16, resolved_from_name: bool) -> bool {
-        let named = self.rules.iter().any(|r| {
-            r.port.is_none_or(|p| p == port)
-                && matches!(&r.host, HostRule::Net(n) if n.contains(&ip))
-        });
+        let ip = canonical(ip);
+        let named_by = |explicit: bool| {
+            self.rules.iter().any(|r| {
+                r.port.is_none_or(|p| p == port)
+                    && matches!(&r.host, HostRule::Net(n)
+                        if n.contains(&ip) && (!explicit || names_sensitive(n, ip)))
+            })
+        };
         if is_sensitive(ip) {
-            return named;
+            // Only a rule inside the sensitive range itself names it.
+            return named_by(true);
         }
+        let named = named_by(false);
         named
             || self.rules.is_empty()
             || resolved_from_name
@@ -287,6 +333,19 @@ mod tests {
         assert!(
             !a.allows_ip("127.0.0.1".parse().unwrap(), 80, true),
             "nor does a name rule"
+        );
+        let wide = Allowlist::parse("::/0, 0.0.0.0/1").unwrap();
+        assert!(
+            !wide.allows("::ffff:169.254.169.254", 80),
+            "mapped is the IPv4 address"
+        );
+        assert!(
+            !wide.allows("fd00:ec2::254", 80),
+            "AWS's IPv6 metadata endpoint"
+        );
+        assert!(
+            !wide.allows("100.100.100.200", 80),
+            "Alibaba's metadata endpoint"
         );
         let b = Allowlist::parse("127.0.0.1:80, 169.254.0.0/16:53").unwrap();
         assert!(b.allows("127.0.0.1", 80));

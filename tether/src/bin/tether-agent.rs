@@ -54,8 +54,9 @@ struct Args {
     #[arg(long)]
     service_account_token_path: Option<PathBuf>,
     /// Destinations that may be dialled, comma-separated: `10.0.0.0/8:10250`, `*.svc:443`,
-    /// `node-1`, `*:22`. Empty: everything (logged). Loopback, link-local and unspecified
-    /// addresses, asked for or resolved from a name, only where an IP rule names them.
+    /// `node-1`, `*:22`. Empty: everything (logged). Loopback, link-local, metadata and
+    /// unspecified addresses, asked for or resolved from a name, only where an IP rule inside
+    /// their range names them (`127.0.0.1:8080`; `0.0.0.0/0` does not).
     #[arg(long, default_value = "")]
     allowed_destinations: String,
     /// How long a dial to a destination may take.

@@ -105,6 +105,12 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<Head>, HttpError> {
     let mut req = httparse::Request::new(&mut headers);
     match req.parse(buf) {
         Ok(httparse::Status::Complete(len)) => {
+            if len > MAX_HEAD {
+                return Err(err(431, "request head over 16 KiB"));
+            }
+            if req.version != Some(1) {
+                return Err(err(400, "only HTTP/1.1 CONNECT is served"));
+            }
             let head = &buf[..len];
             if head
                 .iter()
@@ -142,6 +148,7 @@ pub fn fuzz_head(data: &[u8]) {
                     .windows(2)
                     .any(|w| w[1] == b'\n' && w[0] != b'\r')
             );
+            assert!(len <= MAX_HEAD);
             let again = parse_head(&data[..len]).expect("the head alone parses");
             assert_eq!(again, Some(((host, port), len)));
         }
@@ -416,6 +423,16 @@ mod tests {
     fn bare_lf_and_leading_empty_lines_are_a_400() {
         let ok = b"CONNECT node:80 HTTP/1.1\r\nHost: x\r\n\r\n";
         assert!(parse_head(ok).unwrap().is_some());
+        assert_eq!(
+            parse_head(b"CONNECT node:80 HTTP/1.0\r\n\r\n")
+                .unwrap_err()
+                .status,
+            400
+        );
+        let mut long = b"CONNECT node:80 HTTP/1.1\r\nX: ".to_vec();
+        long.extend(std::iter::repeat_n(b'a', MAX_HEAD));
+        long.extend_from_slice(b"\r\n\r\n");
+        assert_eq!(parse_head(&long).unwrap_err().status, 431);
         for bad in [
             &b"\r\nCONNECT node:80 HTTP/1.1\r\n\r\n"[..],
             b"\nCONNECT node:80 HTTP/1.1\r\n\r\n",

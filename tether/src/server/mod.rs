@@ -61,7 +61,8 @@ pub struct ServerConfig {
     pub uds_path: Option<PathBuf>,
     /// `/healthz`, `/readyz`, `/metrics` on TCP.
     pub health_addr: Option<SocketAddr>,
-    /// How long a CONNECT client may take to send its request head.
+    /// How long a CONNECT client may take from its connection to the end of its request head,
+    /// TLS handshake included (one budget).
     pub header_timeout: Duration,
 }
 
@@ -138,6 +139,14 @@ pub struct Server {
 impl Server {
     /// Binds every listener and starts serving.
     pub async fn start(config: ServerConfig) -> io::Result<Server> {
+        if config.session.handshake_timeout_ms == 0 {
+            // Slots for handshakes are capped: without a deadline, silent connections would
+            // hold them for ever (docs/SECURITY.md).
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "the agent port needs a handshake deadline (handshake timeout 0)",
+            ));
+        }
         if config.tokens.is_none() {
             tracing::info!("no agent tokens configured: agents are authenticated by TLS only");
         }
@@ -168,11 +177,7 @@ impl Server {
         }
         #[cfg(unix)]
         if let Some(path) = &config.uds_path {
-            let _ = std::fs::remove_file(path);
-            let l = tokio::net::UnixListener::bind(path)?;
-            // Owner and group only, as Konnectivity's server sets it (docs/SECURITY.md).
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o770))?;
+            let l = bind_uds(path)?;
             tasks.push(tokio::spawn(accept_connect_uds(core.clone(), l)));
         }
         let mut health_addr = None;
@@ -248,6 +253,22 @@ impl Server {
     }
 }
 
+/// Binds the CONNECT Unix socket with mode 0770 (owner and group, as Konnectivity's server
+/// sets it), replacing a stale file: bound under a temporary name, given its mode, then
+/// renamed into place, so no client can connect while it has the umask's mode.
+#[cfg(unix)]
+fn bind_uds(path: &std::path::Path) -> io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    let l = tokio::net::UnixListener::bind(&tmp)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o770))?;
+    std::fs::rename(&tmp, path)?;
+    Ok(l)
+}
+
 async fn accept_agents(core: Arc<ServerCore>, l: TcpListener, cfg: Arc<ServerConfig>) {
     let acceptor = TlsAcceptor::from(cfg.agent_tls.clone());
     // Unauthenticated connections cost a task, a TLS state and a session each: at most
@@ -276,6 +297,9 @@ async fn accept_agents(core: Arc<ServerCore>, l: TcpListener, cfg: Arc<ServerCon
         ));
     }
 }
+
+/// How long a tunnel replaced by a newer one of the same agent may drain before it is closed.
+const REPLACED_GRACE: Duration = Duration::from_secs(10);
 
 /// A place among the connections in their handshake; given back when dropped.
 struct HandshakeSlot {
@@ -379,12 +403,30 @@ async fn serve_agent(
         hello.identifiers.clone(),
         tunnel.clone(),
     );
-    for old in core
+    let (drain, close) = core
         .registry
-        .over_cap(&hello.agent_id, cfg.max_tunnels_per_agent)
-    {
+        .over_cap(&hello.agent_id, cfg.max_tunnels_per_agent);
+    for old in drain {
         tracing::info!(%peer, %agent_id, replaced = %old.label(), "a newer tunnel of the agent replaces its oldest");
         old.go_away("replaced by a newer tunnel of the same agent");
+        // A drain ends when the peer answers; one that does not is closed after a grace.
+        tokio::spawn(async move {
+            if tokio::time::timeout(REPLACED_GRACE, old.closed())
+                .await
+                .is_err()
+            {
+                old.close(
+                    ErrorCode::NO_ERROR,
+                    "replaced; the drain did not end in time",
+                );
+            }
+        });
+    }
+    for old in close {
+        old.close(
+            ErrorCode::NO_ERROR,
+            "replaced; too many tunnels of this agent",
+        );
     }
     core.metrics.agents(core.registry.len());
     tracing::info!(%peer, %agent_id, identifiers = ?hello.identifiers, "agent connected");

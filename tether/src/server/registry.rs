@@ -87,19 +87,30 @@ impl Registry {
         conn
     }
 
-    /// The tunnels of `agent_id` beyond the newest `cap`, oldest first: a new tunnel replaces
-    /// the oldest when an agent is at its cap (docs/SECURITY.md). They are left registered,
-    /// for the caller to drain; routing skips a draining tunnel.
-    pub fn over_cap(&self, agent_id: &str, cap: usize) -> Vec<Tunnel> {
+    /// What a new tunnel of `agent_id` displaces (docs/SECURITY.md): the usable tunnels of
+    /// the id beyond the newest `cap`, to drain (routing skips a draining tunnel), and every
+    /// tunnel of the id beyond the newest `2·cap`, draining or not, to close at once, so a
+    /// peer that ignores GOAWAY cannot pile tunnels up. Ids compare without ASCII case, as a
+    /// certificate's DNS names do.
+    pub fn over_cap(&self, agent_id: &str, cap: usize) -> (Vec<Tunnel>, Vec<Tunnel>) {
         let Ok(a) = self.agents.lock() else {
-            return Vec::new();
+            return (Vec::new(), Vec::new());
         };
+        let cap = cap.max(1);
         let mine: Vec<&Entry> = a
             .iter()
-            .filter(|e| e.agent_id == agent_id && e.tunnel.is_usable())
+            .filter(|e| e.agent_id.eq_ignore_ascii_case(agent_id))
             .collect();
-        let extra = mine.len().saturating_sub(cap.max(1));
-        mine[..extra].iter().map(|e| e.tunnel.clone()).collect()
+        let usable: Vec<&&Entry> = mine.iter().filter(|e| e.tunnel.is_usable()).collect();
+        let drain = usable[..usable.len().saturating_sub(cap)]
+            .iter()
+            .map(|e| e.tunnel.clone())
+            .collect();
+        let close = mine[..mine.len().saturating_sub(2 * cap)]
+            .iter()
+            .map(|e| e.tunnel.clone())
+            .collect();
+        (drain, close)
     }
 
     /// Removes a registration (its tunnel ended).
