@@ -324,10 +324,12 @@ fn fuzz_config(u: &mut Unstructured<'_>) -> Result<Config> {
         ..Config::default()
     };
     // This end's own caps, derived from bytes already taken so that corpus files keep their
-    // meaning: a send buffer below or above the peer's window, an open limit of 1 to 4.
+    // meaning: a send buffer below or above the peer's window, an open limit of 1 to 4, a copy
+    // threshold of 1 byte to 4 KiB.
     Ok(Config {
         max_send_window: 1 + c.initial_window / 2,
         max_open_streams: 1 + c.stream_id_limit % 4,
+        recv_copy_below: 1 + c.max_frame_size % 4096,
         ..c
     })
 }

@@ -344,3 +344,38 @@ pub enum StreamState {
 pub(crate) fn len32(b: &[u8]) -> u32 {
     u32::try_from(b.len()).unwrap_or(u32::MAX)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// SPEC 10: however a peer sizes its frames and however the application reads, a
+        /// receive buffer holding at most `window` bytes holds at most `2·window/T + 2`
+        /// slices.
+        #[test]
+        fn a_receive_buffer_holds_o_window_slices_whatever_the_frame_sizes(
+            window in 1u32..200_000,
+            copy_below in 1u32..70_000,
+            ops in proptest::collection::vec((any::<bool>(), 1usize..70_000), 1..400),
+        ) {
+            let mut buf = RecvBuf::default();
+            for (push, n) in ops {
+                if push {
+                    let room = window - buf.len();
+                    let n = n.min(room as usize);
+                    if n == 0 {
+                        continue;
+                    }
+                    buf.push(Bytes::from(vec![0u8; n]), copy_below);
+                } else {
+                    let _ = buf.pop(n);
+                }
+                prop_assert!(buf.len() <= window);
+                let bound = 2 * (window / copy_below) as usize + 2;
+                prop_assert!(buf.chunk_count() <= bound, "{} slices over {bound}", buf.chunk_count());
+            }
+        }
+    }
+}
