@@ -110,15 +110,8 @@ pub fn sendbuf() -> Configuration {
                 sends held back by this end's own buffer, resumed as it drains",
         bounds: Bounds {
             window: 4096,
-            chunks: 2,
-            reply_chunks: 0,
-            chunk_size: 1536,
-            resets: 1,
-            goaways: 0,
-            drop: false,
-            batching: true,
             send_buffer: 1024,
-            ..Bounds::tiny()
+            ..flow().bounds
         },
         claims: vec![COMPLETES, SEND_BUFFER_FULL, RESET_CROSSES_FIN],
     }

@@ -86,6 +86,17 @@ impl Rogue {
         r
     }
 
+    /// Connects as `agent-1` announcing `settings`, and expects the WELCOME.
+    async fn welcomed(addr: SocketAddr, pki: &Pki, settings: Settings) -> Rogue {
+        let claim = Claim {
+            settings,
+            ..Claim::id("agent-1")
+        };
+        let mut r = Rogue::connect(addr, pki, "agent-1", claim).await;
+        r.answer().await.expect("welcome");
+        r
+    }
+
     async fn send(&mut self, frames: &[Frame]) {
         let mut out = BytesMut::new();
         for f in frames {
@@ -248,30 +259,37 @@ async fn wait_port(addr: SocketAddr) {
     panic!("nothing listens on {addr}");
 }
 
-async fn server_bin(files: &Files, extra: &[&str]) -> ServerBin {
-    let (a, c, h) = (free_port(), free_port(), free_port());
-    let child = Command::new(bin(
+/// `tether-server` (or `TETHER_SERVER_BIN`) with agents on 127.0.0.1:`agents`, health on
+/// `health`, and the PKI of `files`.
+fn server_command(files: &Files, agents: u16, health: u16) -> Command {
+    let mut c = Command::new(bin(
         "TETHER_SERVER_BIN",
         env!("CARGO_BIN_EXE_tether-server"),
-    ))
-    .args(["--agent-bind-address", "127.0.0.1", "--agent-port"])
-    .arg(a.to_string())
-    .arg("--server-port")
-    .arg(c.to_string())
-    .arg("--health-port")
-    .arg(h.to_string())
-    .arg("--cluster-cert")
-    .arg(files.path("server.pem"))
-    .arg("--cluster-key")
-    .arg(files.path("server-key.pem"))
-    .arg("--cluster-ca-cert")
-    .arg(files.path("ca.pem"))
-    .args(extra)
-    .env("RUST_LOG", "warn")
-    .stdout(Stdio::null())
-    .stderr(Stdio::null())
-    .spawn()
-    .expect("tether-server starts");
+    ));
+    c.args(["--agent-bind-address", "127.0.0.1", "--agent-port"])
+        .arg(agents.to_string())
+        .arg("--health-port")
+        .arg(health.to_string())
+        .arg("--cluster-cert")
+        .arg(files.path("server.pem"))
+        .arg("--cluster-key")
+        .arg(files.path("server-key.pem"))
+        .arg("--cluster-ca-cert")
+        .arg(files.path("ca.pem"))
+        .stdout(Stdio::null());
+    c
+}
+
+async fn server_bin(files: &Files, extra: &[&str]) -> ServerBin {
+    let (a, c, h) = (free_port(), free_port(), free_port());
+    let child = server_command(files, a, h)
+        .arg("--server-port")
+        .arg(c.to_string())
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("tether-server starts");
     let s = ServerBin {
         proc: Proc(child),
         agents: SocketAddr::from(([127, 0, 0, 1], a)),
@@ -317,17 +335,7 @@ async fn a_huge_announced_window_and_no_reads_cost_the_server_only_its_own_send_
         initial_window: Some(MAX_WINDOW),
         ..Settings::default()
     };
-    let mut rogue = Rogue::connect(
-        server.agents,
-        &pki,
-        "agent-1",
-        Claim {
-            settings,
-            ..Claim::id("agent-1")
-        },
-    )
-    .await;
-    rogue.answer().await.expect("welcome");
+    let mut rogue = Rogue::welcomed(server.agents, &pki, settings).await;
     let frontend = server.connect;
     let client = tokio::spawn(async move { connected_client(frontend, "10.0.0.1:80").await });
     rogue.accept_dial().await;
@@ -368,8 +376,7 @@ async fn one_byte_frames_to_clients_that_do_not_read_cost_the_server_o_window_me
     let pki = Pki::new();
     let files = Files::new(&pki, "tiny");
     let server = server_bin(&files, QUIET).await;
-    let mut rogue = Rogue::connect(server.agents, &pki, "agent-1", Claim::id("agent-1")).await;
-    rogue.answer().await.expect("welcome");
+    let mut rogue = Rogue::welcomed(server.agents, &pki, Settings::default()).await;
     let mut clients = Vec::new();
     let mut ids = Vec::new();
     for _ in 0..STREAMS {
@@ -429,8 +436,7 @@ async fn small_payloads_cannot_pin_whole_read_buffers() {
     let pki = Pki::new();
     let files = Files::new(&pki, "pin");
     let server = server_bin(&files, QUIET).await;
-    let mut rogue = Rogue::connect(server.agents, &pki, "agent-1", Claim::id("agent-1")).await;
-    rogue.answer().await.expect("welcome");
+    let mut rogue = Rogue::welcomed(server.agents, &pki, Settings::default()).await;
     let client = tokio::spawn(client_that_does_not_read(server.connect));
     let id = rogue.accept_dial().await;
     let client = client.await.unwrap();
@@ -478,17 +484,7 @@ async fn a_peer_that_allows_unlimited_streams_gets_no_more_than_the_servers_own_
         max_concurrent_streams: Some(u32::MAX),
         ..Settings::default()
     };
-    let mut rogue = Rogue::connect(
-        server.agent_addr,
-        &pki,
-        "agent-1",
-        Claim {
-            settings,
-            ..Claim::id("agent-1")
-        },
-    )
-    .await;
-    rogue.answer().await.expect("welcome");
+    let mut rogue = Rogue::welcomed(server.agent_addr, &pki, settings).await;
     assert!(server.wait_agents(1, WAIT).await);
     // Ten dials the rogue never answers: three reach it, the rest are refused at once.
     let frontend = server.connect_addr.unwrap();
@@ -528,17 +524,7 @@ async fn a_one_millisecond_keepalive_interval_gets_at_most_one_ping_a_second() {
         keepalive_interval: Some(1),
         ..Settings::default()
     };
-    let mut rogue = Rogue::connect(
-        server.agent_addr,
-        &pki,
-        "agent-1",
-        Claim {
-            settings,
-            ..Claim::id("agent-1")
-        },
-    )
-    .await;
-    rogue.answer().await.expect("welcome");
+    let mut rogue = Rogue::welcomed(server.agent_addr, &pki, settings).await;
     // Answer every PING at once for 2.5 s; count them.
     let mut pings = 0;
     let end = tokio::time::Instant::now() + Duration::from_millis(2500);
@@ -561,6 +547,18 @@ async fn a_one_millisecond_keepalive_interval_gets_at_most_one_ping_a_second() {
 
 // ----- 3. identity is bound to the credential -----
 
+/// A library server and one agent `id` whose allowlist is `rules(port)`, with `port` an echo
+/// backend's on 127.0.0.1; connected.
+async fn with_agent(pki: &Pki, id: &str, rules: impl Fn(u16) -> String) -> (Server, Agent, u16) {
+    let server = Server::start(server_config(pki)).await.unwrap();
+    let port = echo_backend().await.port();
+    let mut cfg = agent_config(pki, server.agent_addr, id);
+    cfg.allowlist = Allowlist::parse(&rules(port)).unwrap();
+    let agent = Agent::start(cfg);
+    assert!(server.wait_agents(1, WAIT).await);
+    (server, agent, port)
+}
+
 async fn registered_ids(server: &Server) -> Vec<String> {
     let mut ids = server.core().registry.agent_ids();
     ids.sort();
@@ -570,14 +568,11 @@ async fn registered_ids(server: &Server) -> Vec<String> {
 #[tokio::test]
 async fn a_second_certificate_cannot_take_another_agents_id_or_host_name() {
     let pki = Pki::new();
-    let server = Server::start(server_config(&pki)).await.unwrap();
     // The victim serves the name `localhost` (its id, its certificate, its host identifier).
-    let backend = echo_backend().await;
-    let port = backend.port();
-    let mut cfg = agent_config(&pki, server.agent_addr, "localhost");
-    cfg.allowlist = Allowlist::parse(&format!("localhost:{port}, 127.0.0.1:{port}")).unwrap();
-    let _victim = Agent::start(cfg);
-    assert!(server.wait_agents(1, WAIT).await);
+    let (server, _victim, port) = with_agent(&pki, "localhost", |port| {
+        format!("localhost:{port}, 127.0.0.1:{port}")
+    })
+    .await;
     // The thief's certificate is for `node-2`: it may not say it is `localhost`...
     let mut thief = Rogue::connect(server.agent_addr, &pki, "node-2", Claim::id("localhost")).await;
     let (code, reason) = thief.answer().await.unwrap_err();
@@ -731,8 +726,7 @@ async fn an_agent_id_with_control_characters_is_refused_whatever_the_rule() {
 async fn reset_codes_an_agent_picks_do_not_grow_the_metrics_label_set() {
     let pki = Pki::new();
     let server = Server::start(server_config(&pki)).await.unwrap();
-    let mut rogue = Rogue::connect(server.agent_addr, &pki, "agent-1", Claim::id("agent-1")).await;
-    rogue.answer().await.expect("welcome");
+    let mut rogue = Rogue::welcomed(server.agent_addr, &pki, Settings::default()).await;
     assert!(server.wait_agents(1, WAIT).await);
     let frontend = server.connect_addr.unwrap();
     for n in 0..40u32 {
@@ -991,13 +985,8 @@ async fn an_agent_killed_mid_transfer_fails_every_unix_socket_stream_visibly() {
 #[tokio::test]
 async fn a_name_rule_that_resolves_to_loopback_does_not_reach_loopback() {
     let pki = Pki::new();
-    let server = Server::start(server_config(&pki)).await.unwrap();
-    let backend = echo_backend().await;
-    let port = backend.port();
-    let mut cfg = agent_config(&pki, server.agent_addr, "agent-1");
-    cfg.allowlist = Allowlist::parse(&format!("localhost:{port}")).unwrap();
-    let _agent = Agent::start(cfg);
-    assert!(server.wait_agents(1, WAIT).await);
+    let (server, _agent, port) =
+        with_agent(&pki, "agent-1", |port| format!("localhost:{port}")).await;
     let frontend = server.connect_addr.unwrap();
     let (status, head, mut s) = connect_tcp(frontend, &format!("localhost:{port}")).await;
     assert_eq!(status, 403, "{head}");
@@ -1014,13 +1003,10 @@ async fn a_name_rule_that_resolves_to_loopback_does_not_reach_loopback() {
 #[tokio::test]
 async fn an_ip_rule_that_names_loopback_lets_a_name_resolving_to_it_through() {
     let pki = Pki::new();
-    let server = Server::start(server_config(&pki)).await.unwrap();
-    let backend = echo_backend().await;
-    let port = backend.port();
-    let mut cfg = agent_config(&pki, server.agent_addr, "agent-1");
-    cfg.allowlist = Allowlist::parse(&format!("localhost:{port}, 127.0.0.1:{port}")).unwrap();
-    let _agent = Agent::start(cfg);
-    assert!(server.wait_agents(1, WAIT).await);
+    let (server, _agent, port) = with_agent(&pki, "agent-1", |port| {
+        format!("localhost:{port}, 127.0.0.1:{port}")
+    })
+    .await;
     let (status, head, mut s) =
         connect_tcp(server.connect_addr.unwrap(), &format!("localhost:{port}")).await;
     assert_eq!(status, 200, "{head}");
@@ -1032,13 +1018,9 @@ async fn an_ip_rule_that_names_loopback_lets_a_name_resolving_to_it_through() {
 #[tokio::test]
 async fn an_empty_allowlist_refuses_the_agents_own_loopback() {
     let pki = Pki::new();
-    let server = Server::start(server_config(&pki)).await.unwrap();
-    let backend = echo_backend().await;
-    let mut cfg = agent_config(&pki, server.agent_addr, "agent-1");
-    cfg.allowlist = Allowlist::default();
-    let _agent = Agent::start(cfg);
-    assert!(server.wait_agents(1, WAIT).await);
-    let (status, head, _) = connect_tcp(server.connect_addr.unwrap(), &backend.to_string()).await;
+    let (server, _agent, port) = with_agent(&pki, "agent-1", |_| String::new()).await;
+    let target = format!("127.0.0.1:{port}");
+    let (status, head, _) = connect_tcp(server.connect_addr.unwrap(), &target).await;
     assert_eq!(status, 403, "{head}");
 }
 
@@ -1048,28 +1030,13 @@ async fn with_only_a_unix_socket_the_tcp_frontend_stays_closed() {
     let pki = Pki::new();
     let files = Files::new(&pki, "uds-only");
     let uds = files.path("only.sock");
-    let (a, h) = (free_port(), free_port());
-    let child = Command::new(bin(
-        "TETHER_SERVER_BIN",
-        env!("CARGO_BIN_EXE_tether-server"),
-    ))
-    .args(["--agent-bind-address", "127.0.0.1", "--agent-port"])
-    .arg(a.to_string())
-    .arg("--health-port")
-    .arg(h.to_string())
-    .arg("--uds-name")
-    .arg(&uds)
-    .arg("--cluster-cert")
-    .arg(files.path("server.pem"))
-    .arg("--cluster-key")
-    .arg(files.path("server-key.pem"))
-    .arg("--cluster-ca-cert")
-    .arg(files.path("ca.pem"))
-    .env("RUST_LOG", "info")
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
+    let child = server_command(&files, free_port(), free_port())
+        .arg("--uds-name")
+        .arg(&uds)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let mut server = Proc(child);
     let stderr = server.0.stderr.take().unwrap();
     // The log up to the line that says where the server listens (bounded: the reader ends at
