@@ -72,7 +72,9 @@ impl FrameCodec {
         let Ok((_, h)) = header(src) else {
             return Ok(None);
         };
-        // SPEC 3.6: the length is checked before anything of the payload is buffered.
+        //= SPEC §3.6
+        //# A receiver MUST check the length as soon as the 10 header bytes are in, before it
+        //# buffers or allocates anything for the payload
         if h.len > self.max_payload {
             return Err(DecodeError::TooLarge {
                 kind: h.kind,

@@ -19,14 +19,21 @@ impl Session {
         port: u16,
     ) -> Result<StreamId, ApiError> {
         self.check_open()?;
+        //= SPEC §7.4
+        //# An end that receives GOAWAY `NO_ERROR` MUST NOT open streams afterwards
         if self.is_draining() {
             return Err(ApiError::Draining);
         }
+        //= SPEC §5.7
+        //# An end MUST NOT open a stream while the number of its own live streams equals the
+        //# peer's MAX_CONCURRENT_STREAMS.
         if self.streams.local_live >= self.open_limit() {
             return Err(ApiError::StreamLimit);
         }
         if self.streams.next_local > self.config.stream_id_limit {
             // SPEC 5.1: ids are never reused; a session out of ids drains.
+            //= SPEC §5.1
+            //# MUST NOT open more streams on that session: it drains it
             self.start_drain("stream ids exhausted");
             self.debug_check();
             return Err(ApiError::IdsExhausted);
@@ -85,6 +92,8 @@ impl Session {
     pub fn send(&mut self, id: StreamId, data: Bytes) -> Result<usize, ApiError> {
         let cap = self.config.max_send_window;
         let s = self.sending_stream(id)?;
+        //= SPEC §6.2
+        //# A sender MUST NOT send more DATA payload on a stream than its window for it.
         let room = cap.saturating_sub(s.send.queued);
         let n = s.send.window.available().min(room).min(len32(&data));
         let short = (n as usize) < data.len();

@@ -84,6 +84,8 @@ impl Session {
 
     pub(super) fn on_hello(&mut self, hello: Hello) -> Result<(), ProtocolError> {
         // SPEC 4.3: the server picks the highest version both speak.
+        //= SPEC §4.3
+        //# If there is none, it MUST close with GOAWAY `VERSION_MISMATCH`.
         let Some(version) = hello
             .versions
             .iter()
@@ -104,6 +106,9 @@ impl Session {
     }
 
     pub(super) fn on_welcome(&mut self, now: Time, welcome: Welcome) -> Result<(), ProtocolError> {
+        //= SPEC §4.3
+        //# An agent that receives a WELCOME with a version it did not offer MUST close with
+        //# GOAWAY `VERSION_MISMATCH`.
         if !self.config.versions.contains(&welcome.version) {
             return Err(violation(
                 ErrorCode::VERSION_MISMATCH,

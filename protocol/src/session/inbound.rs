@@ -101,7 +101,9 @@ impl Session {
             return Err(violation(ErrorCode::STREAM_CLOSED, kind, "DATA after FIN"));
         }
         let len = len32(&d.payload);
-        // SPEC 6.3: a receiver treats an overrun as a protocol error.
+        //= SPEC §6.3
+        //# A receiver MUST treat DATA that exceeds the window it has granted as a
+        //# `FLOW_CONTROL_ERROR`.
         s.recv.window.consume(len).map_err(|_| {
             violation(
                 ErrorCode::FLOW_CONTROL_ERROR,
@@ -141,8 +143,11 @@ impl Session {
                 ));
             }
         }
-        // SPEC 6.3: credit may only return bytes that were sent. Bytes still queued here were
-        // taken from the window but never sent, so the peer cannot have received them.
+        //= SPEC §6.3
+        //# A sender MUST treat a WINDOW whose increment exceeds the bytes it has *sent* on the
+        //# stream and not yet had credited back as a `FLOW_CONTROL_ERROR`.
+        // Bytes still queued here were taken from the window but never sent, so the peer
+        // cannot have received them.
         let cap = initial - s.send.queued;
         s.send.window.grow(w.increment, cap).map_err(|_| {
             violation(

@@ -296,8 +296,9 @@ impl Session {
 
     fn keepalive_interval(&self) -> u64 {
         let ours = self.config.keepalive_interval_ms;
-        // SPEC 7.3: a peer's interval below the floor is raised to it, so a peer cannot make
-        // this end PING without pause.
+        //= SPEC §3.5
+        //# MUST raise a non-zero KEEPALIVE_INTERVAL below 1000 ms to 1000 ms
+        // (SPEC 7.3), so a peer cannot make this end PING without pause.
         let theirs = match self.peer.keepalive_interval() {
             0 => 0,
             t => u64::from(t).max(MIN_KEEPALIVE_INTERVAL_MS),
@@ -598,7 +599,9 @@ impl Session {
                 Ok(())
             }
             Frame::Ping(p) => {
-                // SPEC 7.3: one answer is kept; a newer PING replaces an unsent answer.
+                //= SPEC §7.3
+                //# A receiver MUST answer a PING with a PING carrying ACK and the same payload.
+                // One answer is kept; a newer PING replaces an unsent answer.
                 self.keepalive.pong_out = Some(p.payload);
                 Ok(())
             }
