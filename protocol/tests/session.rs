@@ -1455,3 +1455,90 @@ fn a_peer_keepalive_interval_below_the_floor_is_raised_to_it() {
         "{server_pings} PINGs in 5 s"
     );
 }
+
+// ----- GOAWAY corner cases (SPEC 7.4) -----
+
+#[test]
+fn a_goaway_whose_last_stream_disowns_an_accepted_stream_is_a_protocol_error() {
+    let mut p = pair();
+    let id = open_accepted(&mut p);
+    // The agent accepted stream 1, then says it processed nothing above 0.
+    p.server.handle_frame(
+        Time::from_millis(0),
+        Frame::GoAway(GoAway {
+            last_stream: StreamId(id.0 - 1),
+            code: ErrorCode::NO_ERROR,
+            reason: "drain".into(),
+        }),
+    );
+    assert_eq!(
+        goaway_code(&drain_frames(&mut p.server)),
+        Some(ErrorCode::PROTOCOL_ERROR)
+    );
+}
+
+#[test]
+fn an_error_goaway_after_a_drain_goaway_closes_with_its_code_and_a_second_drain_changes_nothing() {
+    let mut p = pair();
+    let _id = open_accepted(&mut p);
+    let drain = |last| {
+        Frame::GoAway(GoAway {
+            last_stream: StreamId(last),
+            code: ErrorCode::NO_ERROR,
+            reason: "drain".into(),
+        })
+    };
+    let now = Time::from_millis(0);
+    p.server.handle_frame(now, drain(1));
+    // A second drain GOAWAY, even with another last stream, is ignored.
+    p.server.handle_frame(now, drain(0));
+    assert!(!p.server.is_closed());
+    p.server.handle_frame(
+        now,
+        Frame::GoAway(GoAway {
+            last_stream: StreamId(0),
+            code: ErrorCode::INTERNAL_ERROR,
+            reason: "crashed".into(),
+        }),
+    );
+    assert!(p.server.is_closed());
+    let events = p.events(Side::Server);
+    assert!(
+        matches!(
+            closed_reason(&events),
+            Some(CloseReason::Peer {
+                code: ErrorCode::INTERNAL_ERROR,
+                ..
+            })
+        ),
+        "{events:?}"
+    );
+}
+
+#[test]
+fn a_goaway_before_the_session_is_open_ends_it_at_once_whatever_its_code() {
+    let mut p = Pair::new(config(), config());
+    p.server.handle_frame(
+        Time::from_millis(0),
+        Frame::GoAway(GoAway {
+            last_stream: StreamId(7),
+            code: ErrorCode::NO_ERROR,
+            reason: "never mind".into(),
+        }),
+    );
+    assert!(p.server.is_closed());
+}
+
+#[test]
+fn version_0_is_reserved_and_no_session_speaks_it() {
+    let bad = Config {
+        versions: vec![0, 1],
+        ..config()
+    };
+    let e = Session::agent(
+        bad,
+        tether_proto::testing::test_agent_identity(),
+        Time::from_millis(0),
+    );
+    assert!(matches!(e, Err(ApiError::InvalidConfig(_))), "{e:?}");
+}

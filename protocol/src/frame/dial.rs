@@ -52,7 +52,10 @@ impl Dial {
         let dial = wire::run(payload, |i| {
             let (i, protocol) = u8_("protocol")(i)?;
             let (i, port) = u16_("port")(i)?;
-            let (i, host) = str8("DIAL host is not 1-255 printable ASCII bytes")(i)?;
+            let (i, host) = str8(
+                "DIAL host runs past the payload",
+                "DIAL host is not 1-255 printable ASCII bytes",
+            )(i)?;
             if host.is_empty() {
                 return fail("DIAL host is not 1-255 printable ASCII bytes");
             }

@@ -46,7 +46,10 @@ impl GoAway {
                 return fail("GOAWAY last stream id has the reserved bit set");
             }
             let (i, code) = u32_("GOAWAY code")(i)?;
-            let (i, reason) = str8("GOAWAY reason is not UTF-8")(i)?;
+            let (i, reason) = str8(
+                "GOAWAY reason runs past the payload",
+                "GOAWAY reason is not UTF-8",
+            )(i)?;
             Ok((
                 i,
                 GoAway {

@@ -272,7 +272,7 @@ impl Hello {
                 versions.push(v);
                 i = rest;
             }
-            let (i, agent_id) = str8("agent id is not UTF-8")(i)?;
+            let (i, agent_id) = str8("agent id runs past the payload", "agent id is not UTF-8")(i)?;
             let (mut i, n) = u8_("identifier count")(i)?;
             if usize::from(n) > MAX_IDENTIFIERS {
                 return fail("too many identifiers");

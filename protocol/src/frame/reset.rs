@@ -37,7 +37,10 @@ impl Reset {
     pub(crate) fn decode(stream: StreamId, payload: &[u8]) -> Result<Reset, &'static str> {
         wire::run(payload, |i| {
             let (i, code) = u32_("RESET code")(i)?;
-            let (i, reason) = str8("RESET reason is not UTF-8")(i)?;
+            let (i, reason) = str8(
+                "RESET reason runs past the payload",
+                "RESET reason is not UTF-8",
+            )(i)?;
             Ok((
                 i,
                 Reset {

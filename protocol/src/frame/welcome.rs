@@ -46,7 +46,8 @@ impl Welcome {
     pub(crate) fn decode(payload: &[u8]) -> Result<Welcome, &'static str> {
         let welcome = wire::run(payload, |i| {
             let (i, version) = u16_("version")(i)?;
-            let (i, server_id) = str8("server id is not UTF-8")(i)?;
+            let (i, server_id) =
+                str8("server id runs past the payload", "server id is not UTF-8")(i)?;
             let (i, server_count) = u16_("server count")(i)?;
             let (i, settings) = Settings::parse(i)?;
             if server_id.is_empty() {

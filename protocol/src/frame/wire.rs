@@ -54,14 +54,15 @@ pub(crate) fn bytes_(n: usize, what: &'static str) -> impl Fn(&[u8]) -> Res<'_, 
     move |i| why(what, nom::bytes::complete::take(n)(i))
 }
 
-/// A `u8` length then that many bytes of UTF-8 (a `str8` field).
-pub(crate) fn str8(what: &'static str) -> impl Fn(&[u8]) -> Res<'_, &str> {
+/// A `u8` length then that many bytes of UTF-8 (a `str8` field). `past` names a field that
+/// runs past the payload, `invalid` one whose bytes are not valid.
+pub(crate) fn str8(past: &'static str, invalid: &'static str) -> impl Fn(&[u8]) -> Res<'_, &str> {
     move |i| {
-        let (i, len) = u8_(what)(i)?;
-        let (i, raw) = bytes_(usize::from(len), what)(i)?;
+        let (i, len) = u8_(past)(i)?;
+        let (i, raw) = bytes_(usize::from(len), past)(i)?;
         match core::str::from_utf8(raw) {
             Ok(s) => Ok((i, s)),
-            Err(_) => fail(what),
+            Err(_) => fail(invalid),
         }
     }
 }

@@ -103,6 +103,10 @@ impl Config {
                 "versions must be non-empty and strictly ascending",
             ));
         }
+        // SPEC 9: version 0 is reserved; no end speaks it.
+        if self.versions.contains(&0) {
+            return Err(ApiError::InvalidConfig("version 0 is reserved"));
+        }
         if self.stream_id_limit > MAX_STREAM_ID {
             return Err(ApiError::InvalidConfig("stream id limit over 2^31-1"));
         }

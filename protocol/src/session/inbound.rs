@@ -196,7 +196,8 @@ impl Session {
         Ok(())
     }
 
-    pub(super) fn on_goaway(&mut self, g: GoAway) {
+    pub(super) fn on_goaway(&mut self, g: GoAway) -> Result<(), ProtocolError> {
+        // SPEC 7.4: an error GOAWAY ends the session even after a NO_ERROR one.
         if g.code != ErrorCode::NO_ERROR {
             self.shutdown(
                 crate::CloseReason::Peer {
@@ -205,10 +206,22 @@ impl Session {
                 },
                 None,
             );
-            return;
+            return Ok(());
         }
+        // SPEC 7.4: a second NO_ERROR GOAWAY changes nothing; its last_stream is ignored.
         if self.peer_went_away() {
-            return;
+            return Ok(());
+        }
+        // SPEC 7.4: last_stream may not disown a stream the peer already accepted.
+        let role = self.role;
+        let disowned = self.streams.ids_where(|id, s| {
+            role.opens(id) && id > g.last_stream && s.phase == Phase::Established
+        });
+        if !disowned.is_empty() {
+            return Err(protocol_error(
+                FrameKind::GOAWAY,
+                "GOAWAY last stream is below a stream the peer accepted",
+            ));
         }
         // SPEC 7.4: streams of this end above last_stream were not processed; they fail with
         // REFUSED_STREAM and may be opened again elsewhere.
@@ -236,6 +249,7 @@ impl Session {
         }
         self.note_peer_goaway();
         self.maybe_drained();
+        Ok(())
     }
 
     pub(super) fn on_pong(&mut self, now: Time, payload: u64) {

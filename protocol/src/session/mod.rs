@@ -605,10 +605,7 @@ impl Session {
                 self.keepalive.pong_out = Some(p.payload);
                 Ok(())
             }
-            Frame::GoAway(g) => {
-                self.on_goaway(g);
-                Ok(())
-            }
+            Frame::GoAway(g) => self.on_goaway(g),
             Frame::Dial(d) => self.on_dial(d),
             Frame::DialOk(d) => self.on_dial_ok(d.stream),
             Frame::Data(d) => self.on_data(d),
