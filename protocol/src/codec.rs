@@ -95,6 +95,8 @@ impl FrameCodec {
             return Ok(None);
         };
         let total = HEADER_LEN + h.len as usize;
+        //= SPEC §3.6
+        //# A decoder that has a partial frame MUST NOT consume any of it.
         if src.len() < total {
             src.reserve(total - src.len());
             return Ok(None);

@@ -186,6 +186,8 @@ impl Token {
     }
 }
 
+//= SPEC §3.4.1
+//# Implementations MUST NOT log the token.
 impl fmt::Debug for Token {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Token(<{} bytes>)", self.0.len())

@@ -384,6 +384,8 @@ impl Frame {
     pub fn decode(header: Header, payload: Bytes) -> Result<Frame, DecodeError> {
         let kind = header.kind;
         let malformed = |reason| DecodeError::Malformed { kind, reason };
+        //= SPEC §3.1
+        //# a receiver MUST treat a frame with it set as malformed
         if header.stream.0 > MAX_STREAM_ID {
             return Err(malformed("reserved stream id bit is set"));
         }
@@ -398,6 +400,9 @@ impl Frame {
             | FrameKind::RESET => Some(false),
             _ => None,
         };
+        //= SPEC §3.1
+        //# Session frames (HELLO, WELCOME, PING, GOAWAY) MUST use stream id 0; stream frames (DIAL,
+        //# DIAL_OK, DATA, WINDOW, RESET) MUST use a non-zero stream id.
         match wants_session {
             Some(true) if !header.stream.is_session() => {
                 return Err(malformed("session frame on a non-zero stream id"));
@@ -414,6 +419,9 @@ impl Frame {
             _ => 0,
         };
         if header.flags & !allowed_flags != 0 {
+            //= SPEC §3.1
+            //# a receiver MUST treat a frame of a known kind with an undefined flag bit set as
+            //# malformed.
             return Err(malformed("undefined flag bits are set"));
         }
         let stream = header.stream;
@@ -432,6 +440,9 @@ impl Frame {
             FrameKind::RESET => Reset::decode(stream, p).map(Frame::Reset),
             FrameKind::PING => Ping::decode(header.flags, p).map(Frame::Ping),
             FrameKind::GOAWAY => GoAway::decode(p).map(Frame::GoAway),
+            //= SPEC §3.2
+            //# A frame of any other kind MUST be accepted by the decoder as long as its
+            //# length is within the limit
             _ => Ok(Frame::Unknown(Unknown {
                 kind,
                 flags: header.flags,

@@ -45,6 +45,8 @@ impl Reset {
                 i,
                 Reset {
                     stream,
+                    //= SPEC §8.1
+                    //# Unknown codes MUST be accepted and treated like `INTERNAL_ERROR`.
                     code: ErrorCode(code),
                     reason: reason.to_owned(),
                 },

@@ -82,6 +82,11 @@ pub(crate) fn finish<T>(rest: &[u8], value: T) -> Result<T, &'static str> {
     }
 }
 
+//= SPEC §3.3
+//# A receiver MUST validate every field when it decodes a frame: lengths, UTF-8, ranges, order.
+//= SPEC §3.3
+//# A payload MUST be consumed exactly: bytes left after the last field, or a field that runs
+//# past the end of the payload, make the frame malformed.
 /// Runs `parse` over a whole payload and turns nom's error into a static reason.
 pub(crate) fn run<'a, T>(
     payload: &'a [u8],

@@ -48,6 +48,9 @@ impl Session {
     }
 
     pub(super) fn start_drain(&mut self, reason: &str) {
+        //= SPEC §7.4
+        //# The last-stream id MUST be at least every stream id the sender has accepted (sent
+        //# DIAL_OK for): it is the highest id the peer opened
         self.drain = Drain::Queued {
             goaway: GoAway {
                 last_stream: StreamId(self.streams.last_peer),

@@ -46,6 +46,8 @@ impl Session {
             port,
         };
         dial.validate().map_err(ApiError::InvalidFrame)?;
+        //= SPEC §5.1
+        //# Each end MUST open its streams with strictly increasing ids.
         self.streams.next_local += 2;
         let stream = Stream::new(
             Phase::Dialing(Some(dial)),
@@ -174,6 +176,8 @@ impl Session {
         if !s.is_live() {
             return Ok(());
         }
+        //= SPEC §6.3
+        //# A receiver MUST NOT return credit for bytes it has not received
         if n > s.recv.unreleased {
             return Err(ApiError::OverRelease);
         }
@@ -303,6 +307,9 @@ impl Session {
             Phase::Closed(_) => return Err(ApiError::AlreadyFinished),
             _ => return Err(ApiError::NotEstablished),
         }
+        //= SPEC §5.3
+        //# A DATA with FIN ends the sender's direction; the sender MUST NOT send DATA on that
+        //# stream afterwards.
         if s.send.state != SendState::Open {
             return Err(ApiError::AlreadyFinished);
         }

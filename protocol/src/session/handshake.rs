@@ -23,12 +23,16 @@ impl Session {
             token: identity.token,
         };
         hello.validate().map_err(ApiError::InvalidFrame)?;
+        //= SPEC §3.6
+        //# HELLO and WELCOME MUST fit in 16384 bytes.
         if hello.encoded_len() > HANDSHAKE_MAX_PAYLOAD as usize {
             return Err(ApiError::InvalidFrame(
                 "HELLO over the handshake payload limit",
             ));
         }
         let mut s = Session::new(Role::Agent, config, SessionPhase::AwaitWelcome, now);
+        //= SPEC §4.1
+        //# The agent's first frame MUST be HELLO.
         s.handshake_out = Some(Frame::Hello(hello));
         Ok(s)
     }
@@ -53,6 +57,9 @@ impl Session {
         Ok(s)
     }
 
+    //= SPEC §4.2
+    //# which MUST either accept (WELCOME goes out) or refuse (GOAWAY with a code such as
+    //# `UNAUTHORIZED`, then close).
     /// Server end: accepts the agent's HELLO and queues WELCOME (SPEC 4.2). Whether the
     /// agent's credentials are good is the caller's decision.
     pub fn accept_hello(&mut self, now: Time) -> Result<(), ApiError> {
@@ -135,7 +142,9 @@ impl Session {
     fn establish(&mut self, now: Time, welcome: Option<Welcome>) {
         self.phase = SessionPhase::Open;
         self.timers.stop(Timer::Handshake);
-        // SPEC 3.6: from here on, frames may be as large as this end announced.
+        //= SPEC §3.6
+        //# From the moment an end sends WELCOME (server) or receives WELCOME (agent), it MUST
+        //# refuse any frame whose payload exceeds the MAX_FRAME_SIZE it announced.
         self.codec.set_max_payload(self.config.max_frame_size);
         let interval = self.keepalive_interval();
         if interval > 0 {

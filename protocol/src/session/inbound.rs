@@ -197,7 +197,8 @@ impl Session {
     }
 
     pub(super) fn on_goaway(&mut self, g: GoAway) -> Result<(), ProtocolError> {
-        // SPEC 7.4: an error GOAWAY ends the session even after a NO_ERROR one.
+        //= SPEC §7.4
+        //# after a `NO_ERROR` GOAWAY a receiver MUST accept another.
         if g.code != ErrorCode::NO_ERROR {
             self.shutdown(
                 crate::CloseReason::Peer {
@@ -212,7 +213,10 @@ impl Session {
         if self.peer_went_away() {
             return Ok(());
         }
-        // SPEC 7.4: last_stream may not disown a stream the peer already accepted.
+        //= SPEC §7.4
+        //# A receiver that gets GOAWAY `NO_ERROR` whose last stream is below one of its own
+        //# streams that the sender already accepted (its DIAL_OK arrived) MUST treat it as a
+        //# `PROTOCOL_ERROR`
         let role = self.role;
         let disowned = self.streams.ids_where(|id, s| {
             role.opens(id) && id > g.last_stream && s.phase == Phase::Established

@@ -128,6 +128,9 @@ impl Session {
             phase,
             version: 0,
             peer: Settings::default(),
+            //= SPEC §3.6
+            //# Until the handshake is done (§4), a receiver MUST accept payloads up to 16384
+            //# bytes and MUST refuse longer ones
             codec: FrameCodec::with_max_payload(HANDSHAKE_MAX_PAYLOAD),
             streams: Streams::new(role),
             handshake_out: None,
@@ -329,6 +332,11 @@ impl Session {
             match self.codec.decode(buf) {
                 Ok(Some(frame)) => self.handle_decoded(now, frame),
                 Ok(None) => return,
+                //= SPEC §8.2
+                //# the receiver MUST send GOAWAY with `MALFORMED_FRAME` or `FRAME_TOO_LARGE` and a
+                //# reason, then close the tunnel
+                //= SPEC §8.2
+                //# It MUST NOT try to resynchronise.
                 Err(e) => {
                     buf.clear();
                     self.fail(e.into());
@@ -387,10 +395,16 @@ impl Session {
             return;
         }
         match self.timers.expired(now) {
+            //= SPEC §4.4
+            //# if the transport is up (TLS done), the end MUST close the session with GOAWAY
+            //# `HANDSHAKE_TIMEOUT`
             Some(Timer::Handshake) => self.shutdown(
                 CloseReason::HandshakeTimeout,
                 Some((ErrorCode::HANDSHAKE_TIMEOUT, "handshake timed out")),
             ),
+            //= SPEC §7.3
+            //# MUST consider the tunnel dead: it closes the session with GOAWAY
+            //# `KEEPALIVE_TIMEOUT`
             Some(Timer::KeepaliveDeadline) => self.shutdown(
                 CloseReason::KeepaliveTimeout,
                 Some((
@@ -466,6 +480,10 @@ impl Session {
             self.maybe_drained();
             return Some(f);
         }
+        //= SPEC §4.1
+        //# It then MUST NOT send anything but GOAWAY until WELCOME arrives.
+        //= SPEC §4.1
+        //# The server MUST NOT send anything before it decides (§4.2)
         if !self.is_established() {
             return None;
         }
@@ -535,6 +553,8 @@ impl Session {
             return None;
         }
         let payload = match s.send.queue.front_mut() {
+            //= SPEC §3.6
+            //# A sender MUST NOT send a payload longer than the peer's MAX_FRAME_SIZE.
             Some(front) if front.len() > max_payload => front.split_to(max_payload),
             Some(_) => s.send.queue.pop_front().unwrap_or_default(),
             None => bytes::Bytes::new(),

@@ -64,6 +64,9 @@ fn matches_host(id: &Identifier, host: &str, ip: Option<IpAddr>) -> bool {
         Identifier::Host(h) => h.eq_ignore_ascii_case(host),
         Identifier::Ipv4(a) => ip == Some(IpAddr::V4(*a)),
         Identifier::Ipv6(a) => ip == Some(IpAddr::V6(*a)),
+        //= SPEC §3.4.1
+        //# a receiver uses the network they name (`10.1.0.0/16`) and MUST NOT treat the host
+        //# bits as an error.
         Identifier::Cidr(addr, prefix) => match (IpNet::new(*addr, *prefix), ip) {
             (Ok(net), Some(ip)) => net.trunc().contains(&ip),
             _ => false,
