@@ -158,17 +158,10 @@ pub fn ping() -> Configuration {
         about: "an application PING from either end beside the keepalive timer's, their \
                 answers, the keepalive deadline, tunnel loss",
         bounds: Bounds {
-            server_opens: 1,
-            agent_opens: 0,
-            chunks: 0,
-            reply_chunks: 0,
-            resets: 0,
             pings: 1,
             goaways: 0,
-            drop: true,
-            timers: 2,
-            keepalive: true,
-            ..Bounds::tiny()
+            handshake: false,
+            ..session().bounds
         },
         claims: vec![COMPLETES, PING_ANSWERED, KEEPALIVE_PING, KEEPALIVE_EXPIRES],
     }
