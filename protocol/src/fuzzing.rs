@@ -463,6 +463,8 @@ fn codes_for(kind: FrameKind) -> &'static [ErrorCode] {
             ErrorCode::FLOW_CONTROL_ERROR,
         ],
         FrameKind::WINDOW => &[PROTOCOL, ErrorCode::FLOW_CONTROL_ERROR],
+        // SPEC 7.4: only a NO_ERROR GOAWAY that disowns an accepted stream (checked below).
+        FrameKind::GOAWAY => &[PROTOCOL],
         _ => &[],
     }
 }
@@ -473,12 +475,29 @@ struct Before {
     closed: bool,
     /// The stream had the peer's FIN already and the frame is DATA (SPEC 5.4: STREAM_CLOSED).
     data_after_fin: bool,
+    /// The frame is a NO_ERROR GOAWAY whose last stream is below a stream of this end that
+    /// the peer accepted (SPEC 7.4: PROTOCOL_ERROR).
+    goaway_disowns: bool,
 }
 
 impl Before {
     fn of(s: &Session, f: &Frame) -> Before {
         let state = s.stream_state(f.stream());
+        let established = |id| {
+            matches!(
+                s.stream_state(id),
+                Some(
+                    StreamState::Open
+                        | StreamState::HalfClosedLocal
+                        | StreamState::HalfClosedRemote
+                        | StreamState::Closing
+                )
+            )
+        };
+        let goaway_disowns = matches!(f, Frame::GoAway(g) if g.code == ErrorCode::NO_ERROR
+            && s.stream_ids().any(|id| s.role().opens(id) && id > g.last_stream && established(id)));
         Before {
+            goaway_disowns,
             kind: f.kind(),
             closed: s.is_closed(),
             data_after_fin: matches!(f, Frame::Data(d) if d.payload.len() <= s.max_inbound_payload() as usize)
@@ -502,11 +521,17 @@ impl Before {
         }
         assert!(
             codes_for(self.kind).contains(&e.code),
-            "{:?} closed the session with {e:?}, which SPEC 5.4/6.3/8.2 does not allow",
+            "{:?} closed the session with {e:?}, which SPEC 5.4/6.3/7.4/8.2 does not allow",
             self.kind
         );
         if self.data_after_fin {
             assert_eq!(e.code, ErrorCode::STREAM_CLOSED, "DATA after FIN: {e:?}");
+        }
+        if self.kind == FrameKind::GOAWAY {
+            assert!(
+                self.goaway_disowns,
+                "GOAWAY refused though it disowned nothing: {e:?}"
+            );
         }
     }
 }
