@@ -38,7 +38,11 @@ pub mod agent;
 mod buffer;
 #[cfg(feature = "cli")]
 pub mod cli;
+pub mod kube;
+pub mod lease;
+pub mod metrics;
 pub mod pump;
+pub mod reload;
 pub mod server;
 pub mod stream;
 pub mod tls;

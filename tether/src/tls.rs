@@ -9,6 +9,8 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
+use crate::reload::Reloadable;
+
 /// The crypto provider tether uses everywhere: aws-lc-rs, preferring AES-128-GCM.
 ///
 /// Every byte of a tunnel is sealed by one end and opened by the other, so the cipher is a
@@ -123,6 +125,83 @@ pub fn client_config(
         None => builder.with_no_client_auth(),
     };
     Ok(Arc::new(config))
+}
+
+/// Where a TLS server's material lives: certificate, key, and the CA its clients' certificates
+/// must chain to (mTLS), each a PEM file.
+#[derive(Debug, Clone)]
+pub struct ServerFiles {
+    /// The certificate chain.
+    pub cert: std::path::PathBuf,
+    /// Its private key.
+    pub key: std::path::PathBuf,
+    /// The CA that signs clients' certificates; `None`: no client certificate asked for.
+    pub client_ca: Option<std::path::PathBuf>,
+}
+
+impl ServerFiles {
+    /// The server configuration built from the files, re-read when they change
+    /// ([`crate::reload`]). Errors name the material and the file.
+    pub fn load(&self, name: &str) -> Result<Reloadable<ServerConfig>, String> {
+        let mut files = vec![self.cert.clone(), self.key.clone()];
+        files.extend(self.client_ca.clone());
+        let paths = files.clone();
+        Reloadable::load(name, files, move |b| {
+            let named = |i: usize, e: io::Error| format!("{}: {e}", paths[i].display());
+            certs_from_pem(&b[0]).map_err(|e| named(0, e))?;
+            key_from_pem(&b[1]).map_err(|e| named(1, e))?;
+            if let Some(ca) = b.get(2) {
+                roots(ca).map_err(|e| named(2, e))?;
+            }
+
+            server_config(&b[0], &b[1], b.get(2).map(Vec::as_slice))
+                .map(Arc::unwrap_or_clone)
+                .map_err(|e| format!("{} and {}: {e}", paths[0].display(), paths[1].display()))
+        })
+    }
+}
+
+/// Where a TLS client's material lives: the CA that signs the servers' certificates and,
+/// for mTLS, the client's own certificate and key, each a PEM file.
+#[derive(Debug, Clone)]
+pub struct ClientFiles {
+    /// The CA the server's certificate must chain to.
+    pub ca: std::path::PathBuf,
+    /// The client certificate and its key (mTLS).
+    pub cert_key: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    /// ALPN protocols to offer (none: no ALPN extension).
+    pub alpn: Vec<String>,
+}
+
+impl ClientFiles {
+    /// The client configuration built from the files, re-read when they change.
+    pub fn load(&self, name: &str) -> Result<Reloadable<ClientConfig>, String> {
+        let mut files = vec![self.ca.clone()];
+        if let Some((c, k)) = &self.cert_key {
+            files.extend([c.clone(), k.clone()]);
+        }
+        let paths = files.clone();
+        let alpn: Vec<Vec<u8>> = self.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+        Reloadable::load(name, files, move |b| {
+            let named = |i: usize, e: io::Error| format!("{}: {e}", paths[i].display());
+            roots(&b[0]).map_err(|e| named(0, e))?;
+            if b.len() == 3 {
+                certs_from_pem(&b[1]).map_err(|e| named(1, e))?;
+                key_from_pem(&b[2]).map_err(|e| named(2, e))?;
+            }
+            let pair = (b.len() == 3).then(|| (&b[1][..], &b[2][..]));
+            client_config(&b[0], pair)
+                .map(|c| {
+                    let mut c = Arc::unwrap_or_clone(c);
+                    c.alpn_protocols = alpn.clone();
+                    c
+                })
+                .map_err(|e| match &paths[..] {
+                    [_, c, k] => format!("{} and {}: {e}", c.display(), k.display()),
+                    _ => e.to_string(),
+                })
+        })
+    }
 }
 
 /// A throwaway CA and certificates, for tests and the quickstart (rcgen).

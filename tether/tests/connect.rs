@@ -54,7 +54,8 @@ async fn connect_over_mtls_needs_a_client_certificate_signed_by_the_ca() {
             pki.server.key.as_bytes(),
             Some(pki.ca_pem()),
         )
-        .unwrap(),
+        .unwrap()
+        .into(),
     );
     let server = tether::Server::start(cfg).await.unwrap();
     let _agent = tether::Agent::start(agent_config(&pki, server.agent_addr, "agent-1"));

@@ -35,6 +35,7 @@ async fn pair() -> (Tunnel, Tunnel, mpsc::UnboundedReceiver<Incoming>) {
             policy: None,
             epoch,
             label: "server".into(),
+            stats: None,
         },
     );
     let (g, g_hs) = Tunnel::spawn(
@@ -45,6 +46,7 @@ async fn pair() -> (Tunnel, Tunnel, mpsc::UnboundedReceiver<Incoming>) {
             policy: None,
             epoch,
             label: "agent".into(),
+            stats: None,
         },
     );
     assert!(matches!(s_hs.done().await, Ok(Handshake::Hello(_))));
@@ -213,6 +215,7 @@ async fn a_peer_that_neither_reads_nor_sends_is_found_dead_while_a_write_waits_o
             policy: None,
             epoch: Instant::now(),
             label: "server".into(),
+            stats: None,
         },
     );
     // A hand-driven agent: HELLO, WELCOME, accept the one dial, then silence both ways.

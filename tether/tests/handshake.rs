@@ -113,10 +113,9 @@ async fn a_client_that_never_finishes_tls_is_dropped_at_the_same_deadline() {
     assert!(
         server
             .core()
-            .metrics
-            .render()
-            .contains("tether_agents_refused_total 1"),
+            .render_metrics()
+            .contains("tether_agents_refused_total{reason=\"timeout\"} 1"),
         "{}",
-        server.core().metrics.render()
+        server.core().render_metrics()
     );
 }

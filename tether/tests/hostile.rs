@@ -613,11 +613,15 @@ async fn a_token_bound_to_another_agent_id_is_refused() {
     // Tokens alone: no client certificates asked for.
     cfg.agent_tls =
         tether::tls::server_config(pki.server.cert.as_bytes(), pki.server.key.as_bytes(), None)
-            .unwrap();
-    cfg.tokens = Some(Tokens::new([
-        ("victim-token".into(), "node-1".into()),
-        ("thief-token".into(), "node-2".into()),
-    ]));
+            .unwrap()
+            .into();
+    cfg.tokens = Some(
+        Tokens::new([
+            ("victim-token".into(), "node-1".into()),
+            ("thief-token".into(), "node-2".into()),
+        ])
+        .into(),
+    );
     let server = Server::start(cfg).await.unwrap();
     let steal = Claim {
         token: Some("thief-token"),
@@ -749,8 +753,7 @@ async fn reset_codes_an_agent_picks_do_not_grow_the_metrics_label_set() {
     }
     let series = server
         .core()
-        .metrics
-        .render()
+        .render_metrics()
         .lines()
         .filter(|l| l.starts_with("tether_dials_total{"))
         .count();
@@ -1161,7 +1164,8 @@ async fn the_tls_handshake_and_the_request_head_share_one_budget() {
     cfg.header_timeout = Duration::from_millis(2000);
     cfg.connect_tls = Some(
         tether::tls::server_config(pki.server.cert.as_bytes(), pki.server.key.as_bytes(), None)
-            .unwrap(),
+            .unwrap()
+            .into(),
     );
     let server = Server::start(cfg).await.unwrap();
     let tcp = TcpStream::connect(server.connect_addr.unwrap())
@@ -1204,8 +1208,7 @@ async fn unauthenticated_connections_on_the_agent_port_are_capped_while_they_han
     let gauge = || {
         server
             .core()
-            .metrics
-            .render()
+            .render_metrics()
             .lines()
             .find_map(|l| l.strip_prefix("tether_agent_handshakes "))
             .and_then(|v| v.trim().parse::<i64>().ok())

@@ -93,7 +93,9 @@ async fn an_agent_with_the_wrong_ca_or_no_client_certificate_gets_no_session() {
     let server = Server::start(server_config(&pki)).await.unwrap();
     // No client certificate.
     let mut cfg = agent_config(&pki, server.agent_addr, "no-cert");
-    cfg.tls = tether::tls::client_config(pki.ca_pem(), None).unwrap();
+    cfg.tls = tether::tls::client_config(pki.ca_pem(), None)
+        .unwrap()
+        .into();
     let _a = Agent::start(cfg);
     // A certificate from another CA.
     let other = tether::tls::testpki::Ca::new("someone else");
@@ -103,7 +105,8 @@ async fn an_agent_with_the_wrong_ca_or_no_client_certificate_gets_no_session() {
         pki.ca_pem(),
         Some((rogue.cert.as_bytes(), rogue.key.as_bytes())),
     )
-    .unwrap();
+    .unwrap()
+    .into();
     let _b = Agent::start(cfg);
     assert!(
         !server.wait_agents(1, Duration::from_millis(800)).await,
@@ -112,9 +115,8 @@ async fn an_agent_with_the_wrong_ca_or_no_client_certificate_gets_no_session() {
     assert!(
         server
             .core()
-            .metrics
-            .render()
-            .contains("tether_agents_refused_total"),
+            .render_metrics()
+            .contains("tether_agents_refused_total{reason=\"tls\"}"),
         "refusals are counted"
     );
 }
@@ -123,10 +125,7 @@ async fn an_agent_with_the_wrong_ca_or_no_client_certificate_gets_no_session() {
 async fn a_bad_token_is_refused_and_a_good_one_accepted() {
     let pki = Pki::new();
     let mut cfg = server_config(&pki);
-    cfg.tokens = Some(tether::server::Tokens::new([(
-        "s3cret".into(),
-        "good".into(),
-    )]));
+    cfg.tokens = Some(tether::server::Tokens::new([("s3cret".into(), "good".into())]).into());
     let server = Server::start(cfg).await.unwrap();
     let dir = std::env::temp_dir().join(format!("tether-token-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

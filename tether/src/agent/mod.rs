@@ -1,6 +1,7 @@
 //! The agent: dials out to the servers over TLS, serves their dials (DESIGN §9).
 
 pub mod dialer;
+mod metrics;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -17,8 +18,10 @@ use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsConnector;
 
 pub use dialer::Allowlist;
+pub use metrics::AgentMetrics;
 
 use crate::pump::pump;
+use crate::reload::Reloadable;
 use crate::tunnel::{Handshake, Incoming, Start, Tunnel, handshake_deadline};
 
 /// What an agent needs to run.
@@ -29,7 +32,13 @@ pub struct AgentConfig {
     /// The name the servers' certificate must carry; `None`: the host part of each address.
     pub server_name: Option<String>,
     /// TLS: the CA that signed the servers' certificate, and the agent's client certificate.
-    pub tls: Arc<ClientConfig>,
+    /// Each connection takes the material in use when it starts (reloaded from its files).
+    pub tls: Reloadable<ClientConfig>,
+    /// How often the certificate files are re-read for changes.
+    pub reload_interval: Duration,
+    /// Overrides the servers' count with one read elsewhere (Kubernetes leases); `None`:
+    /// the count each server announces.
+    pub server_count: Option<watch::Receiver<u16>>,
     /// The agent id.
     pub agent_id: String,
     /// What the agent can reach (routing at the server).
@@ -47,6 +56,11 @@ pub struct AgentConfig {
     /// Session settings (windows, keepalive, and the handshake deadline, which covers the TCP
     /// connect, TLS and WELCOME together).
     pub session: Config,
+    /// With `server_count`: keep the larger of it and what the servers announce
+    /// (Konnectivity's `--server-count-source max`) instead of it alone.
+    pub server_count_max: bool,
+    /// Where this agent counts what it does (`/metrics`).
+    pub metrics: Arc<AgentMetrics>,
 }
 
 impl AgentConfig {
@@ -55,13 +69,15 @@ impl AgentConfig {
     /// doubling to 10 s.
     pub fn new(
         servers: Vec<String>,
-        tls: Arc<ClientConfig>,
+        tls: impl Into<Reloadable<ClientConfig>>,
         agent_id: impl Into<String>,
     ) -> AgentConfig {
         AgentConfig {
             servers,
             server_name: None,
-            tls,
+            tls: tls.into(),
+            reload_interval: Duration::from_secs(5),
+            server_count: None,
             agent_id: agent_id.into(),
             identifiers: Vec::new(),
             token_path: None,
@@ -70,6 +86,8 @@ impl AgentConfig {
             sync_interval: Duration::from_secs(1),
             sync_interval_cap: Duration::from_secs(10),
             session: Config::default(),
+            server_count_max: false,
+            metrics: Arc::new(AgentMetrics::new()),
         }
     }
 }
@@ -89,6 +107,15 @@ impl std::fmt::Debug for AgentConfig {
 pub struct Agent {
     shutdown: watch::Sender<bool>,
     tunnels: Arc<Mutex<Vec<Tunnel>>>,
+    reload: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(t) = &self.reload {
+            t.abort();
+        }
+    }
 }
 
 impl Agent {
@@ -106,7 +133,42 @@ impl Agent {
         for addr in config.servers.clone() {
             tokio::spawn(manage(config.clone(), addr, rx.clone(), tunnels.clone()));
         }
-        Agent { shutdown, tunnels }
+        let reload = config.tls.watch(config.reload_interval);
+        Agent {
+            shutdown,
+            tunnels,
+            reload,
+        }
+    }
+
+    /// Serves `/healthz`, `/readyz` (ready while a tunnel is open) and `/metrics` on `addr`;
+    /// the task ends when it is aborted.
+    pub async fn serve_health(
+        &self,
+        addr: std::net::SocketAddr,
+        metrics: Arc<AgentMetrics>,
+    ) -> std::io::Result<tokio::task::JoinHandle<()>> {
+        let l = tokio::net::TcpListener::bind(addr).await?;
+        let tunnels = self.tunnels.clone();
+        let answer = move |path: &str| -> crate::metrics::Answer {
+            let open = tunnels
+                .lock()
+                .map(|t| t.iter().filter(|t| t.is_usable()).count())
+                .unwrap_or(0);
+            match path {
+                "/healthz" => (200, "OK", "text/plain", "ok\n".into()),
+                "/readyz" | "/ready" if open > 0 => (200, "OK", "text/plain", "ready\n".into()),
+                "/readyz" | "/ready" => (
+                    503,
+                    "Service Unavailable",
+                    "text/plain",
+                    "no tunnel to a server\n".into(),
+                ),
+                "/metrics" => (200, "OK", crate::metrics::OPENMETRICS, metrics.render()),
+                _ => (404, "Not Found", "text/plain", "not found\n".into()),
+            }
+        };
+        Ok(tokio::spawn(crate::metrics::serve(l, Arc::new(answer))))
     }
 
     /// Tunnels currently open.
@@ -155,12 +217,29 @@ async fn manage(
 ) {
     let mut backoff = cfg.sync_interval;
     let mut want = 1usize;
+    // The largest count a server announced (Konnectivity's `--server-count-source max`).
+    let mut announced = 1usize;
     let mut by_server: HashMap<String, Tunnel> = HashMap::new();
     loop {
         if *shutdown.borrow() {
             return;
         }
         by_server.retain(|_, t| t.close_reason().is_none());
+        // A count read from the cluster (leases) outranks what the servers announce.
+        if let Some(count) = &cfg.server_count {
+            let leases = usize::from((*count.borrow()).max(1));
+            want = if cfg.server_count_max {
+                want.max(leases).max(announced)
+            } else {
+                leases
+            };
+        }
+        cfg.metrics
+            .server_count
+            .set(i64::try_from(want).unwrap_or(i64::MAX));
+        cfg.metrics
+            .tunnels
+            .set(i64::try_from(by_server.len()).unwrap_or(i64::MAX));
         if let Ok(mut list) = all.lock() {
             list.retain(|t| t.close_reason().is_none());
         }
@@ -173,7 +252,10 @@ async fn manage(
         }
         match connect_once(&cfg, &addr).await {
             Ok((tunnel, server_id, count)) => {
-                want = usize::from(count.max(1));
+                announced = announced.max(usize::from(count.max(1)));
+                if cfg.server_count.is_none() {
+                    want = usize::from(count.max(1));
+                }
                 backoff = cfg.sync_interval;
                 match by_server.entry(server_id) {
                     std::collections::hash_map::Entry::Occupied(_) => {
@@ -242,7 +324,7 @@ async fn connect_once(
     let setup = async {
         let tcp = TcpStream::connect(addr).await?;
         tcp.set_nodelay(true)?;
-        let mut tls = TlsConnector::from(cfg.tls.clone())
+        let mut tls = TlsConnector::from(cfg.tls.get())
             .connect(server_name, crate::tls::tunnel_transport(tcp))
             .await?;
         tls.get_mut()
@@ -262,6 +344,7 @@ async fn connect_once(
         policy: None,
         epoch,
         label: format!("agent->{addr}"),
+        stats: Some(cfg.metrics.stats.clone()),
     };
     let (tunnel, handshaking) = Tunnel::spawn(tls, session, start);
     let welcome = match handshaking.done().await? {
@@ -292,6 +375,7 @@ async fn serve_dial(cfg: Arc<AgentConfig>, incoming: Incoming) {
         );
         return;
     }
+    let started = Instant::now();
     // SPEC 5.5: the opener may give up while the connect is in flight (its own dial timeout,
     // a client gone); the connect is dropped at once, closing its socket.
     let connected = tokio::select! {
@@ -301,18 +385,35 @@ async fn serve_dial(cfg: Arc<AgentConfig>, incoming: Incoming) {
             return;
         }
     };
+    let m = &cfg.metrics;
     match connected {
-        Ok(socket) => match incoming.accept() {
-            Ok(stream) => {
-                if let Err(e) = pump(stream, socket, bytes::Bytes::new()).await {
-                    tracing::debug!(%host, port, error = %e, "stream ended with an error");
+        Ok(socket) => {
+            m.dial_seconds.observe(started.elapsed().as_secs_f64());
+            m.dial("ok");
+            match incoming.accept() {
+                Ok(stream) => {
+                    let id = stream.id();
+                    tracing::info!(stream = %id, %host, port, dial_ms = started.elapsed().as_millis(), "dial connected");
+                    m.open_endpoints.inc();
+                    let result = pump(stream, socket, bytes::Bytes::new()).await;
+                    m.open_endpoints.dec();
+                    let seconds = started.elapsed().as_secs_f64();
+                    match result {
+                        Ok(moved) => {
+                            tracing::info!(stream = %id, %host, port, up = moved.up, down = moved.down, seconds, "stream done")
+                        }
+                        Err(e) => {
+                            tracing::info!(stream = %id, %host, port, seconds, error = %e, "stream ended with an error")
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(%host, port, error = %e, "dial given up before it was accepted")
                 }
             }
-            Err(e) => {
-                tracing::debug!(%host, port, error = %e, "dial given up before it was accepted")
-            }
-        },
+        }
         Err((code, reason)) => {
+            m.dial(code.name().unwrap_or("other"));
             tracing::info!(%host, port, %code, %reason, "dial failed");
             incoming.reject(code, &reason);
         }

@@ -227,7 +227,8 @@ pub async fn serve<S>(
             return;
         }
     };
-    let stream = match core.dial(&host, port).await {
+    let started = std::time::Instant::now();
+    let (stream, agent_id) = match core.dial_via(&host, port).await {
         Ok(s) => s,
         Err(f) => {
             let e = failure_to_http(&f);
@@ -245,15 +246,21 @@ pub async fn serve<S>(
     {
         return;
     }
-    match pump(stream, conn, first).await {
+    let stream_id = stream.id();
+    tracing::info!(%peer, %agent_id, stream = %stream_id, %host, port, dial_ms = started.elapsed().as_millis(), "CONNECT established");
+    core.metrics.stream_open(frontend, true);
+    let result = pump(stream, conn, first).await;
+    core.metrics.stream_open(frontend, false);
+    let secs = started.elapsed().as_secs_f64();
+    match result {
         Ok(moved) => {
-            tracing::debug!(%peer, %host, port, up = moved.up, down = moved.down, "CONNECT done")
+            tracing::info!(%peer, %agent_id, stream = %stream_id, %host, port, up = moved.up, down = moved.down, seconds = secs, "CONNECT done");
         }
         Err(e) => {
             // On a Unix socket the client may see a plain end of stream (docs/SECURITY.md): the
             // failure is always logged and counted, so it is never silent.
             core.metrics.stream_failed(frontend);
-            tracing::warn!(%peer, %host, port, frontend = frontend.name(), error = %e, "CONNECT stream failed");
+            tracing::warn!(%peer, %agent_id, stream = %stream_id, %host, port, frontend = frontend.name(), seconds = secs, error = %e, "CONNECT stream failed");
         }
     }
 }

@@ -146,6 +146,8 @@ impl CertNames {
 pub struct Credential {
     /// The verified client certificate's names, with mTLS.
     pub cert: Option<CertNames>,
+    /// What a TokenReview proved about the agent's token, with Kubernetes authentication.
+    pub review: Option<crate::kube::Reviewed>,
 }
 
 /// Bearer tokens and the agent id each may be used with (`token agent-id` per line of the
@@ -225,6 +227,25 @@ pub fn check(
                 id.escape_debug().to_string()
             ));
         }
+        if let Some(review) = &credential.review {
+            let names = [&review.node_name, &review.pod_name];
+            if !names.iter().any(|n| n.as_deref() == Some(id.as_str())) {
+                let reviewed: Vec<&str> = names.iter().filter_map(|n| n.as_deref()).collect();
+                return Err(if reviewed.is_empty() {
+                    format!(
+                        "the TokenReview of {} names no pod or node to bind agent id {:?} to (--agent-id-rule credential; `any` relaxes it)",
+                        review.username,
+                        id.escape_debug().to_string()
+                    )
+                } else {
+                    format!(
+                        "agent id {:?} is neither the node nor the pod its token was issued for ({}; --agent-id-rule credential; `any` relaxes it)",
+                        id.escape_debug().to_string(),
+                        reviewed.join(", ")
+                    )
+                });
+            }
+        }
         if let Some(cert) = &credential.cert
             && !cert.names(id)
         {
@@ -297,7 +318,49 @@ mod tests {
                 dns: dns.iter().map(|s| (*s).to_owned()).collect(),
                 ips: vec!["10.0.0.7".parse().unwrap()],
             }),
+            review: None,
         }
+    }
+
+    fn reviewed(node: Option<&str>, pod: Option<&str>) -> Credential {
+        Credential {
+            cert: None,
+            review: Some(crate::kube::Reviewed {
+                username: "system:serviceaccount:kube-system:konnectivity-agent".into(),
+                node_name: node.map(str::to_owned),
+                pod_name: pod.map(str::to_owned),
+            }),
+        }
+    }
+
+    #[test]
+    fn a_reviewed_token_binds_the_agent_id_to_its_node_or_pod() {
+        let p = IdentityPolicy::default();
+        let c = reviewed(Some("node-1"), Some("konnectivity-agent-x7k2p"));
+        assert!(check(&p, None, &c, &hello("node-1", vec![], None)).is_ok());
+        assert!(
+            check(
+                &p,
+                None,
+                &c,
+                &hello("konnectivity-agent-x7k2p", vec![], None)
+            )
+            .is_ok()
+        );
+        let stolen = check(&p, None, &c, &hello("node-2", vec![], None)).unwrap_err();
+        assert!(stolen.contains("node-1"), "{stolen}");
+        let unbound = check(
+            &p,
+            None,
+            &reviewed(None, None),
+            &hello("node-1", vec![], None),
+        );
+        assert!(unbound.unwrap_err().contains("names no pod or node"));
+        let any = IdentityPolicy {
+            id_rule: IdRule::Any,
+            ..IdentityPolicy::default()
+        };
+        assert!(check(&any, None, &c, &hello("node-2", vec![], None)).is_ok());
     }
 
     #[test]

@@ -1,27 +1,69 @@
-//! `/healthz`, `/readyz` and `/metrics` (prometheus-client).
+//! `/healthz`, `/readyz` and `/metrics` (prometheus-client). Names and their Konnectivity
+//! counterparts: docs/OPERATIONS.md, "Metrics".
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use prometheus_client::encoding::text::encode;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
 
-use super::{ServerCore, respond};
+use super::ServerCore;
+use crate::metrics::{OPENMETRICS, ProcessCollector, TunnelStats};
+
+type Labels = Vec<(String, String)>;
+
+/// Dial latency buckets, in seconds: 0.5 ms to 25 s.
+pub const DIAL_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 25.0,
+];
+
+/// Why an agent connection was refused (a fixed set of label values).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Refusal {
+    /// The TLS handshake failed (bad or missing client certificate, wrong CA, not TLS).
+    Tls,
+    /// TLS and HELLO did not finish within the handshake deadline.
+    Timeout,
+    /// The session's handshake failed (bad HELLO, version mismatch, the agent left).
+    Handshake,
+    /// The credential does not allow the HELLO (token, id, identifiers).
+    Unauthorized,
+    /// The client certificate does not parse.
+    Certificate,
+}
+
+impl Refusal {
+    fn name(self) -> &'static str {
+        match self {
+            Refusal::Tls => "tls",
+            Refusal::Timeout => "timeout",
+            Refusal::Handshake => "handshake",
+            Refusal::Unauthorized => "unauthorized",
+            Refusal::Certificate => "certificate",
+        }
+    }
+}
 
 /// The server's metrics.
 pub struct Metrics {
     registry: Registry,
     agents: Gauge,
-    refused: Counter,
+    refused: Family<Labels, Counter>,
     handshakes: Gauge,
-    dials: Family<Vec<(String, String)>, Counter>,
-    connects: Family<Vec<(String, String)>, Counter>,
-    failed: Family<Vec<(String, String)>, Counter>,
+    dials: Family<Labels, Counter>,
+    dial_seconds: Histogram,
+    pending_dials: Gauge,
+    connects: Family<Labels, Counter>,
+    open_connects: Family<Labels, Gauge>,
+    failed: Family<Labels, Counter>,
+    /// Bytes and stream errors, counted by every tunnel of this server.
+    pub(crate) stats: Arc<TunnelStats>,
 }
 
 impl Default for Metrics {
@@ -33,43 +75,65 @@ impl Default for Metrics {
 impl Metrics {
     /// Registers every metric.
     pub fn new() -> Metrics {
-        let mut registry = Registry::with_prefix("tether");
-        let agents = Gauge::default();
-        let refused = Counter::default();
-        let handshakes = Gauge::default();
-        registry.register(
+        let mut root = Registry::default();
+        root.register_collector(Box::new(ProcessCollector));
+        let stats = Arc::new(TunnelStats::default());
+        let m = Metrics {
+            registry: Registry::default(),
+            agents: Gauge::default(),
+            refused: Family::default(),
+            handshakes: Gauge::default(),
+            dials: Family::default(),
+            dial_seconds: Histogram::new(DIAL_BUCKETS),
+            pending_dials: Gauge::default(),
+            connects: Family::default(),
+            open_connects: Family::default(),
+            failed: Family::default(),
+            stats,
+        };
+        let r = root.sub_registry_with_prefix("tether");
+        r.register(
             "agent_handshakes",
             "Agent connections in their TLS handshake or HELLO now (capped by max_handshakes)",
-            handshakes.clone(),
+            m.handshakes.clone(),
         );
-        let dials = Family::default();
-        let connects = Family::default();
-        let failed = Family::default();
-        registry.register("agents", "Agent tunnels connected", agents.clone());
-        registry.register(
+        r.register("agents", "Agent tunnels connected", m.agents.clone());
+        r.register(
             "agents_refused",
-            "Agent connections refused (TLS, auth, handshake)",
-            refused.clone(),
+            "Agent connections refused, by reason (tls, timeout, handshake, unauthorized, certificate)",
+            m.refused.clone(),
         );
-        registry.register("dials", "Dials through tunnels, by result", dials.clone());
-        registry.register(
+        r.register("dials", "Dials through tunnels, by result", m.dials.clone());
+        r.register_with_unit(
+            "dial_duration",
+            "Time from a dial's start to the agent's answer (successful dials)",
+            prometheus_client::registry::Unit::Seconds,
+            m.dial_seconds.clone(),
+        );
+        r.register(
+            "pending_dials",
+            "Dials sent to agents and not answered yet",
+            m.pending_dials.clone(),
+        );
+        r.register(
             "connect_requests",
             "HTTP CONNECT requests, by status",
-            connects.clone(),
+            m.connects.clone(),
         );
-        registry.register(
+        r.register(
+            "connect_streams",
+            "CONNECT streams open now (after the 200), by frontend",
+            m.open_connects.clone(),
+        );
+        r.register(
             "connect_streams_failed",
             "CONNECT streams that ended with an error after the 200, by frontend",
-            failed.clone(),
+            m.failed.clone(),
         );
+        r.register_collector(Box::new(m.stats.clone()));
         Metrics {
-            handshakes,
-            failed,
-            registry,
-            agents,
-            refused,
-            dials,
-            connects,
+            registry: root,
+            ..m
         }
     }
 
@@ -86,17 +150,31 @@ impl Metrics {
         }
     }
 
-    pub(crate) fn agent_refused(&self) {
-        self.refused.inc();
+    pub(crate) fn agent_refused(&self, why: Refusal) {
+        self.refused
+            .get_or_create(&vec![("reason".to_owned(), why.name().to_owned())])
+            .inc();
     }
 
     /// Counts a dial by its result: `ok`, `no_agent`, `timeout`, `unavailable`, an error
     /// code's name, or `other` for a code this server does not know, so an agent that picks
     /// codes at will cannot grow the label set (docs/SECURITY.md).
-    pub(crate) fn dial(&self, result: &str) {
+    pub(crate) fn dial(&self, result: &str, seconds: Option<f64>) {
         self.dials
             .get_or_create(&vec![("result".to_owned(), result.to_owned())])
             .inc();
+        if let Some(s) = seconds {
+            self.dial_seconds.observe(s);
+        }
+    }
+
+    /// One more (`true`) or one fewer dial waiting for its agent.
+    pub(crate) fn dial_pending(&self, more: bool) {
+        if more {
+            self.pending_dials.inc();
+        } else {
+            self.pending_dials.dec();
+        }
     }
 
     pub(crate) fn stream_failed(&self, frontend: super::connect::Frontend) {
@@ -105,67 +183,80 @@ impl Metrics {
             .inc();
     }
 
+    /// One more (`true`) or one fewer CONNECT stream open on `frontend`.
+    pub(crate) fn stream_open(&self, frontend: super::connect::Frontend, more: bool) {
+        let g = self
+            .open_connects
+            .get_or_create(&vec![("frontend".to_owned(), frontend.name().to_owned())]);
+        if more {
+            g.inc();
+        } else {
+            g.dec();
+        }
+    }
+
     pub(crate) fn connect(&self, status: u16) {
         self.connects
             .get_or_create(&vec![("status".to_owned(), status.to_string())])
             .inc();
     }
 
-    /// The text exposition.
-    pub fn render(&self) -> String {
-        let mut out = String::new();
-        let _ = encode(&mut out, &self.registry);
-        out
+    /// The text exposition, with the per-agent gauges of `core`'s registry as of now.
+    pub fn render(&self, agents: &super::Registry) -> String {
+        let mut now = Registry::with_prefix("tether");
+        now.register_collector(Box::new(PerAgent(agents.per_agent())));
+        crate::metrics::render(&[&self.registry, &now])
+    }
+}
+
+/// Tunnels and open streams per connected agent, read at scrape time. One series per
+/// connected agent id: bounded by the agents this server admits (--max-tunnels-per-agent,
+/// identity rules), and gone when the agent goes.
+#[derive(Debug)]
+struct PerAgent(Vec<(String, usize, usize)>);
+
+impl Collector for PerAgent {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        for (name, help, pick) in [
+            (
+                "agent_tunnels",
+                "Tunnels each connected agent holds to this server",
+                1usize,
+            ),
+            (
+                "agent_streams",
+                "Streams open on each connected agent's tunnels",
+                2,
+            ),
+        ] {
+            let mut m = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for (id, tunnels, streams) in &self.0 {
+                let v = if pick == 1 { *tunnels } else { *streams };
+                let labels = [("agent_id", id.as_str())];
+                ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX))
+                    .encode(m.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
     }
 }
 
 pub(crate) async fn serve_health(core: Arc<ServerCore>, l: TcpListener) {
-    loop {
-        let Ok((mut s, _)) = l.accept().await else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
-        let core = core.clone();
-        tokio::spawn(async move {
-            let mut buf = [0u8; 2048];
-            let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await
-            else {
-                return;
-            };
-            let mut headers = [httparse::EMPTY_HEADER; 32];
-            let mut req = httparse::Request::new(&mut headers);
-            let path = match req.parse(&buf[..n]) {
-                Ok(_) => req.path.unwrap_or("/").to_owned(),
-                Err(_) => String::new(),
-            };
-            match path.as_str() {
-                "/healthz" => respond(&mut s, 200, "OK", "text/plain", "ok\n").await,
-                "/readyz" if !core.registry.is_empty() => {
-                    respond(&mut s, 200, "OK", "text/plain", "ready\n").await;
-                }
-                "/readyz" => {
-                    respond(
-                        &mut s,
-                        503,
-                        "Service Unavailable",
-                        "text/plain",
-                        "no agent connected\n",
-                    )
-                    .await;
-                }
-                "/metrics" => {
-                    let body = core.metrics.render();
-                    respond(
-                        &mut s,
-                        200,
-                        "OK",
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        &body,
-                    )
-                    .await;
-                }
-                _ => respond(&mut s, 404, "Not Found", "text/plain", "not found\n").await,
+    let answer = move |path: &str| -> crate::metrics::Answer {
+        match path {
+            "/healthz" => (200, "OK", "text/plain", "ok\n".into()),
+            "/readyz" | "/ready" if !core.registry.is_empty() => {
+                (200, "OK", "text/plain", "ready\n".into())
             }
-        });
-    }
+            "/readyz" | "/ready" => (
+                503,
+                "Service Unavailable",
+                "text/plain",
+                "no agent connected\n".into(),
+            ),
+            "/metrics" => (200, "OK", OPENMETRICS, core.metrics.render(&core.registry)),
+            _ => (404, "Not Found", "text/plain", "not found\n".into()),
+        }
+    };
+    crate::metrics::serve(l, Arc::new(answer)).await;
 }

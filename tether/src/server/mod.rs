@@ -5,6 +5,7 @@ pub mod connect;
 pub mod identity;
 mod metrics;
 pub mod registry;
+pub mod review;
 
 use std::io;
 use std::net::SocketAddr;
@@ -19,22 +20,30 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
 pub use identity::{AddressClaims, HostClaims, IdRule, IdentityPolicy, Tokens};
-pub use metrics::Metrics;
+use metrics::Refusal;
+pub use metrics::{DIAL_BUCKETS, Metrics};
 pub use registry::{Registry, Strategy, parse_strategies};
+pub use review::TokenReviewer;
 
+use crate::reload::Reloadable;
 use crate::stream::TetherStream;
-use crate::tunnel::{DialError, Handshake, Start, Tunnel, handshake_deadline, session_config};
+use crate::tunnel::{
+    DialError, Handshake, Start, Tunnel, Verdict, handshake_deadline, session_config,
+};
 
 /// What a server needs to run.
 #[derive(Clone)]
 pub struct ServerConfig {
     /// Where agents connect.
     pub agent_addr: SocketAddr,
-    /// TLS for agents; with a client CA, agents must present a certificate it signed.
-    pub agent_tls: Arc<rustls::ServerConfig>,
+    /// TLS for agents; with a client CA, agents must present a certificate it signed. New
+    /// handshakes take the material in use when they start (reloaded from its files).
+    pub agent_tls: Reloadable<rustls::ServerConfig>,
     /// Accepted bearer tokens and the agent id each is bound to; `None`: no token needed (rely
-    /// on client certificates).
-    pub tokens: Option<Tokens>,
+    /// on client certificates or a TokenReview).
+    pub tokens: Option<Reloadable<Tokens>>,
+    /// Kubernetes service-account tokens, reviewed by the API server; `None`: no review.
+    pub token_review: Option<Arc<TokenReviewer>>,
     /// How agent ids and identifiers are bound to credentials.
     pub identity: IdentityPolicy,
     /// Tunnels one agent id may hold to this server at once; a newer one replaces the oldest.
@@ -46,6 +55,9 @@ pub struct ServerConfig {
     pub server_id: String,
     /// How many servers the agents should connect to (HA).
     pub server_count: u16,
+    /// A live count of servers (Kubernetes leases); new tunnels are told the larger of it and
+    /// `server_count`.
+    pub server_count_source: Option<tokio::sync::watch::Receiver<u16>>,
     /// Routing strategies, in order.
     pub strategies: Vec<Strategy>,
     /// How long a dial may take before the client gets 504.
@@ -56,7 +68,12 @@ pub struct ServerConfig {
     /// HTTP CONNECT on TCP.
     pub connect_addr: Option<SocketAddr>,
     /// TLS for the CONNECT frontend (with a client CA: mTLS required).
-    pub connect_tls: Option<Arc<rustls::ServerConfig>>,
+    pub connect_tls: Option<Reloadable<rustls::ServerConfig>>,
+    /// How often certificate, key, CA and token files are re-read for changes.
+    pub reload_interval: Duration,
+    /// Replace a Unix socket file that no server answers on (a stale one); one that answers
+    /// is never replaced.
+    pub delete_existing_uds: bool,
     /// HTTP CONNECT on a Unix socket.
     pub uds_path: Option<PathBuf>,
     /// `/healthz`, `/readyz`, `/metrics` on TCP.
@@ -70,21 +87,28 @@ impl ServerConfig {
     /// A configuration with the defaults the binary uses: agents on `agent_addr` with
     /// `agent_tls`, no tokens, strategy `default`, a 10 s dial timeout, CONNECT on
     /// 127.0.0.1 (an ephemeral port), no Unix socket, no health endpoint.
-    pub fn new(agent_addr: SocketAddr, agent_tls: Arc<rustls::ServerConfig>) -> ServerConfig {
+    pub fn new(
+        agent_addr: SocketAddr,
+        agent_tls: impl Into<Reloadable<rustls::ServerConfig>>,
+    ) -> ServerConfig {
         ServerConfig {
             agent_addr,
-            agent_tls,
+            agent_tls: agent_tls.into(),
             tokens: None,
+            token_review: None,
             identity: IdentityPolicy::default(),
             max_tunnels_per_agent: 1,
             max_handshakes: 256,
             server_id: "tether-server".into(),
             server_count: 1,
+            server_count_source: None,
             strategies: vec![Strategy::Default],
             dial_timeout: Duration::from_secs(10),
             session: Config::default(),
             connect_addr: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             connect_tls: None,
+            reload_interval: Duration::from_secs(5),
+            delete_existing_uds: true,
             uds_path: None,
             health_addr: None,
             header_timeout: Duration::from_secs(10),
@@ -104,21 +128,42 @@ pub struct ServerCore {
 }
 
 impl ServerCore {
+    /// `/metrics` as of now.
+    pub fn render_metrics(&self) -> String {
+        self.metrics.render(&self.registry)
+    }
+
     /// Opens a stream to `host:port` through an agent chosen by the routing strategies.
     pub async fn dial(&self, host: &str, port: u16) -> Result<TetherStream, DialError> {
-        let tunnel = self
+        self.dial_via(host, port).await.map(|(s, _)| s)
+    }
+
+    /// [`ServerCore::dial`], with the id of the agent that serves the stream.
+    pub async fn dial_via(
+        &self,
+        host: &str,
+        port: u16,
+    ) -> Result<(TetherStream, String), DialError> {
+        let (tunnel, agent_id) = self
             .registry
             .route(host, &self.strategies)
             .ok_or(DialError::NoAgent)?;
+        let started = Instant::now();
+        self.metrics.dial_pending(true);
         let result = tunnel.dial(host, port, self.dial_timeout).await;
-        self.metrics.dial(match &result {
-            Ok(_) => "ok",
-            Err(DialError::NoAgent) => "no_agent",
-            Err(DialError::Timeout) => "timeout",
-            Err(DialError::Unavailable(_)) => "unavailable",
-            Err(DialError::Failed(e)) => e.code.name().unwrap_or("other"),
-        });
-        result
+        self.metrics.dial_pending(false);
+        let seconds = result.is_ok().then(|| started.elapsed().as_secs_f64());
+        self.metrics.dial(
+            match &result {
+                Ok(_) => "ok",
+                Err(DialError::NoAgent) => "no_agent",
+                Err(DialError::Timeout) => "timeout",
+                Err(DialError::Unavailable(_)) => "unavailable",
+                Err(DialError::Failed(e)) => e.code.name().unwrap_or("other"),
+            },
+            seconds,
+        );
+        result.map(|s| (s, agent_id))
     }
 }
 
@@ -158,7 +203,13 @@ impl Server {
             header_timeout: config.header_timeout,
         });
         let mut tasks = Vec::new();
-        let agents = TcpListener::bind(config.agent_addr).await?;
+        let every = config.reload_interval;
+        tasks.extend(config.agent_tls.watch(every));
+        tasks.extend(config.connect_tls.as_ref().and_then(|t| t.watch(every)));
+        tasks.extend(config.tokens.as_ref().and_then(|t| t.watch(every)));
+        let agents = TcpListener::bind(config.agent_addr)
+            .await
+            .map_err(|e| named(e, format!("agent port {}", config.agent_addr)))?;
         let agent_addr = agents.local_addr()?;
         tasks.push(tokio::spawn(accept_agents(
             core.clone(),
@@ -167,7 +218,9 @@ impl Server {
         )));
         let mut connect_addr = None;
         if let Some(addr) = config.connect_addr {
-            let l = TcpListener::bind(addr).await?;
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|e| named(e, format!("CONNECT frontend {addr}")))?;
             connect_addr = Some(l.local_addr()?);
             tasks.push(tokio::spawn(accept_connect_tcp(
                 core.clone(),
@@ -177,12 +230,16 @@ impl Server {
         }
         #[cfg(unix)]
         if let Some(path) = &config.uds_path {
-            let l = bind_uds(path)?;
+            let l = bind_uds(path, config.delete_existing_uds)
+                .await
+                .map_err(|e| named(e, format!("Unix socket {}", path.display())))?;
             tasks.push(tokio::spawn(accept_connect_uds(core.clone(), l)));
         }
         let mut health_addr = None;
         if let Some(addr) = config.health_addr {
-            let l = TcpListener::bind(addr).await?;
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|e| named(e, format!("health port {addr}")))?;
             health_addr = Some(l.local_addr()?);
             tasks.push(tokio::spawn(metrics::serve_health(core.clone(), l)));
         }
@@ -197,7 +254,17 @@ impl Server {
         })
     }
 
-    /// The library API (DESIGN §9): a stream to `host:port` through an agent.
+    /// Serves `/healthz`, `/readyz` and `/metrics` on one more address (the admin port); the
+    /// task ends when it is aborted.
+    pub async fn serve_health_on(
+        &self,
+        addr: SocketAddr,
+    ) -> io::Result<tokio::task::JoinHandle<()>> {
+        let l = TcpListener::bind(addr).await?;
+        Ok(tokio::spawn(metrics::serve_health(self.core.clone(), l)))
+    }
+
+    /// The library API: a stream to `host:port` through an agent.
     pub async fn dial(&self, host: &str, port: u16) -> Result<TetherStream, DialError> {
         self.core.dial(host, port).await
     }
@@ -254,11 +321,52 @@ impl Server {
 }
 
 /// Binds the CONNECT Unix socket with mode 0770 (owner and group, as Konnectivity's server
-/// sets it), replacing a stale file: bound under a temporary name, given its mode, then
-/// renamed into place, so no client can connect while it has the umask's mode.
+/// sets it): bound under a temporary name, given its mode, then renamed into place, so no
+/// client can connect while it has the umask's mode.
+///
+/// A socket file already at `path` is replaced only if nothing answers on it (a stale file
+/// a crashed server left) and `delete_existing` allows it; a live server's socket is never
+/// taken over.
 #[cfg(unix)]
-fn bind_uds(path: &std::path::Path) -> io::Result<tokio::net::UnixListener> {
-    use std::os::unix::fs::PermissionsExt;
+async fn bind_uds(
+    path: &std::path::Path,
+    delete_existing: bool,
+) -> io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "a file that is not a socket is in the way",
+            ));
+        }
+        let probe = tokio::time::timeout(
+            Duration::from_secs(2),
+            tokio::net::UnixStream::connect(path),
+        )
+        .await;
+        if matches!(probe, Ok(Ok(_)) | Err(_)) {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                "another server is serving on this socket",
+            ));
+        }
+        if !delete_existing {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "a stale socket file is in the way (--delete-existing-uds-file replaces it)",
+            ));
+        }
+        tracing::info!(path = %path.display(), "replacing a stale socket file nobody serves");
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && !dir.is_dir()
+    {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("directory {} does not exist", dir.display()),
+        ));
+    }
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(format!(".{}.tmp", std::process::id()));
     let tmp = PathBuf::from(tmp);
@@ -270,7 +378,6 @@ fn bind_uds(path: &std::path::Path) -> io::Result<tokio::net::UnixListener> {
 }
 
 async fn accept_agents(core: Arc<ServerCore>, l: TcpListener, cfg: Arc<ServerConfig>) {
-    let acceptor = TlsAcceptor::from(cfg.agent_tls.clone());
     // Unauthenticated connections cost a task, a TLS state and a session each: at most
     // `max_handshakes` at once; the rest wait in the kernel's backlog (docs/SECURITY.md).
     let handshakes = Arc::new(tokio::sync::Semaphore::new(cfg.max_handshakes.max(1)));
@@ -288,10 +395,12 @@ async fn accept_agents(core: Arc<ServerCore>, l: TcpListener, cfg: Arc<ServerCon
             _permit: permit,
             core: core.clone(),
         };
+        // The material in use when the handshake starts; a reload changes later ones only.
+        let acceptor = TlsAcceptor::from(cfg.agent_tls.get());
         tokio::spawn(serve_agent(
             core.clone(),
             cfg.clone(),
-            acceptor.clone(),
+            acceptor,
             (tcp, peer),
             slot,
         ));
@@ -325,7 +434,10 @@ async fn serve_agent(
     let epoch = Instant::now();
     let identity = ServerIdentity {
         server_id: cfg.server_id.clone(),
-        server_count: cfg.server_count,
+        server_count: cfg
+            .server_count_source
+            .as_ref()
+            .map_or(cfg.server_count, |c| (*c.borrow()).max(cfg.server_count)),
     };
     let session =
         match Session::server(session_config(&cfg.session), identity, Time::from_millis(0)) {
@@ -344,13 +456,13 @@ async fn serve_agent(
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             tracing::warn!(%peer, error = %e, "agent TLS handshake failed");
-            core.metrics.agent_refused();
+            core.metrics.agent_refused(Refusal::Tls);
             return;
         }
         Err(_) => {
             // No TLS yet, so no GOAWAY can be sent: the connection just closes.
             tracing::warn!(%peer, "agent TLS handshake timed out");
-            core.metrics.agent_refused();
+            core.metrics.agent_refused(Refusal::Timeout);
             return;
         }
     };
@@ -361,41 +473,53 @@ async fn serve_agent(
     let credential = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
         None => identity::Credential::default(),
         Some(der) => match identity::CertNames::from_der(der) {
-            Ok(names) => identity::Credential { cert: Some(names) },
+            Ok(names) => identity::Credential {
+                cert: Some(names),
+                review: None,
+            },
             Err(e) => {
                 tracing::warn!(%peer, error = %e, "agent refused");
-                core.metrics.agent_refused();
+                core.metrics.agent_refused(Refusal::Certificate);
                 return;
             }
         },
     };
-    let policy_cfg = cfg.clone();
     let start = Start {
         incoming: None,
         // SPEC 4.2: the protocol carries the id, identifiers and token; the server decides,
-        // against what the connection proved (docs/SECURITY.md).
-        policy: Some(Box::new(move |h| {
-            identity::check(
-                &policy_cfg.identity,
-                policy_cfg.tokens.as_ref(),
-                &credential,
-                h,
-            )
-            .map_err(|reason| (ErrorCode::UNAUTHORIZED, reason))
-        })),
+        // against what the connection proved (docs/SECURITY.md), once any API call is back.
+        policy: Some(Box::new(|_| Verdict::Later)),
         epoch,
         label: format!("server<-{peer}"),
+        stats: Some(core.metrics.stats.clone()),
     };
     let (tunnel, handshaking) = Tunnel::spawn(tls, session, start);
     let hello = match handshaking.done().await {
         Ok(Handshake::Hello(h)) => h,
         Ok(Handshake::Welcome(_)) => return,
         Err(reason) => {
-            tracing::warn!(%peer, %reason, "agent refused");
-            core.metrics.agent_refused();
+            tracing::warn!(%peer, %reason, "agent handshake failed");
+            core.metrics
+                .agent_refused(if reason.code() == ErrorCode::HANDSHAKE_TIMEOUT {
+                    Refusal::Timeout
+                } else {
+                    Refusal::Handshake
+                });
             return;
         }
     };
+    let verdict = authenticate(&cfg, credential, &hello).await;
+    let refused = verdict.as_ref().err().cloned();
+    if let Err(e) = tunnel.decide_hello(verdict.map_err(|r| (ErrorCode::UNAUTHORIZED, r))) {
+        tracing::warn!(%peer, error = %e, "agent's handshake ended before it was decided");
+        core.metrics.agent_refused(Refusal::Timeout);
+        return;
+    }
+    if let Some(reason) = refused {
+        tracing::warn!(%peer, agent_id = %hello.agent_id.escape_debug(), %reason, "agent refused");
+        core.metrics.agent_refused(Refusal::Unauthorized);
+        return;
+    }
     drop(handshake_slot);
     let agent_id = hello.agent_id.escape_debug().to_string();
     let conn = core.registry.add(
@@ -439,9 +563,8 @@ async fn serve_agent(
 async fn accept_connect_tcp(
     core: Arc<ServerCore>,
     l: TcpListener,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    tls: Option<Reloadable<rustls::ServerConfig>>,
 ) {
-    let acceptor = tls.map(TlsAcceptor::from);
     loop {
         let Ok((tcp, peer)) = l.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -451,7 +574,7 @@ async fn accept_connect_tcp(
         // One budget for the TLS handshake and the request head together.
         let deadline = tokio::time::Instant::now() + core.header_timeout;
         let core = core.clone();
-        let acceptor = acceptor.clone();
+        let acceptor = tls.as_ref().map(|t| TlsAcceptor::from(t.get()));
         // Two kinds of task, so a plain connection's task is not sized for a TLS one (a
         // rustls connection is over 1 KiB, and every idle connection would carry it).
         let peer = peer.to_string();
@@ -485,6 +608,31 @@ async fn accept_connect_uds(core: Arc<ServerCore>, l: tokio::net::UnixListener) 
             connect::serve(&core, s, "uds", connect::Frontend::Uds, deadline).await;
         });
     }
+}
+
+/// Checks an agent's HELLO against what its connection proved and, with Kubernetes
+/// authentication, what the API server says of its token. `Err` is the refusal's reason.
+async fn authenticate(
+    cfg: &ServerConfig,
+    mut credential: identity::Credential,
+    hello: &tether_proto::frame::Hello,
+) -> Result<(), String> {
+    if let Some(reviewer) = &cfg.token_review {
+        let token = hello.token.as_ref().ok_or("missing token")?;
+        credential.review = Some(
+            reviewer
+                .review(token.expose())
+                .await
+                .map_err(|e| e.to_string())?,
+        );
+    }
+    let tokens = cfg.tokens.as_ref().map(Reloadable::get);
+    identity::check(&cfg.identity, tokens.as_deref(), &credential, hello)
+}
+
+/// `e` with what it was about (a flag's file, an address) in front.
+fn named(e: io::Error, what: String) -> io::Error {
+    io::Error::new(e.kind(), format!("{what}: {e}"))
 }
 
 /// Writes a small HTTP/1.1 response and closes.

@@ -133,6 +133,24 @@ impl Registry {
         self.len() == 0
     }
 
+    /// Per agent id: its tunnels and the streams open on them.
+    pub fn per_agent(&self) -> Vec<(String, usize, usize)> {
+        let mut out: Vec<(String, usize, usize)> = Vec::new();
+        if let Ok(a) = self.agents.lock() {
+            for e in a.iter() {
+                let streams = e.tunnel.stream_count();
+                match out.iter_mut().find(|(id, ..)| *id == e.agent_id) {
+                    Some(row) => {
+                        row.1 += 1;
+                        row.2 += streams;
+                    }
+                    None => out.push((e.agent_id.clone(), 1, streams)),
+                }
+            }
+        }
+        out
+    }
+
     /// The ids of the registered agents.
     pub fn agent_ids(&self) -> Vec<String> {
         self.agents
@@ -142,8 +160,8 @@ impl Registry {
     }
 
     /// The tunnel to use for `host`, by the first strategy that finds a usable agent; among
-    /// several, the next in turn.
-    pub fn route(&self, host: &str, strategies: &[Strategy]) -> Option<Tunnel> {
+    /// several, the next in turn. With the agent's id, for logs.
+    pub fn route(&self, host: &str, strategies: &[Strategy]) -> Option<(Tunnel, String)> {
         let agents = self.agents.lock().ok()?;
         let ip = host
             .trim_start_matches('[')
@@ -162,7 +180,8 @@ impl Registry {
                 .collect();
             if !candidates.is_empty() {
                 let n = self.turn.fetch_add(1, Ordering::Relaxed);
-                return Some(candidates[n % candidates.len()].tunnel.clone());
+                let e = candidates[n % candidates.len()];
+                return Some((e.tunnel.clone(), e.agent_id.clone()));
             }
         }
         None

@@ -68,14 +68,26 @@ impl Incoming {
     }
 }
 
-/// Decides an agent's HELLO at the server end (SPEC 4.2): `Err` refuses it with a GOAWAY
-/// carrying the code and reason.
-pub type HelloPolicy = Box<dyn Fn(&Hello) -> Result<(), (ErrorCode, String)> + Send>;
+/// Decides an agent's HELLO at the server end (SPEC 4.2), at once or later.
+pub type HelloPolicy = Box<dyn Fn(&Hello) -> Verdict + Send>;
+
+/// A policy's answer to a HELLO.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// WELCOME goes out.
+    Accept,
+    /// GOAWAY with this code and reason, then close.
+    Refuse(ErrorCode, String),
+    /// The caller decides (an API call, say): the handshake reports the HELLO at once
+    /// ([`Handshake::Hello`]) and [`Tunnel::decide_hello`] answers it, within the session's
+    /// handshake deadline.
+    Later,
+}
 
 /// A finished handshake: the agent's HELLO (server end) or the server's WELCOME (agent end).
 #[derive(Debug, Clone)]
 pub enum Handshake {
-    /// Server end: the HELLO the policy accepted.
+    /// Server end: the HELLO the policy accepted or, after [`Verdict::Later`], the one to decide.
     Hello(Hello),
     /// Agent end: the server's WELCOME.
     Welcome(Welcome),
@@ -133,6 +145,7 @@ struct Inner {
     closed: Notify,
     epoch: Instant,
     label: String,
+    stats: Option<Arc<crate::metrics::TunnelStats>>,
 }
 
 /// A running tunnel: a handle that opens streams and watches the session.
@@ -199,6 +212,8 @@ pub struct Start {
     pub epoch: Instant,
     /// A name for logs.
     pub label: String,
+    /// Counters shared with the other tunnels of this process (bytes, stream errors).
+    pub stats: Option<Arc<crate::metrics::TunnelStats>>,
 }
 
 /// `config` as a tunnel runs it: DATA payloads under an eighth of the reader's allocation are
@@ -238,6 +253,7 @@ impl Tunnel {
             closed: Notify::new(),
             epoch: start.epoch,
             label: start.label,
+            stats: start.stats,
         });
         let tunnel = Tunnel { inner };
         let (r, w) = tokio::io::split(io);
@@ -278,6 +294,15 @@ impl Tunnel {
 
     fn wake_writer(&self) {
         self.inner.writer.notify_one();
+    }
+
+    /// Server end: answers the HELLO a [`Verdict::Later`] policy left open. `Err` if there is
+    /// none to answer any more (the handshake deadline passed, the agent left).
+    pub fn decide_hello(&self, verdict: Result<(), (ErrorCode, String)>) -> Result<(), ApiError> {
+        self.drive(|sh, now| match verdict {
+            Ok(()) => sh.session.accept_hello(now),
+            Err((code, reason)) => sh.session.refuse_hello(code, &reason),
+        })
     }
 
     /// A name for logs.
@@ -438,6 +463,9 @@ impl Tunnel {
     /// Returns `n` bytes of credit on `id`. Credit goes back in batches (SPEC 6.4): most
     /// releases leave nothing to send and wake nobody.
     pub(crate) fn release(&self, id: StreamId, n: usize) {
+        if let Some(s) = &self.inner.stats {
+            s.received(n);
+        }
         let released =
             self.drive(|sh, _| sh.session.release(id, u32::try_from(n).unwrap_or(u32::MAX)));
         // Only more than was read can fail here: the handle's bug, not the peer's.
@@ -459,7 +487,12 @@ impl Tunnel {
                 }
                 Poll::Pending
             }
-            Ok(n) => Poll::Ready(Ok(n)),
+            Ok(n) => {
+                if let Some(s) = &self.inner.stats {
+                    s.sent(n);
+                }
+                Poll::Ready(Ok(n))
+            }
             Err(e) => Poll::Ready(Err(api_io_error(e))),
         })
     }
@@ -532,21 +565,37 @@ fn dispatch(sh: &mut Shared, tunnel: &Tunnel) {
                     w.wake();
                 }
             }
-            Event::DialSucceeded { stream }
-            | Event::DialFailed { stream, .. }
-            | Event::Reset { stream, .. } => {
+            Event::DialSucceeded { stream } => {
+                if let Some(w) = sh.wakers.get_mut(&stream) {
+                    w.wake();
+                }
+            }
+            Event::DialFailed { stream, error } | Event::Reset { stream, error } => {
+                if let Some(s) = &tunnel.inner.stats {
+                    s.stream_error(error.code, error.by);
+                }
                 if let Some(w) = sh.wakers.get_mut(&stream) {
                     w.wake();
                 }
             }
             Event::DialRequested { stream, dial } => offer(sh, tunnel, stream, dial),
             Event::HelloReceived(hello) => {
-                let verdict = sh.policy.as_ref().map_or(Ok(()), |decide| decide(&hello));
+                let verdict = sh
+                    .policy
+                    .as_ref()
+                    .map_or(Verdict::Accept, |decide| decide(&hello));
                 let decided = match verdict {
-                    Ok(()) => sh.session.accept_hello(tunnel.inner.now()),
-                    Err((code, reason)) => {
+                    Verdict::Accept => sh.session.accept_hello(tunnel.inner.now()),
+                    Verdict::Refuse(code, reason) => {
                         tracing::warn!(tunnel = %label, agent_id = %hello.agent_id.escape_debug(), %code, %reason, "agent refused");
                         sh.session.refuse_hello(code, &reason)
+                    }
+                    Verdict::Later => {
+                        sh.policy = None;
+                        if let Some(p) = sh.handshake.take() {
+                            drop(p.tx.send(Ok(Handshake::Hello(hello))));
+                        }
+                        continue;
                     }
                 };
                 if let Err(e) = decided {

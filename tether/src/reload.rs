@@ -1,0 +1,232 @@
+//! Material read from files and re-read when the files change (certificates, keys, CAs, the
+//! tokens file), without dropping what already runs.
+//!
+//! A [`Reloadable`] holds the value built from its files and the bytes it was built from.
+//! [`Reloadable::watch`] re-reads the files every interval and compares their bytes, so every
+//! way a file can change is seen the same: a write in place, an atomic rename (kubelet,
+//! cert-manager), or the `..data` symlink swap of a mounted Secret or ConfigMap. Modification
+//! times are not trusted: a symlink swap keeps them, and a copy can set them back. When the
+//! bytes differ, the value is built again; a file that does not build (a half-written key, a
+//! certificate and key that do not match) is logged and the old value kept, and the next poll
+//! tries again. New connections take [`Reloadable::get`]; live ones keep what they started with.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+type Build<T> = dyn Fn(&[Vec<u8>]) -> Result<T, String> + Send + Sync;
+
+struct Source<T> {
+    name: String,
+    files: Vec<PathBuf>,
+    build: Box<Build<T>>,
+    last: Mutex<Vec<Vec<u8>>>,
+}
+
+/// A value built from files, replaced when they change and the new files are good.
+pub struct Reloadable<T> {
+    current: Arc<RwLock<Arc<T>>>,
+    source: Option<Arc<Source<T>>>,
+}
+
+impl<T> Clone for Reloadable<T> {
+    fn clone(&self) -> Self {
+        Reloadable {
+            current: self.current.clone(),
+            source: self.source.clone(),
+        }
+    }
+}
+
+impl<T> From<Arc<T>> for Reloadable<T> {
+    /// A value that never changes (no files behind it).
+    fn from(value: Arc<T>) -> Self {
+        Reloadable {
+            current: Arc::new(RwLock::new(value)),
+            source: None,
+        }
+    }
+}
+
+impl<T> From<T> for Reloadable<T> {
+    fn from(value: T) -> Self {
+        Arc::new(value).into()
+    }
+}
+
+/// How a reload went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reload {
+    /// The files have the bytes they had.
+    Unchanged,
+    /// The files changed and the new value is in use.
+    Replaced,
+    /// The files changed but do not build (the reason); the old value stays.
+    Kept(String),
+}
+
+fn read_all(files: &[PathBuf]) -> Result<Vec<Vec<u8>>, String> {
+    files
+        .iter()
+        .map(|p| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display())))
+        .collect()
+}
+
+impl<T: Send + Sync + 'static> Reloadable<T> {
+    /// Reads `files` and builds the first value; `name` names the material in logs. The first
+    /// value must build: a bad file at startup is an error that names it.
+    pub fn load(
+        name: impl Into<String>,
+        files: Vec<PathBuf>,
+        build: impl Fn(&[Vec<u8>]) -> Result<T, String> + Send + Sync + 'static,
+    ) -> Result<Reloadable<T>, String> {
+        let name = name.into();
+        let bytes = read_all(&files)?;
+        let value = build(&bytes).map_err(|e| format!("{name}: {e}"))?;
+        Ok(Reloadable {
+            current: Arc::new(RwLock::new(Arc::new(value))),
+            source: Some(Arc::new(Source {
+                name,
+                files,
+                build: Box::new(build),
+                last: Mutex::new(bytes),
+            })),
+        })
+    }
+
+    /// The value in use now.
+    pub fn get(&self) -> Arc<T> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Reads the files again and, if their bytes changed and they build, replaces the value.
+    pub fn reload(&self) -> Reload {
+        let Some(src) = &self.source else {
+            return Reload::Unchanged;
+        };
+        let bytes = match read_all(&src.files) {
+            Ok(b) => b,
+            Err(e) => return Reload::Kept(e),
+        };
+        let mut last = src.last.lock().unwrap_or_else(|e| e.into_inner());
+        if *last == bytes {
+            return Reload::Unchanged;
+        }
+        match (src.build)(&bytes) {
+            Ok(value) => {
+                *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(value);
+                *last = bytes;
+                Reload::Replaced
+            }
+            Err(e) => Reload::Kept(e),
+        }
+    }
+
+    /// Re-reads the files every `every` while the returned task runs (none for a value with no
+    /// files). Each change is logged: replaced, or kept with the reason.
+    pub fn watch(&self, every: Duration) -> Option<tokio::task::JoinHandle<()>> {
+        let src = self.source.clone()?;
+        let this = self.clone();
+        Some(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every.max(Duration::from_millis(10)));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            // A file that stays bad is logged once per change of its bytes, not every tick.
+            let mut last_error = None;
+            loop {
+                tick.tick().await;
+                match this.reload() {
+                    Reload::Unchanged => {}
+                    Reload::Replaced => {
+                        last_error = None;
+                        tracing::info!(material = %src.name, files = ?src.files, "reloaded: new connections use it, live ones keep theirs");
+                    }
+                    Reload::Kept(e) => {
+                        if last_error.as_ref() != Some(&e) {
+                            tracing::error!(material = %src.name, error = %e, "the changed files do not load; the old ones stay in use");
+                        }
+                        last_error = Some(e);
+                    }
+                }
+            }
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn numbers(dir: &std::path::Path) -> Reloadable<u32> {
+        Reloadable::load("n", vec![dir.join("n")], |b| {
+            std::str::from_utf8(&b[0])
+                .map_err(|e| e.to_string())?
+                .trim()
+                .parse()
+                .map_err(|e: std::num::ParseIntError| e.to_string())
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn a_changed_file_replaces_the_value_and_a_bad_one_keeps_the_old() {
+        let dir = tempdir("reload");
+        std::fs::write(dir.join("n"), "1").unwrap();
+        let r = numbers(&dir);
+        assert_eq!(*r.get(), 1);
+        assert_eq!(r.reload(), Reload::Unchanged);
+        std::fs::write(dir.join("n"), "2").unwrap();
+        assert_eq!(r.reload(), Reload::Replaced);
+        assert_eq!(*r.get(), 2);
+        std::fs::write(dir.join("n"), "two").unwrap();
+        assert!(matches!(r.reload(), Reload::Kept(_)));
+        assert_eq!(*r.get(), 2);
+        std::fs::remove_file(dir.join("n")).unwrap();
+        assert!(matches!(r.reload(), Reload::Kept(_)));
+        assert_eq!(*r.get(), 2);
+        std::fs::write(dir.join("n"), "3").unwrap();
+        assert_eq!(r.reload(), Reload::Replaced);
+        assert_eq!(*r.get(), 3);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_secret_volume_symlink_swap_is_seen() {
+        // A mounted Secret: `n -> ..data/n`, `..data -> ..v1`; an update writes `..v2` and
+        // renames a new `..data` link over the old one.
+        let dir = tempdir("swap");
+        std::fs::create_dir(dir.join("..v1")).unwrap();
+        std::fs::write(dir.join("..v1/n"), "1").unwrap();
+        std::os::unix::fs::symlink("..v1", dir.join("..data")).unwrap();
+        std::os::unix::fs::symlink("..data/n", dir.join("n")).unwrap();
+        let r = numbers(&dir);
+        assert_eq!(*r.get(), 1);
+        std::fs::create_dir(dir.join("..v2")).unwrap();
+        std::fs::write(dir.join("..v2/n"), "7").unwrap();
+        std::os::unix::fs::symlink("..v2", dir.join("..data_tmp")).unwrap();
+        std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+        std::fs::remove_dir_all(dir.join("..v1")).unwrap();
+        assert_eq!(r.reload(), Reload::Replaced);
+        assert_eq!(*r.get(), 7);
+    }
+
+    #[test]
+    fn a_fixed_value_never_reloads() {
+        let r: Reloadable<u32> = 5.into();
+        assert_eq!(r.reload(), Reload::Unchanged);
+        assert_eq!(*r.get(), 5);
+    }
+
+    fn tempdir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "tether-{tag}-{}-{}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+}
