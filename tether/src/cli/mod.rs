@@ -72,9 +72,11 @@ pub struct LogArgs {
 impl LogArgs {
     /// The filter these flags ask for (RUST_LOG wins when set).
     pub fn filter(&self) -> String {
-        if let Ok(v) = std::env::var("RUST_LOG") {
-            return v;
-        }
+        std::env::var("RUST_LOG").unwrap_or_else(|_| self.level())
+    }
+
+    /// The filter the flags alone ask for.
+    pub fn level(&self) -> String {
         match self.verbosity {
             Some(0 | 1) => "info".into(),
             Some(2..=4) => "debug".into(),

@@ -2,6 +2,8 @@
 //! backends, and a CONNECT client in kube-apiserver's dialect. Every loop is bounded.
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
+pub mod fakekube;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,0 +1,339 @@
+//! Running in a cluster, tested without one: service-account agents reviewed by a local
+//! HTTPS server that speaks the real TokenReview JSON, server leases counted, and the flags of
+//! Konnectivity's manifests accepted. Every wait is bounded.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use clap::Parser;
+use common::fakekube::{FakeKube, Review};
+use common::*;
+use serde_json::json;
+use tether::agent::{Agent, AgentConfig};
+use tether::cli::agent::AgentArgs;
+use tether::cli::server::ServerArgs;
+use tether::kube::{Client, KubeConfig};
+use tether::lease::{LeaseController, LeaseSettings, count_leases, micro_time, parse_labels};
+
+/// Polls `ready` every 20 ms until it holds, at most `limit`.
+async fn eventually(limit: Duration, ready: impl Fn() -> bool) -> bool {
+    let end = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < end {
+        if ready() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    ready()
+}
+
+const SA: &str = "system:serviceaccount:kube-system:konnectivity-agent";
+
+fn tempdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "tether-{tag}-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// The server's certificate and key in `dir`, for flags.
+fn server_files(pki: &Pki, dir: &Path) -> (String, String) {
+    let (c, k) = (dir.join("server.crt"), dir.join("server.key"));
+    std::fs::write(&c, &pki.server.cert).unwrap();
+    std::fs::write(&k, &pki.server.key).unwrap();
+    (c.display().to_string(), k.display().to_string())
+}
+
+/// An agent that authenticates with a token only (no client certificate), as Konnectivity's
+/// service-account agents do.
+fn token_agent(pki: &Pki, server: std::net::SocketAddr, id: &str, dir: &Path, token: &str) -> Agent {
+    let path = dir.join(format!("token-{id}-{token}"));
+    std::fs::write(&path, token).unwrap();
+    let cfg = AgentConfig {
+        tls: tether::tls::client_config(pki.ca_pem(), None).unwrap().into(),
+        token_path: Some(path),
+        ..agent_config(pki, server, id)
+    };
+    Agent::start(cfg)
+}
+
+async fn reviewing_server(pki: &Pki, kube: &FakeKube, dir: &Path) -> tether::cli::server::Running {
+    let (cert, key) = server_files(pki, dir);
+    let kubeconfig = kube.kubeconfig(dir);
+    let args = ServerArgs::try_parse_from([
+        "tether-server",
+        "--cluster-cert",
+        &cert,
+        "--cluster-key",
+        &key,
+        "--agent-bind-address",
+        "127.0.0.1",
+        "--agent-port",
+        "0",
+        "--server-port",
+        "0",
+        "--health-port",
+        "0",
+        "--agent-namespace",
+        "kube-system",
+        "--agent-service-account",
+        "konnectivity-agent",
+        "--authentication-audience",
+        "system:konnectivity-server",
+        "--kubeconfig",
+        kubeconfig.to_str().unwrap(),
+        "--token-review-timeout",
+        "1s",
+        "--handshake-timeout",
+        "5s",
+    ])
+    .unwrap();
+    args.start().await.unwrap()
+}
+
+fn ok(node: &str) -> Review {
+    Review::Ok {
+        username: SA.into(),
+        pod: Some(format!("konnectivity-agent-{node}")),
+        node: Some(node.into()),
+    }
+}
+
+fn refused(server: &tether::Server) -> String {
+    server
+        .core()
+        .render_metrics()
+        .lines()
+        .find(|l| l.starts_with("tether_agents_refused_total{reason=\"unauthorized\"}"))
+        .unwrap_or("none")
+        .to_owned()
+}
+
+#[tokio::test]
+async fn service_account_tokens_are_reviewed_and_bind_the_agent_to_its_node() {
+    let pki = Pki::new();
+    let kube = FakeKube::start().await;
+    kube.review("good-1", ok("node-1"));
+    kube.review(
+        "other-sa",
+        Review::Ok {
+            username: "system:serviceaccount:default:intruder".into(),
+            pod: Some("p".into()),
+            node: Some("node-3".into()),
+        },
+    );
+    kube.review("expired", Review::No("token has expired".into()));
+    let dir = tempdir("review");
+    let running = reviewing_server(&pki, &kube, &dir).await;
+    let server = &running.server;
+
+    let _good = token_agent(&pki, server.agent_addr, "node-1", &dir, "good-1");
+    assert!(server.wait_agents(1, WAIT).await, "the reviewed agent is in");
+    assert_eq!(server.core().registry.agent_ids(), vec!["node-1"]);
+
+    // A good token used to claim another node; another service account; a token the API
+    // server does not authenticate; a token it has never seen.
+    let _steal = token_agent(&pki, server.agent_addr, "node-2", &dir, "good-1");
+    let _other = token_agent(&pki, server.agent_addr, "node-3", &dir, "other-sa");
+    let _expired = token_agent(&pki, server.agent_addr, "node-4", &dir, "expired");
+    let _unknown = token_agent(&pki, server.agent_addr, "node-5", &dir, "nobody");
+    let four = eventually(WAIT, || {
+        refused(server)
+            .rsplit(' ')
+            .next()
+            .and_then(|n| n.parse::<u32>().ok())
+            .is_some_and(|n| n >= 4)
+    })
+    .await;
+    assert!(four, "four refusals counted: {}", refused(server));
+    assert_eq!(server.core().registry.agent_ids(), vec!["node-1"]);
+}
+
+#[tokio::test]
+async fn a_slow_or_failing_api_server_refuses_that_agent_and_never_blocks_the_others() {
+    let pki = Pki::new();
+    let kube = FakeKube::start().await;
+    kube.review("slow", Review::Slow);
+    kube.review("fail", Review::Fail);
+    kube.review("good-1", ok("node-1"));
+    let dir = tempdir("slow");
+    let running = reviewing_server(&pki, &kube, &dir).await;
+    let server = &running.server;
+    // Several agents whose reviews hang, and one whose review fails, first.
+    let _slow: Vec<Agent> = (0..5)
+        .map(|i| token_agent(&pki, server.agent_addr, &format!("slow-{i}"), &dir, "slow"))
+        .collect();
+    let _fail = token_agent(&pki, server.agent_addr, "node-9", &dir, "fail");
+    let _good = token_agent(&pki, server.agent_addr, "node-1", &dir, "good-1");
+    assert!(server.wait_agents(1, WAIT).await, "the good agent gets in while others hang");
+    assert_eq!(server.core().registry.agent_ids(), vec!["node-1"]);
+    // The hung reviews end at --token-review-timeout (1 s) as refusals, well before the
+    // handshake deadline (5 s).
+    let counted = eventually(WAIT, || {
+        refused(server)
+            .rsplit(' ')
+            .next()
+            .and_then(|n| n.parse::<u32>().ok())
+            .is_some_and(|n| n >= 6)
+    })
+    .await;
+    assert!(counted, "slow and failing reviews are refusals: {}", refused(server));
+}
+
+#[tokio::test]
+async fn positive_reviews_are_cached_and_the_agent_rereads_its_rotated_token() {
+    let pki = Pki::new();
+    let kube = FakeKube::start().await;
+    kube.review("token-v1", ok("node-1"));
+    kube.review("token-v2", ok("node-1"));
+    let dir = tempdir("cache");
+    let running = reviewing_server(&pki, &kube, &dir).await;
+    let server = &running.server;
+    let token_file = dir.join("projected-token");
+    std::fs::write(&token_file, "token-v1").unwrap();
+    let cfg = AgentConfig {
+        tls: tether::tls::client_config(pki.ca_pem(), None).unwrap().into(),
+        token_path: Some(token_file.clone()),
+        ..agent_config(&pki, server.agent_addr, "node-1")
+    };
+    let _agent = Agent::start(cfg);
+    assert!(server.wait_agents(1, WAIT).await);
+    assert_eq!(kube.review_calls(), 1);
+    // The tunnel drops; the agent comes back with the same token: the cached review serves.
+    for t in server.core().registry.tunnels() {
+        t.close(tether_proto::ErrorCode::NO_ERROR, "test: reconnect");
+    }
+    assert!(server.wait_agents_at_most(0, WAIT).await);
+    assert!(server.wait_agents(1, WAIT).await);
+    assert_eq!(kube.review_calls(), 1, "a cached review is not asked for again");
+    // kubelet rotates the projected token; the next connection carries the new one.
+    std::fs::write(&token_file, "token-v2").unwrap();
+    for t in server.core().registry.tunnels() {
+        t.close(tether_proto::ErrorCode::NO_ERROR, "test: reconnect");
+    }
+    assert!(server.wait_agents_at_most(0, WAIT).await);
+    assert!(server.wait_agents(1, WAIT).await);
+    assert_eq!(kube.review_calls(), 2, "the rotated token was reviewed");
+}
+
+fn settings(holder: &str) -> LeaseSettings {
+    LeaseSettings {
+        namespace: "kube-system".into(),
+        holder: holder.into(),
+        labels: parse_labels("k8s-app=konnectivity-server").unwrap(),
+        duration: Duration::from_secs(30),
+        renew_every: Duration::from_millis(100),
+    }
+}
+
+#[tokio::test]
+async fn server_leases_are_held_counted_collected_and_released() {
+    let kube = FakeKube::start().await;
+    let dir = tempdir("lease");
+    let client = || {
+        Client::new(
+            KubeConfig::from_kubeconfig(&kube.kubeconfig(&dir)).unwrap(),
+            Duration::from_secs(5),
+        )
+    };
+    // A server that died an hour ago, and a lease of something else.
+    let hour_ago = micro_time(SystemTime::now() - Duration::from_secs(3600));
+    kube.put_lease(
+        "konnectivity-proxy-server-dead",
+        json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+               "metadata": {"name": "konnectivity-proxy-server-dead", "namespace": "kube-system",
+                            "labels": {"k8s-app": "konnectivity-server"}, "resourceVersion": "1"},
+               "spec": {"holderIdentity": "dead", "leaseDurationSeconds": 30, "renewTime": hour_ago}}),
+    );
+    kube.put_lease(
+        "kube-scheduler",
+        json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+               "metadata": {"name": "kube-scheduler", "namespace": "kube-system", "resourceVersion": "2"},
+               "spec": {"holderIdentity": "x", "leaseDurationSeconds": 15, "renewTime": micro_time(SystemTime::now())}}),
+    );
+    let (a, mut count_a) = LeaseController::start(client(), settings("a"), 1);
+    let (b, _) = LeaseController::start(client(), settings("b"), 1);
+    let (task, mut agents_count) = count_leases(
+        client(),
+        "kube-system".into(),
+        "k8s-app=konnectivity-server".into(),
+        Duration::from_millis(100),
+        1,
+    );
+    let two = tokio::time::timeout(WAIT, agents_count.wait_for(|c| *c == 2))
+        .await
+        .is_ok();
+    assert!(two, "the agent counts two live servers");
+    let seen = tokio::time::timeout(WAIT, count_a.wait_for(|c| *c == 2))
+        .await
+        .is_ok();
+    assert!(seen, "the servers count each other");
+    let names = kube.lease_names();
+    assert!(!names.contains(&"konnectivity-proxy-server-dead".to_owned()), "{names:?}");
+    assert!(names.contains(&"kube-scheduler".to_owned()), "other leases are left alone");
+    assert!(names.contains(&"konnectivity-proxy-server-a".to_owned()), "{names:?}");
+    // A drained server gives its lease up at once.
+    b.release().await;
+    let one = tokio::time::timeout(WAIT, agents_count.wait_for(|c| *c == 1))
+        .await
+        .is_ok();
+    assert!(one, "the agent counts one server after a release");
+    drop(a);
+    task.abort();
+}
+
+#[tokio::test]
+async fn konnectivitys_manifest_flags_are_accepted_with_a_notice() {
+    let server = ServerArgs::try_parse_from([
+        "proxy-server",
+        "--logtostderr=true",
+        "--log-file=/var/log/konnectivity-server.log",
+        "--alsologtostderr",
+        "--log-file-max-size=0",
+        "--v=4",
+        "--uds-name=/etc/kubernetes/konnectivity-server/konnectivity-server.socket",
+        "--delete-existing-uds-file",
+        "--cluster-cert=/etc/kubernetes/pki/apiserver.crt",
+        "--cluster-key=/etc/kubernetes/pki/apiserver.key",
+        "--mode=http-connect",
+        "--server-port=0",
+        "--agent-port=8132",
+        "--admin-port=8133",
+        "--health-port=8134",
+        "--agent-namespace=kube-system",
+        "--agent-service-account=konnectivity-agent",
+        "--kubeconfig=/etc/kubernetes/konnectivity-server.conf",
+        "--authentication-audience=system:konnectivity-server",
+        "--keepalive-time=1h",
+        "--enable-profiling",
+        "--xfr-channel-size=10",
+    ])
+    .unwrap();
+    assert_eq!(server.log.level(), "debug", "--v=4 is debug");
+    let n = server.notices();
+    assert!(n.iter().any(|n| n.contains("--logtostderr")), "{n:?}");
+    assert!(n.iter().any(|n| n.contains("--enable-profiling")), "{n:?}");
+    let agent = AgentArgs::try_parse_from([
+        "proxy-agent",
+        "--logtostderr=true",
+        "--ca-cert=/var/run/secrets/kubernetes.io/serviceaccount/ca.crt",
+        "--proxy-server-host=konnectivity-server.kube-system",
+        "--proxy-server-port=8132",
+        "--admin-server-port=8133",
+        "--health-server-port=8134",
+        "--service-account-token-path=/var/run/secrets/tokens/konnectivity-agent-token",
+        "--agent-identifiers=host=node-1",
+        "--sync-forever",
+        "--probe-interval=1s",
+    ])
+    .unwrap();
+    assert_eq!(agent.health_server_port, 8134);
+    assert!(agent.notices().iter().any(|n| n.contains("--sync-forever")));
+    // A flag neither binary has is still an error.
+    assert!(ServerArgs::try_parse_from(["s", "--cluster-cert=a", "--cluster-key=b", "--no-such-flag"]).is_err());
+}
