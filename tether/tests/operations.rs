@@ -1,0 +1,399 @@
+//! The operator's view: certificates, CAs and tokens rotated on disk while traffic flows, the
+//! Unix socket that a second server must not take over, and the agent's health server. Both
+//! binaries' flag parsers build what runs here. Every wait is bounded.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use common::*;
+use tether::cli::agent::AgentArgs;
+use tether::cli::server::ServerArgs;
+use tether::tls::testpki::{Ca, Pem};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+fn tempdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "tether-{tag}-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Replaces `path` the way kubelet and cert-manager do: a new file renamed over the old.
+fn rotate(path: &Path, text: &str) {
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+async fn eventually(limit: Duration, ready: impl Fn() -> bool) -> bool {
+    let end = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < end {
+        if ready() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    ready()
+}
+
+/// The certificate the server presents on `port` now, seen by a client that trusts `ca` and
+/// presents `client` (the agent port asks for one).
+async fn presented(port: u16, ca: &str, client: &Pem) -> Option<Vec<u8>> {
+    let cfg = tether::tls::client_config(
+        ca.as_bytes(),
+        Some((client.cert.as_bytes(), client.key.as_bytes())),
+    )
+    .ok()?;
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = tokio::time::timeout(WAIT, tokio_rustls::TlsConnector::from(cfg).connect(name, tcp))
+        .await
+        .ok()?
+        .ok()?;
+    let der = tls.get_ref().1.peer_certificates()?.first()?.to_vec();
+    Some(der)
+}
+
+fn der(pem: &Pem) -> Vec<u8> {
+    tether::tls::certs_from_pem(pem.cert.as_bytes()).unwrap()[0].to_vec()
+}
+
+fn refused_tls(server: &tether::Server) -> u64 {
+    server
+        .core()
+        .render_metrics()
+        .lines()
+        .find_map(|l| l.strip_prefix("tether_agents_refused_total{reason=\"tls\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotating_every_file_mid_transfer_keeps_the_transfer_and_the_next_connection_uses_the_new_material()
+ {
+    let dir = tempdir("rotate");
+    let ca1 = Ca::new("ca-1");
+    let server_v1 = ca1.leaf("tether-server", &["localhost"]);
+    let agent_v1 = ca1.leaf("agent-1", &["agent-1"]);
+    let f = |n: &str| dir.join(n);
+    let s = |p: PathBuf| p.display().to_string();
+    std::fs::write(f("server.crt"), &server_v1.cert).unwrap();
+    std::fs::write(f("server.key"), &server_v1.key).unwrap();
+    std::fs::write(f("agents-ca.crt"), &ca1.pem.cert).unwrap();
+    std::fs::write(f("tokens"), "tok-1 agent-1\n").unwrap();
+    std::fs::write(f("agent.crt"), &agent_v1.cert).unwrap();
+    std::fs::write(f("agent.key"), &agent_v1.key).unwrap();
+    std::fs::write(f("server-ca.crt"), &ca1.pem.cert).unwrap();
+    std::fs::write(f("agent-token"), "tok-1").unwrap();
+    let socket = f("konnectivity-server.socket");
+    let server = ServerArgs::try_parse_from([
+        "tether-server",
+        "--cluster-cert",
+        &s(f("server.crt")),
+        "--cluster-key",
+        &s(f("server.key")),
+        "--cluster-ca-cert",
+        &s(f("agents-ca.crt")),
+        "--agent-tokens-file",
+        &s(f("tokens")),
+        "--agent-bind-address",
+        "127.0.0.1",
+        "--agent-port",
+        "0",
+        "--uds-name",
+        &s(socket.clone()),
+        "--health-port",
+        "0",
+        "--reload-interval",
+        "50ms",
+    ])
+    .unwrap()
+    .start()
+    .await
+    .unwrap();
+    let port = server.server.agent_addr.port();
+    let agent = AgentArgs::try_parse_from([
+        "tether-agent",
+        "--ca-cert",
+        &s(f("server-ca.crt")),
+        "--agent-cert",
+        &s(f("agent.crt")),
+        "--agent-key",
+        &s(f("agent.key")),
+        "--service-account-token-path",
+        &s(f("agent-token")),
+        "--agent-id",
+        "agent-1",
+        "--proxy-server-host",
+        "127.0.0.1",
+        "--proxy-server-port",
+        &port.to_string(),
+        "--proxy-server-name",
+        "localhost",
+        "--allowed-destinations",
+        "127.0.0.0/8",
+        "--sync-interval",
+        "50ms",
+        "--sync-interval-cap",
+        "200ms",
+        "--reload-interval",
+        "50ms",
+    ])
+    .unwrap()
+    .start()
+    .await
+    .unwrap();
+    let srv = &server.server;
+    assert!(srv.wait_agents(1, WAIT).await, "the agent connected");
+
+    // 8 MiB through the Unix socket, echoed back.
+    let backend = echo_backend().await;
+    let mut conn = UnixStream::connect(&socket).await.unwrap();
+    let (head, _) = connect_request(&mut conn, &backend.to_string()).await;
+    assert_eq!(status_of(&head), 200, "{head}");
+    let (mut r, mut w) = conn.into_split();
+    let data = Arc::new(pattern(7, 8 << 20));
+    let sent = data.clone();
+    let writer = tokio::spawn(async move {
+        for piece in sent.chunks(64 * 1024) {
+            w.write_all(piece).await.unwrap();
+        }
+        w.shutdown().await.unwrap();
+    });
+    let mut back = vec![0u8; 1 << 20];
+    r.read_exact(&mut back).await.unwrap();
+
+    // Mid-transfer, every file is replaced: a server certificate from a new CA (and the
+    // agent's trust moved to it), an agent certificate from a CA the server does not trust
+    // yet, new tokens on both ends.
+    let ca2 = Ca::new("ca-2");
+    let ca3 = Ca::new("ca-3");
+    let server_v2 = ca2.leaf("tether-server", &["localhost"]);
+    let agent_v2 = ca3.leaf("agent-1", &["agent-1"]);
+    rotate(&f("server.key"), &server_v2.key);
+    rotate(&f("server.crt"), &server_v2.cert);
+    rotate(&f("server-ca.crt"), &ca2.pem.cert);
+    rotate(&f("agent.crt"), &agent_v2.cert);
+    rotate(&f("agent.key"), &agent_v2.key);
+    rotate(&f("tokens"), "tok-2 agent-1\n");
+    rotate(&f("agent-token"), "tok-2");
+
+    let mut rest = Vec::new();
+    tokio::time::timeout(WAIT * 3, r.read_to_end(&mut rest))
+        .await
+        .expect("the transfer finishes")
+        .unwrap();
+    writer.await.unwrap();
+    back.extend_from_slice(&rest);
+    assert!(back == *data, "the transfer arrived intact across the rotation");
+    assert_eq!(srv.agents(), 1, "the live tunnel was not dropped");
+
+    // New handshakes present the new certificate.
+    let probe = ca1.leaf("probe", &["probe"]);
+    let mut seen = None;
+    for _ in 0..100 {
+        seen = presented(port, &ca2.pem.cert, &probe).await;
+        if seen.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        seen,
+        Some(der(&server_v2)),
+        "the agent port presents the rotated certificate"
+    );
+
+    // The next tunnel carries the agent's new certificate, which the server does not trust.
+    let before = refused_tls(srv);
+    for t in srv.core().registry.tunnels() {
+        t.close(tether_proto::ErrorCode::NO_ERROR, "test: reconnect");
+    }
+    assert!(
+        eventually(WAIT, || refused_tls(srv) > before).await,
+        "the agent's new certificate is refused until its CA is trusted"
+    );
+    assert_eq!(srv.agents(), 0);
+    // Trusting its CA on the server lets it in, with the new token.
+    rotate(
+        &f("agents-ca.crt"),
+        &format!("{}{}", ca1.pem.cert, ca3.pem.cert),
+    );
+    assert!(srv.wait_agents(1, WAIT).await, "new CA, new certificate, new token");
+
+    // A corrupt file changes nothing.
+    rotate(&f("server.crt"), "-----BEGIN CERTIFICATE-----\nnot base64 at all\n");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        presented(port, &ca2.pem.cert, &probe).await,
+        Some(der(&server_v2)),
+        "a corrupt certificate is not loaded"
+    );
+    assert_eq!(srv.agents(), 1);
+    agent.shutdown(Duration::from_secs(1)).await;
+    server.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn a_second_server_never_takes_over_a_live_socket_and_replaces_only_a_stale_one() {
+    let pki = Pki::new();
+    let dir = tempdir("uds");
+    let socket = dir.join("konnectivity-server.socket");
+    let mut cfg = server_config(&pki);
+    cfg.uds_path = Some(socket.clone());
+    cfg.connect_addr = None;
+    cfg.health_addr = None;
+    let first = tether::Server::start(cfg.clone()).await.unwrap();
+    let second = tether::Server::start(cfg.clone()).await;
+    let err = second.err().expect("a live socket is refused").to_string();
+    assert!(err.contains("another server is serving"), "{err}");
+    assert!(err.contains(&socket.display().to_string()), "names the socket: {err}");
+    UnixStream::connect(&socket)
+        .await
+        .expect("the first server still serves its socket");
+
+    // A stale socket file (its server gone without unlinking it): refused without
+    // --delete-existing-uds-file, replaced with it.
+    let std_listener = std::os::unix::net::UnixListener::bind(dir.join("stale.socket")).unwrap();
+    drop(std_listener);
+    let mut stale = cfg.clone();
+    stale.uds_path = Some(dir.join("stale.socket"));
+    stale.delete_existing_uds = false;
+    let err = tether::Server::start(stale.clone())
+        .await
+        .err()
+        .expect("a stale file is kept when told so")
+        .to_string();
+    assert!(err.contains("stale"), "{err}");
+    stale.delete_existing_uds = true;
+    let third = tether::Server::start(stale).await.unwrap();
+    UnixStream::connect(dir.join("stale.socket"))
+        .await
+        .expect("the stale socket was replaced");
+    // A missing directory is named.
+    let mut missing = cfg.clone();
+    missing.uds_path = Some(dir.join("no-such-dir/s.socket"));
+    let err = tether::Server::start(missing).await.err().unwrap().to_string();
+    assert!(err.contains("no-such-dir"), "{err}");
+    third.shutdown(Duration::from_millis(100)).await;
+    first.shutdown(Duration::from_millis(100)).await;
+}
+
+#[tokio::test]
+async fn startup_errors_name_the_flag_the_file_or_the_address() {
+    let dir = tempdir("errors");
+    let key = dir.join("empty.key");
+    std::fs::write(&key, "").unwrap();
+    let pki = Pki::new();
+    let cert = dir.join("server.crt");
+    std::fs::write(&cert, &pki.server.cert).unwrap();
+    let args = |extra: &[&str]| {
+        let mut v = vec![
+            "tether-server".to_owned(),
+            "--cluster-cert".into(),
+            cert.display().to_string(),
+            "--cluster-key".into(),
+            key.display().to_string(),
+            "--health-port".into(),
+            "0".into(),
+        ];
+        v.extend(extra.iter().map(|s| s.to_string()));
+        ServerArgs::try_parse_from(v).unwrap()
+    };
+    let e = args(&[]).config().err().unwrap();
+    assert!(e.contains("empty.key") && e.contains("--cluster-key"), "{e}");
+    std::fs::write(&key, &pki.server.key).unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let e = args(&["--agent-bind-address", "127.0.0.1", "--agent-port", &port])
+        .start()
+        .await
+        .err()
+        .unwrap();
+    assert!(e.contains(&format!("127.0.0.1:{port}")), "{e}");
+    let e = args(&["--mode", "grpc"]).config().err().unwrap();
+    assert!(e.contains("--mode"), "{e}");
+    let e = args(&["--agent-tokens-file", "/nonexistent/tokens"])
+        .config()
+        .err()
+        .unwrap();
+    assert!(e.contains("/nonexistent/tokens"), "{e}");
+}
+
+#[tokio::test]
+async fn the_agent_serves_health_readiness_and_metrics_of_its_own() {
+    let pki = Pki::new();
+    let dir = tempdir("agent-health");
+    let ca = dir.join("ca.crt");
+    std::fs::write(&ca, pki.ca_pem()).unwrap();
+    let cert = pki.ca.leaf("agent-1", &["agent-1"]);
+    std::fs::write(dir.join("a.crt"), &cert.cert).unwrap();
+    std::fs::write(dir.join("a.key"), &cert.key).unwrap();
+    let health = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let health_port = health.local_addr().unwrap().port();
+    drop(health);
+    let server = tether::Server::start(server_config(&pki)).await.unwrap();
+    let agent = AgentArgs::try_parse_from([
+        "tether-agent",
+        "--ca-cert",
+        ca.to_str().unwrap(),
+        "--agent-cert",
+        dir.join("a.crt").to_str().unwrap(),
+        "--agent-key",
+        dir.join("a.key").to_str().unwrap(),
+        "--agent-id",
+        "agent-1",
+        "--proxy-server-host",
+        "127.0.0.1",
+        "--proxy-server-port",
+        &server.agent_addr.port().to_string(),
+        "--proxy-server-name",
+        "localhost",
+        "--health-server-host",
+        "127.0.0.1",
+        "--health-server-port",
+        &health_port.to_string(),
+        "--sync-interval",
+        "50ms",
+    ])
+    .unwrap()
+    .start()
+    .await
+    .unwrap();
+    assert!(server.wait_agents(1, WAIT).await);
+    let get = |path: &'static str| async move {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", health_port))
+            .await
+            .unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        String::from_utf8(read_to_end(&mut s).await.unwrap()).unwrap()
+    };
+    assert!(get("/healthz").await.starts_with("HTTP/1.1 200"));
+    assert!(get("/readyz").await.starts_with("HTTP/1.1 200"), "ready with a tunnel");
+    let metrics = get("/metrics").await;
+    for name in [
+        "tether_agent_tunnels 1",
+        "tether_agent_known_server_count 1",
+        "process_resident_memory_bytes",
+        "tether_agent_dial_duration_seconds_bucket",
+    ] {
+        assert!(metrics.contains(name), "{name} in:\n{metrics}");
+    }
+    server.shutdown(Duration::from_millis(100)).await;
+    assert!(
+        eventually(WAIT, || agent.agent.connected() == 0).await,
+        "the tunnel is gone"
+    );
+    let ready = get("/readyz").await;
+    assert!(ready.starts_with("HTTP/1.1 503"), "not ready without a tunnel: {ready}");
+}
