@@ -51,11 +51,19 @@ fn server_files(pki: &Pki, dir: &Path) -> (String, String) {
 
 /// An agent that authenticates with a token only (no client certificate), as Konnectivity's
 /// service-account agents do.
-fn token_agent(pki: &Pki, server: std::net::SocketAddr, id: &str, dir: &Path, token: &str) -> Agent {
+fn token_agent(
+    pki: &Pki,
+    server: std::net::SocketAddr,
+    id: &str,
+    dir: &Path,
+    token: &str,
+) -> Agent {
     let path = dir.join(format!("token-{id}-{token}"));
     std::fs::write(&path, token).unwrap();
     let cfg = AgentConfig {
-        tls: tether::tls::client_config(pki.ca_pem(), None).unwrap().into(),
+        tls: tether::tls::client_config(pki.ca_pem(), None)
+            .unwrap()
+            .into(),
         token_path: Some(path),
         ..agent_config(pki, server, id)
     };
@@ -133,7 +141,10 @@ async fn service_account_tokens_are_reviewed_and_bind_the_agent_to_its_node() {
     let server = &running.server;
 
     let _good = token_agent(&pki, server.agent_addr, "node-1", &dir, "good-1");
-    assert!(server.wait_agents(1, WAIT).await, "the reviewed agent is in");
+    assert!(
+        server.wait_agents(1, WAIT).await,
+        "the reviewed agent is in"
+    );
     assert_eq!(server.core().registry.agent_ids(), vec!["node-1"]);
 
     // A good token used to claim another node; another service account; a token the API
@@ -170,7 +181,10 @@ async fn a_slow_or_failing_api_server_refuses_that_agent_and_never_blocks_the_ot
         .collect();
     let _fail = token_agent(&pki, server.agent_addr, "node-9", &dir, "fail");
     let _good = token_agent(&pki, server.agent_addr, "node-1", &dir, "good-1");
-    assert!(server.wait_agents(1, WAIT).await, "the good agent gets in while others hang");
+    assert!(
+        server.wait_agents(1, WAIT).await,
+        "the good agent gets in while others hang"
+    );
     assert_eq!(server.core().registry.agent_ids(), vec!["node-1"]);
     // The hung reviews end at --token-review-timeout (1 s) as refusals, well before the
     // handshake deadline (5 s).
@@ -182,7 +196,11 @@ async fn a_slow_or_failing_api_server_refuses_that_agent_and_never_blocks_the_ot
             .is_some_and(|n| n >= 6)
     })
     .await;
-    assert!(counted, "slow and failing reviews are refusals: {}", refused(server));
+    assert!(
+        counted,
+        "slow and failing reviews are refusals: {}",
+        refused(server)
+    );
 }
 
 #[tokio::test]
@@ -197,7 +215,9 @@ async fn positive_reviews_are_cached_and_the_agent_rereads_its_rotated_token() {
     let token_file = dir.join("projected-token");
     std::fs::write(&token_file, "token-v1").unwrap();
     let cfg = AgentConfig {
-        tls: tether::tls::client_config(pki.ca_pem(), None).unwrap().into(),
+        tls: tether::tls::client_config(pki.ca_pem(), None)
+            .unwrap()
+            .into(),
         token_path: Some(token_file.clone()),
         ..agent_config(&pki, server.agent_addr, "node-1")
     };
@@ -210,7 +230,11 @@ async fn positive_reviews_are_cached_and_the_agent_rereads_its_rotated_token() {
     }
     assert!(server.wait_agents_at_most(0, WAIT).await);
     assert!(server.wait_agents(1, WAIT).await);
-    assert_eq!(kube.review_calls(), 1, "a cached review is not asked for again");
+    assert_eq!(
+        kube.review_calls(),
+        1,
+        "a cached review is not asked for again"
+    );
     // kubelet rotates the projected token; the next connection carries the new one.
     std::fs::write(&token_file, "token-v2").unwrap();
     for t in server.core().registry.tunnels() {
@@ -274,9 +298,18 @@ async fn server_leases_are_held_counted_collected_and_released() {
         .is_ok();
     assert!(seen, "the servers count each other");
     let names = kube.lease_names();
-    assert!(!names.contains(&"konnectivity-proxy-server-dead".to_owned()), "{names:?}");
-    assert!(names.contains(&"kube-scheduler".to_owned()), "other leases are left alone");
-    assert!(names.contains(&"konnectivity-proxy-server-a".to_owned()), "{names:?}");
+    assert!(
+        !names.contains(&"konnectivity-proxy-server-dead".to_owned()),
+        "{names:?}"
+    );
+    assert!(
+        names.contains(&"kube-scheduler".to_owned()),
+        "other leases are left alone"
+    );
+    assert!(
+        names.contains(&"konnectivity-proxy-server-a".to_owned()),
+        "{names:?}"
+    );
     // A drained server gives its lease up at once.
     b.release().await;
     let one = tokio::time::timeout(WAIT, agents_count.wait_for(|c| *c == 1))
@@ -335,5 +368,8 @@ async fn konnectivitys_manifest_flags_are_accepted_with_a_notice() {
     assert_eq!(agent.health_server_port, 8134);
     assert!(agent.notices().iter().any(|n| n.contains("--sync-forever")));
     // A flag neither binary has is still an error.
-    assert!(ServerArgs::try_parse_from(["s", "--cluster-cert=a", "--cluster-key=b", "--no-such-flag"]).is_err());
+    assert!(
+        ServerArgs::try_parse_from(["s", "--cluster-cert=a", "--cluster-key=b", "--no-such-flag"])
+            .is_err()
+    );
 }

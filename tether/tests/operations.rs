@@ -52,12 +52,17 @@ async fn presented(port: u16, ca: &str, client: &Pem) -> Option<Vec<u8>> {
         Some((client.cert.as_bytes(), client.key.as_bytes())),
     )
     .ok()?;
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-    let tls = tokio::time::timeout(WAIT, tokio_rustls::TlsConnector::from(cfg).connect(name, tcp))
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
-        .ok()?
         .ok()?;
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = tokio::time::timeout(
+        WAIT,
+        tokio_rustls::TlsConnector::from(cfg).connect(name, tcp),
+    )
+    .await
+    .ok()?
+    .ok()?;
     let der = tls.get_ref().1.peer_certificates()?.first()?.to_vec();
     Some(der)
 }
@@ -193,7 +198,10 @@ async fn rotating_every_file_mid_transfer_keeps_the_transfer_and_the_next_connec
         .unwrap();
     writer.await.unwrap();
     back.extend_from_slice(&rest);
-    assert!(back == *data, "the transfer arrived intact across the rotation");
+    assert!(
+        back == *data,
+        "the transfer arrived intact across the rotation"
+    );
     assert_eq!(srv.agents(), 1, "the live tunnel was not dropped");
 
     // New handshakes present the new certificate.
@@ -227,10 +235,16 @@ async fn rotating_every_file_mid_transfer_keeps_the_transfer_and_the_next_connec
         &f("agents-ca.crt"),
         &format!("{}{}", ca1.pem.cert, ca3.pem.cert),
     );
-    assert!(srv.wait_agents(1, WAIT).await, "new CA, new certificate, new token");
+    assert!(
+        srv.wait_agents(1, WAIT).await,
+        "new CA, new certificate, new token"
+    );
 
     // A corrupt file changes nothing.
-    rotate(&f("server.crt"), "-----BEGIN CERTIFICATE-----\nnot base64 at all\n");
+    rotate(
+        &f("server.crt"),
+        "-----BEGIN CERTIFICATE-----\nnot base64 at all\n",
+    );
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
         presented(port, &ca2.pem.cert, &probe).await,
@@ -255,7 +269,10 @@ async fn a_second_server_never_takes_over_a_live_socket_and_replaces_only_a_stal
     let second = tether::Server::start(cfg.clone()).await;
     let err = second.err().expect("a live socket is refused").to_string();
     assert!(err.contains("another server is serving"), "{err}");
-    assert!(err.contains(&socket.display().to_string()), "names the socket: {err}");
+    assert!(
+        err.contains(&socket.display().to_string()),
+        "names the socket: {err}"
+    );
     UnixStream::connect(&socket)
         .await
         .expect("the first server still serves its socket");
@@ -281,7 +298,11 @@ async fn a_second_server_never_takes_over_a_live_socket_and_replaces_only_a_stal
     // A missing directory is named.
     let mut missing = cfg.clone();
     missing.uds_path = Some(dir.join("no-such-dir/s.socket"));
-    let err = tether::Server::start(missing).await.err().unwrap().to_string();
+    let err = tether::Server::start(missing)
+        .await
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("no-such-dir"), "{err}");
     third.shutdown(Duration::from_millis(100)).await;
     first.shutdown(Duration::from_millis(100)).await;
@@ -309,7 +330,10 @@ async fn startup_errors_name_the_flag_the_file_or_the_address() {
         ServerArgs::try_parse_from(v).unwrap()
     };
     let e = args(&[]).config().err().unwrap();
-    assert!(e.contains("empty.key") && e.contains("--cluster-key"), "{e}");
+    assert!(
+        e.contains("empty.key") && e.contains("--cluster-key"),
+        "{e}"
+    );
     std::fs::write(&key, &pki.server.key).unwrap();
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port().to_string();
@@ -379,7 +403,10 @@ async fn the_agent_serves_health_readiness_and_metrics_of_its_own() {
         String::from_utf8(read_to_end(&mut s).await.unwrap()).unwrap()
     };
     assert!(get("/healthz").await.starts_with("HTTP/1.1 200"));
-    assert!(get("/readyz").await.starts_with("HTTP/1.1 200"), "ready with a tunnel");
+    assert!(
+        get("/readyz").await.starts_with("HTTP/1.1 200"),
+        "ready with a tunnel"
+    );
     let metrics = get("/metrics").await;
     for name in [
         "tether_agent_tunnels 1",
@@ -395,5 +422,8 @@ async fn the_agent_serves_health_readiness_and_metrics_of_its_own() {
         "the tunnel is gone"
     );
     let ready = get("/readyz").await;
-    assert!(ready.starts_with("HTTP/1.1 503"), "not ready without a tunnel: {ready}");
+    assert!(
+        ready.starts_with("HTTP/1.1 503"),
+        "not ready without a tunnel: {ready}"
+    );
 }

@@ -61,8 +61,7 @@ impl FakeKube {
     pub async fn start() -> FakeKube {
         let ca = Ca::new("fake kube CA");
         let leaf = ca.leaf("kube-apiserver", &["localhost", "127.0.0.1"]);
-        let tls =
-            tls::server_config(leaf.cert.as_bytes(), leaf.key.as_bytes(), None).unwrap();
+        let tls = tls::server_config(leaf.cert.as_bytes(), leaf.key.as_bytes(), None).unwrap();
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let state = Arc::new(Mutex::new(State::default()));
@@ -92,7 +91,11 @@ impl FakeKube {
     }
 
     pub fn review_calls(&self) -> usize {
-        self.state.lock().unwrap().review_calls.load(Ordering::SeqCst)
+        self.state
+            .lock()
+            .unwrap()
+            .review_calls
+            .load(Ordering::SeqCst)
     }
 
     pub fn lease_names(&self) -> Vec<String> {
@@ -211,7 +214,10 @@ fn route(method: &str, path: &str, body: &[u8], st: &Mutex<State>) -> Option<Ans
                 let mut extra = serde_json::Map::new();
                 if let Some(p) = pod {
                     extra.insert("authentication.kubernetes.io/pod-name".into(), json!([p]));
-                    extra.insert("authentication.kubernetes.io/pod-uid".into(), json!(["3f5c"]));
+                    extra.insert(
+                        "authentication.kubernetes.io/pod-uid".into(),
+                        json!(["3f5c"]),
+                    );
                 }
                 if let Some(n) = node {
                     extra.insert("authentication.kubernetes.io/node-name".into(), json!([n]));
@@ -240,7 +246,9 @@ fn route(method: &str, path: &str, body: &[u8], st: &Mutex<State>) -> Option<Ans
     }
     let rest = path.strip_prefix("/apis/coordination.k8s.io/v1/namespaces/")?;
     let (ns, rest) = rest.split_once('/')?;
-    let name = rest.strip_prefix("leases").map(|r| r.trim_start_matches('/'))?;
+    let name = rest
+        .strip_prefix("leases")
+        .map(|r| r.trim_start_matches('/'))?;
     let mut guard = st.lock().unwrap();
     let State {
         leases, next_rv, ..
@@ -271,13 +279,19 @@ fn route(method: &str, path: &str, body: &[u8], st: &Mutex<State>) -> Option<Ans
         }
         ("GET", n) => match leases.get(n) {
             Some(l) => Answer::Now(200, l.clone()),
-            None => Answer::Now(404, json!({"kind": "Status", "reason": "NotFound", "message": "not found"})),
+            None => Answer::Now(
+                404,
+                json!({"kind": "Status", "reason": "NotFound", "message": "not found"}),
+            ),
         },
         ("POST", "") => {
             let mut l: Value = serde_json::from_slice(body).ok()?;
             let n = l["metadata"]["name"].as_str()?.to_owned();
             if leases.contains_key(&n) {
-                Answer::Now(409, json!({"kind": "Status", "reason": "AlreadyExists", "message": "exists"}))
+                Answer::Now(
+                    409,
+                    json!({"kind": "Status", "reason": "AlreadyExists", "message": "exists"}),
+                )
             } else {
                 l["metadata"]["namespace"] = json!(ns);
                 l["metadata"]["resourceVersion"] = json!(rv());
@@ -288,18 +302,29 @@ fn route(method: &str, path: &str, body: &[u8], st: &Mutex<State>) -> Option<Ans
         ("PUT", n) => {
             let mut l: Value = serde_json::from_slice(body).ok()?;
             match leases.get(n) {
-                Some(old) if old["metadata"]["resourceVersion"] == l["metadata"]["resourceVersion"] => {
+                Some(old)
+                    if old["metadata"]["resourceVersion"] == l["metadata"]["resourceVersion"] =>
+                {
                     l["metadata"]["resourceVersion"] = json!(rv());
                     leases.insert(n.to_owned(), l.clone());
                     Answer::Now(200, l)
                 }
-                Some(_) => Answer::Now(409, json!({"kind": "Status", "reason": "Conflict", "message": "conflict"})),
-                None => Answer::Now(404, json!({"kind": "Status", "reason": "NotFound", "message": "not found"})),
+                Some(_) => Answer::Now(
+                    409,
+                    json!({"kind": "Status", "reason": "Conflict", "message": "conflict"}),
+                ),
+                None => Answer::Now(
+                    404,
+                    json!({"kind": "Status", "reason": "NotFound", "message": "not found"}),
+                ),
             }
         }
         ("DELETE", n) => match leases.remove(n) {
             Some(_) => Answer::Now(200, json!({"kind": "Status", "status": "Success"})),
-            None => Answer::Now(404, json!({"kind": "Status", "reason": "NotFound", "message": "not found"})),
+            None => Answer::Now(
+                404,
+                json!({"kind": "Status", "reason": "NotFound", "message": "not found"}),
+            ),
         },
         _ => return None,
     };
