@@ -1,4 +1,4 @@
-//! Time as a value: the session reads no clock (STYLE 2).
+//! Time as a value: the session reads no clock.
 
 /// A point in time, in milliseconds of a monotonic clock the caller chooses. The session only
 /// compares and adds, so a model checker or a test can make any instant it needs.

@@ -28,9 +28,10 @@ fn slot(code: ErrorCode) -> usize {
 }
 
 fn slot_name(i: usize) -> &'static str {
+    let n = u32::try_from(i).unwrap_or(u32::MAX);
     let code = match i {
-        0..=15 => ErrorCode(i as u32),
-        16..=20 => ErrorCode(0x100 + (i - 16) as u32),
+        0..=15 => ErrorCode(n),
+        16..=20 => ErrorCode(0x100 + n - 16),
         _ => return "other",
     };
     code.name().unwrap_or("other")

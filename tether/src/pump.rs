@@ -25,7 +25,7 @@ pub struct Moved {
 }
 
 /// A local socket that can be aborted so its peer sees an error (a TCP RST), not a clean
-/// end: a stream that fails must never look like a complete one (DESIGN §10). A Unix socket
+/// end: a stream that fails must never look like a complete one (docs/SECURITY.md). A Unix socket
 /// offers less; see its implementation.
 pub trait Abort {
     /// Makes the next close an abort.

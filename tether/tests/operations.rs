@@ -427,3 +427,99 @@ async fn the_agent_serves_health_readiness_and_metrics_of_its_own() {
         "not ready without a tunnel: {ready}"
     );
 }
+
+/// A child process killed when dropped.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Reads `child`'s stderr until a line satisfies `want` (at most `limit`), returning it.
+async fn line_where(
+    child: &mut Killed,
+    limit: Duration,
+    want: impl Fn(&str) -> bool + Send + 'static,
+) -> Option<String> {
+    use std::io::BufRead;
+    let err = child.0.stderr.take()?;
+    let found = tokio::task::spawn_blocking(move || {
+        std::io::BufReader::new(err)
+            .lines()
+            .take(10_000)
+            .map_while(Result::ok)
+            .find(|l| want(l))
+    });
+    tokio::time::timeout(limit, found).await.ok()?.ok()?
+}
+
+#[tokio::test]
+async fn json_logs_carry_the_tunnel_span_with_the_peer_and_the_agent_id() {
+    let pki = Pki::new();
+    let dir = tempdir("json-logs");
+    let w = |n: &str, t: &str| {
+        std::fs::write(dir.join(n), t).unwrap();
+        dir.join(n).display().to_string()
+    };
+    let agent_cert = pki.ca.leaf("node-7", &["node-7"]);
+    let (sc, sk, ca) = (
+        w("s.crt", &pki.server.cert),
+        w("s.key", &pki.server.key),
+        w("ca.crt", &pki.ca.pem.cert),
+    );
+    let (ac, ak) = (w("a.crt", &agent_cert.cert), w("a.key", &agent_cert.key));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let mut server = Killed(
+        std::process::Command::new(env!("CARGO_BIN_EXE_tether-server"))
+            .args([
+                "--cluster-cert",
+                &sc,
+                "--cluster-key",
+                &sk,
+                "--cluster-ca-cert",
+                &ca,
+            ])
+            .args(["--agent-bind-address", "127.0.0.1", "--agent-port", &port])
+            .args([
+                "--server-port",
+                "0",
+                "--health-port",
+                "0",
+                "--log-format",
+                "json",
+            ])
+            .env_remove("RUST_LOG")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let _agent = Killed(
+        std::process::Command::new(env!("CARGO_BIN_EXE_tether-agent"))
+            .args(["--ca-cert", &ca, "--agent-cert", &ac, "--agent-key", &ak])
+            .args(["--agent-id", "node-7", "--proxy-server-name", "localhost"])
+            .args(["--proxy-server-port", &port, "--sync-interval", "100ms"])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let line = line_where(&mut server, WAIT, |l| l.contains("agent connected"))
+        .await
+        .expect("the server logs the agent's tunnel");
+    let v: serde_json::Value = serde_json::from_str(&line).expect("one JSON object per line");
+    assert_eq!(v["span"]["name"], "tunnel", "{line}");
+    assert_eq!(v["span"]["agent_id"], "node-7", "{line}");
+    assert!(
+        v["span"]["peer"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("127.0.0.1:")),
+        "{line}"
+    );
+}

@@ -84,17 +84,25 @@ fn anon_kib(pid: u32) -> Result<u64, Error> {
     proc_kib(&format!("/proc/{pid}/smaps_rollup"), "Anonymous")
 }
 
+/// Builds the binaries in the profile this report was built in (`ship` for the published
+/// figures), next to it.
 fn binaries() -> Result<PathBuf, Error> {
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().ok_or("no target dir")?.to_path_buf();
+    let profile = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .map_or("release", |n| if n == "debug" { "dev" } else { n })
+        .to_owned();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let ok = Command::new(cargo)
-        .args(["build", "--release", "-p", "tether", "--bins"])
+        .args(["build", "--profile", &profile, "-p", "tether", "--bins"])
         .status()?
         .success();
     if !ok {
         return Err("building tether-server and tether-agent failed".into());
     }
-    let exe = std::env::current_exe()?;
-    Ok(exe.parent().ok_or("no target dir")?.to_path_buf())
+    Ok(dir)
 }
 
 async fn ready(health: SocketAddr) -> bool {

@@ -1,4 +1,4 @@
-//! The session's invariants, as sentences (STYLE 7). Checked after every transition in debug
+//! The session's invariants, as sentences. Checked after every transition in debug
 //! builds, and by the model checker and the fuzz targets through the same function.
 
 use super::keepalive::Timer;

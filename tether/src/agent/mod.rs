@@ -1,4 +1,4 @@
-//! The agent: dials out to the servers over TLS, serves their dials (DESIGN §9).
+//! The agent: dials out to the servers over TLS, serves their dials (docs/ARCHITECTURE.md).
 
 pub mod dialer;
 mod metrics;
@@ -16,6 +16,7 @@ use tether_proto::{Config, ErrorCode, Session, Time};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsConnector;
+use tracing::Instrument;
 
 pub use dialer::Allowlist;
 pub use metrics::AgentMetrics;
@@ -131,7 +132,10 @@ impl Agent {
         let tunnels = Arc::new(Mutex::new(Vec::new()));
         let config = Arc::new(config);
         for addr in config.servers.clone() {
-            tokio::spawn(manage(config.clone(), addr, rx.clone(), tunnels.clone()));
+            let span = tracing::info_span!("server", %addr, server_id = tracing::field::Empty);
+            tokio::spawn(
+                manage(config.clone(), addr, rx.clone(), tunnels.clone()).instrument(span),
+            );
         }
         let reload = config.tls.watch(config.reload_interval);
         Agent {
@@ -264,7 +268,9 @@ async fn manage(
                         tokio::time::sleep(jitter(cfg.sync_interval)).await;
                     }
                     std::collections::hash_map::Entry::Vacant(slot) => {
-                        tracing::info!(%addr, server_id = %slot.key(), server_count = count, "tunnel established");
+                        tracing::Span::current()
+                            .record("server_id", tracing::field::display(slot.key()));
+                        tracing::info!(server_count = count, "tunnel established");
                         if let Ok(mut list) = all.lock() {
                             list.push(tunnel.clone());
                         }
@@ -351,13 +357,16 @@ async fn connect_once(
         Handshake::Welcome(w) => w,
         Handshake::Hello(_) => return Err("the server end sent HELLO".into()),
     };
-    tokio::spawn(serve_dials(cfg.clone(), rx));
+    tokio::spawn(serve_dials(cfg.clone(), rx).instrument(tracing::Span::current()));
     Ok((tunnel, welcome.server_id, welcome.server_count))
 }
 
 async fn serve_dials(cfg: Arc<AgentConfig>, mut rx: mpsc::UnboundedReceiver<Incoming>) {
     while let Some(incoming) = rx.recv().await {
-        tokio::spawn(serve_dial(cfg.clone(), incoming));
+        // One span per stream, inside its tunnel's.
+        let d = incoming.dial();
+        let span = tracing::info_span!("stream", stream = %incoming.stream_id(), host = %d.host, port = d.port);
+        tokio::spawn(serve_dial(cfg.clone(), incoming).instrument(span));
     }
 }
 
@@ -368,7 +377,7 @@ async fn serve_dial(cfg: Arc<AgentConfig>, incoming: Incoming) {
         return;
     }
     if !cfg.allowlist.allows(&host, port) {
-        tracing::warn!(%host, port, "dial refused: destination not on the allowlist");
+        tracing::warn!("dial refused: destination not on the allowlist");
         incoming.reject(
             ErrorCode::DIAL_FORBIDDEN,
             "destination not on the agent's allowlist",
@@ -381,7 +390,7 @@ async fn serve_dial(cfg: Arc<AgentConfig>, incoming: Incoming) {
     let connected = tokio::select! {
         r = dialer::connect(&cfg.allowlist, &host, port, cfg.dial_timeout) => r,
         () = incoming.cancelled() => {
-            tracing::debug!(%host, port, "dial cancelled by the opener while connecting");
+            tracing::debug!("dial cancelled by the opener while connecting");
             return;
         }
     };
@@ -392,29 +401,28 @@ async fn serve_dial(cfg: Arc<AgentConfig>, incoming: Incoming) {
             m.dial("ok");
             match incoming.accept() {
                 Ok(stream) => {
-                    let id = stream.id();
-                    tracing::info!(stream = %id, %host, port, dial_ms = started.elapsed().as_millis(), "dial connected");
+                    tracing::info!(dial_ms = started.elapsed().as_millis(), "dial connected");
                     m.open_endpoints.inc();
                     let result = pump(stream, socket, bytes::Bytes::new()).await;
                     m.open_endpoints.dec();
                     let seconds = started.elapsed().as_secs_f64();
                     match result {
                         Ok(moved) => {
-                            tracing::info!(stream = %id, %host, port, up = moved.up, down = moved.down, seconds, "stream done")
+                            tracing::info!(up = moved.up, down = moved.down, seconds, "stream done")
                         }
                         Err(e) => {
-                            tracing::info!(stream = %id, %host, port, seconds, error = %e, "stream ended with an error")
+                            tracing::info!(seconds, error = %e, "stream ended with an error")
                         }
                     }
                 }
                 Err(e) => {
-                    tracing::debug!(%host, port, error = %e, "dial given up before it was accepted")
+                    tracing::debug!(error = %e, "dial given up before it was accepted")
                 }
             }
         }
         Err((code, reason)) => {
             m.dial(code.name().unwrap_or("other"));
-            tracing::info!(%host, port, %code, %reason, "dial failed");
+            tracing::info!(%code, %reason, "dial failed");
             incoming.reject(code, &reason);
         }
     }

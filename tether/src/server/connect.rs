@@ -1,4 +1,4 @@
-//! The HTTP CONNECT frontend kube-apiserver's EgressSelectorConfiguration speaks (DESIGN §9).
+//! The HTTP CONNECT frontend kube-apiserver's EgressSelectorConfiguration speaks; docs/CONNECT.md is its contract.
 //!
 //! `CONNECT host:port HTTP/1.1`, target taken from the request-target authority (never the
 //! Host header, which kube-apiserver sets to `127.0.0.1`). Success is exactly
@@ -212,7 +212,6 @@ async fn answer<S: AsyncWrite + Unpin>(conn: &mut S, e: &HttpError) {
 pub async fn serve<S>(
     core: &ServerCore,
     mut conn: S,
-    peer: &str,
     frontend: Frontend,
     deadline: tokio::time::Instant,
 ) where
@@ -221,7 +220,7 @@ pub async fn serve<S>(
     let ((host, port), first) = match read_request(&mut conn, deadline).await {
         Ok(r) => r,
         Err(e) => {
-            tracing::info!(%peer, status = e.status, reason = %e.reason, "CONNECT refused");
+            tracing::info!(status = e.status, reason = %e.reason, "CONNECT refused");
             core.metrics.connect(e.status);
             answer(&mut conn, &e).await;
             return;
@@ -232,7 +231,7 @@ pub async fn serve<S>(
         Ok(s) => s,
         Err(f) => {
             let e = failure_to_http(&f);
-            tracing::info!(%peer, %host, port, status = e.status, reason = %e.reason, "CONNECT failed");
+            tracing::info!(%host, port, status = e.status, reason = %e.reason, "CONNECT failed");
             core.metrics.connect(e.status);
             answer(&mut conn, &e).await;
             return;
@@ -246,23 +245,50 @@ pub async fn serve<S>(
     {
         return;
     }
-    let stream_id = stream.id();
-    tracing::info!(%peer, %agent_id, stream = %stream_id, %host, port, dial_ms = started.elapsed().as_millis(), "CONNECT established");
+    let span = tracing::Span::current();
+    span.record("agent_id", tracing::field::display(&agent_id));
+    span.record("stream", tracing::field::display(stream.id()));
+    span.record(
+        "dest",
+        tracing::field::display(format_args!("{host}:{port}")),
+    );
+    tracing::info!(
+        dial_ms = started.elapsed().as_millis(),
+        "CONNECT established"
+    );
     core.metrics.stream_open(frontend, true);
     let result = pump(stream, conn, first).await;
     core.metrics.stream_open(frontend, false);
     let secs = started.elapsed().as_secs_f64();
     match result {
         Ok(moved) => {
-            tracing::info!(%peer, %agent_id, stream = %stream_id, %host, port, up = moved.up, down = moved.down, seconds = secs, "CONNECT done");
+            tracing::info!(
+                up = moved.up,
+                down = moved.down,
+                seconds = secs,
+                "CONNECT done"
+            );
         }
         Err(e) => {
             // On a Unix socket the client may see a plain end of stream (docs/SECURITY.md): the
             // failure is always logged and counted, so it is never silent.
             core.metrics.stream_failed(frontend);
-            tracing::warn!(%peer, %agent_id, stream = %stream_id, %host, port, frontend = frontend.name(), seconds = secs, error = %e, "CONNECT stream failed");
+            tracing::warn!(seconds = secs, error = %e, "CONNECT stream failed");
         }
     }
+}
+
+/// The span of one CONNECT client: its peer and frontend, then the stream's agent, id and
+/// destination once dialled. Every line about the client is logged inside it.
+pub(crate) fn span(peer: &str, frontend: Frontend) -> tracing::Span {
+    tracing::info_span!(
+        "connect",
+        %peer,
+        frontend = frontend.name(),
+        agent_id = tracing::field::Empty,
+        stream = tracing::field::Empty,
+        dest = tracing::field::Empty,
+    )
 }
 
 /// Which frontend a CONNECT client came in on (a metrics label).
@@ -287,7 +313,7 @@ impl Frontend {
     }
 }
 
-/// The status for a failed dial (DESIGN §10): no agent 503, forbidden 403, refused or
+/// The status for a failed dial (docs/CONNECT.md): no agent 503, forbidden 403, refused or
 /// unreachable 502, timeout 504.
 pub fn failure_to_http(f: &DialError) -> HttpError {
     use tether_proto::ErrorCode as C;

@@ -18,6 +18,7 @@ use tether_proto::{Config, ErrorCode, Session, Time};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
+use tracing::Instrument;
 
 pub use identity::{AddressClaims, HostClaims, IdRule, IdentityPolicy, Tokens};
 use metrics::Refusal;
@@ -397,13 +398,11 @@ async fn accept_agents(core: Arc<ServerCore>, l: TcpListener, cfg: Arc<ServerCon
         };
         // The material in use when the handshake starts; a reload changes later ones only.
         let acceptor = TlsAcceptor::from(cfg.agent_tls.get());
-        tokio::spawn(serve_agent(
-            core.clone(),
-            cfg.clone(),
-            acceptor,
-            (tcp, peer),
-            slot,
-        ));
+        // One span per tunnel: every line it logs names the peer and, once known, the agent.
+        let span = tracing::info_span!("tunnel", %peer, agent_id = tracing::field::Empty);
+        tokio::spawn(
+            serve_agent(core.clone(), cfg.clone(), acceptor, (tcp, peer), slot).instrument(span),
+        );
     }
 }
 
@@ -455,13 +454,13 @@ async fn serve_agent(
     let mut tls = match tls {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
-            tracing::warn!(%peer, error = %e, "agent TLS handshake failed");
+            tracing::warn!(error = %e, "agent TLS handshake failed");
             core.metrics.agent_refused(Refusal::Tls);
             return;
         }
         Err(_) => {
             // No TLS yet, so no GOAWAY can be sent: the connection just closes.
-            tracing::warn!(%peer, "agent TLS handshake timed out");
+            tracing::warn!("agent TLS handshake timed out");
             core.metrics.agent_refused(Refusal::Timeout);
             return;
         }
@@ -478,7 +477,7 @@ async fn serve_agent(
                 review: None,
             },
             Err(e) => {
-                tracing::warn!(%peer, error = %e, "agent refused");
+                tracing::warn!(error = %e, "agent refused");
                 core.metrics.agent_refused(Refusal::Certificate);
                 return;
             }
@@ -498,7 +497,7 @@ async fn serve_agent(
         Ok(Handshake::Hello(h)) => h,
         Ok(Handshake::Welcome(_)) => return,
         Err(reason) => {
-            tracing::warn!(%peer, %reason, "agent handshake failed");
+            tracing::warn!(%reason, "agent handshake failed");
             core.metrics
                 .agent_refused(if reason.code() == ErrorCode::HANDSHAKE_TIMEOUT {
                     Refusal::Timeout
@@ -511,17 +510,18 @@ async fn serve_agent(
     let verdict = authenticate(&cfg, credential, &hello).await;
     let refused = verdict.as_ref().err().cloned();
     if let Err(e) = tunnel.decide_hello(verdict.map_err(|r| (ErrorCode::UNAUTHORIZED, r))) {
-        tracing::warn!(%peer, error = %e, "agent's handshake ended before it was decided");
+        tracing::warn!(error = %e, "agent's handshake ended before it was decided");
         core.metrics.agent_refused(Refusal::Timeout);
         return;
     }
     if let Some(reason) = refused {
-        tracing::warn!(%peer, agent_id = %hello.agent_id.escape_debug(), %reason, "agent refused");
+        tracing::warn!(agent_id = %hello.agent_id.escape_debug(), %reason, "agent refused");
         core.metrics.agent_refused(Refusal::Unauthorized);
         return;
     }
     drop(handshake_slot);
     let agent_id = hello.agent_id.escape_debug().to_string();
+    tracing::Span::current().record("agent_id", tracing::field::display(&agent_id));
     let conn = core.registry.add(
         hello.agent_id.clone(),
         hello.identifiers.clone(),
@@ -531,7 +531,7 @@ async fn serve_agent(
         .registry
         .over_cap(&hello.agent_id, cfg.max_tunnels_per_agent);
     for old in drain {
-        tracing::info!(%peer, %agent_id, replaced = %old.label(), "a newer tunnel of the agent replaces its oldest");
+        tracing::info!(replaced = %old.label(), "a newer tunnel of the agent replaces its oldest");
         old.go_away("replaced by a newer tunnel of the same agent");
         // A drain ends when the peer answers; one that does not is closed after a grace.
         tokio::spawn(async move {
@@ -553,11 +553,11 @@ async fn serve_agent(
         );
     }
     core.metrics.agents(core.registry.len());
-    tracing::info!(%peer, %agent_id, identifiers = ?hello.identifiers, "agent connected");
+    tracing::info!(identifiers = ?hello.identifiers, "agent connected");
     let reason = tunnel.closed().await;
     core.registry.remove(conn);
     core.metrics.agents(core.registry.len());
-    tracing::info!(%peer, %agent_id, %reason, "agent disconnected");
+    tracing::info!(%reason, "agent disconnected");
 }
 
 async fn accept_connect_tcp(
@@ -578,19 +578,35 @@ async fn accept_connect_tcp(
         // Two kinds of task, so a plain connection's task is not sized for a TLS one (a
         // rustls connection is over 1 KiB, and every idle connection would carry it).
         let peer = peer.to_string();
+        let span = connect::span(
+            &peer,
+            if acceptor.is_some() {
+                connect::Frontend::Tls
+            } else {
+                connect::Frontend::Tcp
+            },
+        );
         match acceptor {
-            Some(a) => tokio::spawn(async move {
-                match tokio::time::timeout_at(deadline, a.accept(tcp)).await {
-                    Ok(Ok(tls)) => {
-                        connect::serve(&core, tls, &peer, connect::Frontend::Tls, deadline).await;
+            Some(a) => tokio::spawn(
+                async move {
+                    match tokio::time::timeout_at(deadline, a.accept(tcp)).await {
+                        Ok(Ok(tls)) => {
+                            connect::serve(&core, tls, connect::Frontend::Tls, deadline).await;
+                        }
+                        Ok(Err(e)) => {
+                            tracing::info!(error = %e, "CONNECT client TLS failed")
+                        }
+                        Err(_) => tracing::info!("CONNECT client TLS timed out"),
                     }
-                    Ok(Err(e)) => tracing::info!(%peer, error = %e, "CONNECT client TLS failed"),
-                    Err(_) => tracing::info!(%peer, "CONNECT client TLS timed out"),
                 }
-            }),
-            None => tokio::spawn(async move {
-                connect::serve(&core, tcp, &peer, connect::Frontend::Tcp, deadline).await;
-            }),
+                .instrument(span),
+            ),
+            None => tokio::spawn(
+                async move {
+                    connect::serve(&core, tcp, connect::Frontend::Tcp, deadline).await;
+                }
+                .instrument(span),
+            ),
         };
     }
 }
@@ -604,9 +620,13 @@ async fn accept_connect_uds(core: Arc<ServerCore>, l: tokio::net::UnixListener) 
         };
         let deadline = tokio::time::Instant::now() + core.header_timeout;
         let core = core.clone();
-        tokio::spawn(async move {
-            connect::serve(&core, s, "uds", connect::Frontend::Uds, deadline).await;
-        });
+        let span = connect::span("uds", connect::Frontend::Uds);
+        tokio::spawn(
+            async move {
+                connect::serve(&core, s, connect::Frontend::Uds, deadline).await;
+            }
+            .instrument(span),
+        );
     }
 }
 

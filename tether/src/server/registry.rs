@@ -1,4 +1,4 @@
-//! Connected agents, and routing a destination to one of them (DESIGN §9).
+//! Connected agents, and routing a destination to one of them (docs/ARCHITECTURE.md).
 
 use std::net::IpAddr;
 use std::str::FromStr;

@@ -1,4 +1,4 @@
-//! The tunnel driver: one framed TLS stream joined to one [`Session`] (DESIGN §9, STYLE 10).
+//! The tunnel driver: one framed TLS stream joined to one [`Session`] (docs/ARCHITECTURE.md).
 //!
 //! The session decides; this module only moves bytes and time. Two tasks share the session
 //! behind a mutex that is never held across an `.await`:
@@ -27,6 +27,7 @@ use tether_proto::{ApiError, CloseReason, ErrorCode, Event, Session, StreamId, T
 use tether_proto::{StreamError, StreamState};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{Notify, mpsc, oneshot};
+use tracing::Instrument;
 
 mod driver;
 
@@ -45,6 +46,11 @@ impl Incoming {
     /// Where the peer wants the stream to go.
     pub fn dial(&self) -> &Dial {
         &self.dial
+    }
+
+    /// The stream's id.
+    pub fn stream_id(&self) -> StreamId {
+        self.stream.id()
     }
 
     /// Accepts: DIAL_OK goes out and the stream is established. Fails if the peer gave up on
@@ -257,10 +263,12 @@ impl Tunnel {
         });
         let tunnel = Tunnel { inner };
         let (r, w) = tokio::io::split(io);
-        let reading = tokio::spawn(driver::reader(tunnel.clone(), r));
+        // The driver's tasks log in the span of whoever started the tunnel (its peer, agent).
+        let span = tracing::Span::current();
+        let reading = tokio::spawn(driver::reader(tunnel.clone(), r).instrument(span.clone()));
         // The writer ends the reader when the session is over: a dead peer may never send the
         // EOF that would end it, and its socket must not outlive the session.
-        tokio::spawn(driver::writer(tunnel.clone(), w, reading.abort_handle()));
+        tokio::spawn(driver::writer(tunnel.clone(), w, reading.abort_handle()).instrument(span));
         (tunnel, Handshaking(rx))
     }
 

@@ -287,16 +287,17 @@ fn route(method: &str, path: &str, body: &[u8], st: &Mutex<State>) -> Option<Ans
         ("POST", "") => {
             let mut l: Value = serde_json::from_slice(body).ok()?;
             let n = l["metadata"]["name"].as_str()?.to_owned();
-            if leases.contains_key(&n) {
-                Answer::Now(
+            match leases.entry(n) {
+                std::collections::btree_map::Entry::Occupied(_) => Answer::Now(
                     409,
                     json!({"kind": "Status", "reason": "AlreadyExists", "message": "exists"}),
-                )
-            } else {
-                l["metadata"]["namespace"] = json!(ns);
-                l["metadata"]["resourceVersion"] = json!(rv());
-                leases.insert(n, l.clone());
-                Answer::Now(201, l)
+                ),
+                std::collections::btree_map::Entry::Vacant(slot) => {
+                    l["metadata"]["namespace"] = json!(ns);
+                    l["metadata"]["resourceVersion"] = json!(rv());
+                    slot.insert(l.clone());
+                    Answer::Now(201, l)
+                }
             }
         }
         ("PUT", n) => {
