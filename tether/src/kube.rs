@@ -1,7 +1,7 @@
-//! A small typed client for the three Kubernetes API calls tether makes: TokenReview (agent
-//! authentication), and Lease get/create/update/list (server count in HA).
+//! A small typed client for the Kubernetes API calls tether makes: TokenReview create (agent
+//! authentication), and Lease get, create, update, delete and list (server count in HA).
 //!
-//! Why not kube-rs: tether needs four endpoints, not a general client. kube with rustls and
+//! Why not kube-rs: tether needs these few calls, not a general client. kube with rustls and
 //! k8s-openapi adds hyper, tower, http and the whole generated API to the build (measured in
 //! docs/OPERATIONS.md, "The Kubernetes client"); this module is HTTP/1.1 over the tokio-rustls
 //! and httparse tether already links, with serde for the JSON. Each call opens one TLS

@@ -81,7 +81,7 @@ impl<T: Send + Sync + 'static> Reloadable<T> {
         build: impl Fn(&[Vec<u8>]) -> Result<T, String> + Send + Sync + 'static,
     ) -> Result<Reloadable<T>, String> {
         let name = name.into();
-        let bytes = read_all(&files)?;
+        let bytes = read_all(&files).map_err(|e| format!("{name}: {e}"))?;
         let value = build(&bytes).map_err(|e| format!("{name}: {e}"))?;
         Ok(Reloadable {
             current: Arc::new(RwLock::new(Arc::new(value))),

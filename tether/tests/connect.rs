@@ -177,6 +177,11 @@ async fn every_failure_maps_to_a_clear_status_with_a_reason() {
     .await;
     assert_eq!(status, 503, "{text}");
     assert!(text.contains("no agent"), "{text}");
+    let metrics = server.core().render_metrics();
+    assert!(
+        metrics.contains("tether_dials_total{result=\"no_agent\"} 1"),
+        "a dial with no agent is counted: {metrics}"
+    );
 
     let mut cfg = agent_config(&pki, server.agent_addr, "agent-1");
     cfg.allowlist = tether::agent::Allowlist::parse("127.0.0.1").unwrap();

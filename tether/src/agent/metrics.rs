@@ -1,5 +1,6 @@
 //! The agent's `/healthz`, `/readyz` and `/metrics` (its health server; Konnectivity's
-//! `--health-server-port`). Names and their Konnectivity counterparts: docs/OPERATIONS.md.
+//! `--health-server-port`). Names and their Konnectivity counterparts: docs/OPERATIONS.md,
+//! "Read the metrics".
 
 use std::sync::Arc;
 

@@ -221,7 +221,7 @@ async fn manage(
 ) {
     let mut backoff = cfg.sync_interval;
     let mut want = 1usize;
-    // The largest count a server announced (Konnectivity's `--server-count-source max`).
+    // The count the last server reached announced (Konnectivity's `--server-count-source`).
     let mut announced = 1usize;
     let mut by_server: HashMap<String, Tunnel> = HashMap::new();
     loop {
@@ -233,7 +233,7 @@ async fn manage(
         if let Some(count) = &cfg.server_count {
             let leases = usize::from((*count.borrow()).max(1));
             want = if cfg.server_count_max {
-                want.max(leases).max(announced)
+                leases.max(announced)
             } else {
                 leases
             };
@@ -241,9 +241,10 @@ async fn manage(
         cfg.metrics
             .server_count
             .set(i64::try_from(want).unwrap_or(i64::MAX));
+        let open = all.lock().map(|l| l.len()).unwrap_or(0);
         cfg.metrics
             .tunnels
-            .set(i64::try_from(by_server.len()).unwrap_or(i64::MAX));
+            .set(i64::try_from(open).unwrap_or(i64::MAX));
         if let Ok(mut list) = all.lock() {
             list.retain(|t| t.close_reason().is_none());
         }
@@ -256,7 +257,7 @@ async fn manage(
         }
         match connect_once(&cfg, &addr).await {
             Ok((tunnel, server_id, count)) => {
-                announced = announced.max(usize::from(count.max(1)));
+                announced = usize::from(count.max(1));
                 if cfg.server_count.is_none() {
                     want = usize::from(count.max(1));
                 }
@@ -373,10 +374,12 @@ async fn serve_dials(cfg: Arc<AgentConfig>, mut rx: mpsc::UnboundedReceiver<Inco
 async fn serve_dial(cfg: Arc<AgentConfig>, incoming: Incoming) {
     let (host, port) = (incoming.dial().host.clone(), incoming.dial().port);
     if incoming.dial().protocol != Protocol::TCP {
+        cfg.metrics.dial("DIAL_UNSUPPORTED");
         incoming.reject(ErrorCode::DIAL_UNSUPPORTED, "only TCP is supported");
         return;
     }
     if !cfg.allowlist.allows(&host, port) {
+        cfg.metrics.dial("DIAL_FORBIDDEN");
         tracing::warn!("dial refused: destination not on the allowlist");
         incoming.reject(
             ErrorCode::DIAL_FORBIDDEN,

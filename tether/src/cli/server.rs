@@ -251,15 +251,17 @@ pub struct Running {
 }
 
 impl Running {
-    /// Drains (GOAWAY to every agent, at most `grace`), then gives up its lease.
+    /// Gives up its lease first (agents and servers stop counting this server at once, and
+    /// the renewal cannot bring it back while draining, as Konnectivity does), then drains:
+    /// GOAWAY to every agent, at most `grace`.
     pub async fn shutdown(self, grace: Duration) {
+        if let Some(l) = self.lease {
+            l.release().await;
+        }
         if let Some(a) = self.admin {
             a.abort();
         }
         self.server.shutdown(grace).await;
-        if let Some(l) = self.lease {
-            l.release().await;
-        }
     }
 }
 
@@ -285,6 +287,15 @@ impl ServerArgs {
             client_ca: self.cluster_ca_cert.clone(),
         }
         .load("agent TLS (--cluster-cert, --cluster-key, --cluster-ca-cert)")?;
+        let tcp_frontend = !matches!(
+            (self.server_port, &self.uds_name),
+            (Some(0), _) | (None, Some(_))
+        );
+        if self.server_cert.is_some() && !tcp_frontend {
+            return Err(
+                "--server-cert applies to the TCP frontend, which is off (--uds-name without --server-port, or --server-port 0)".into(),
+            );
+        }
         let connect_tls = match (&self.server_cert, &self.server_key) {
             (Some(c), Some(k)) => Some(
                 ServerFiles {
@@ -317,7 +328,7 @@ impl ServerArgs {
                     );
                 }
                 Some(Arc::new(TokenReviewer::new(
-                    self.kube_client()?,
+                    self.kube_client(self.token_review_timeout)?,
                     aud.clone(),
                     ns,
                     sa,
@@ -369,14 +380,14 @@ impl ServerArgs {
         })
     }
 
-    fn kube_client(&self) -> Result<Client, String> {
+    fn kube_client(&self, timeout: Duration) -> Result<Client, String> {
         let what = match &self.kubeconfig {
             Some(p) => format!("--kubeconfig {}", p.display()),
             None => "in-cluster config".into(),
         };
         let cfg =
             KubeConfig::load(self.kubeconfig.as_deref()).map_err(|e| format!("{what}: {e}"))?;
-        Ok(Client::new(cfg, self.token_review_timeout))
+        Ok(Client::new(cfg, timeout))
     }
 
     /// Starts the server (and its lease controller) as the flags say.
@@ -386,7 +397,7 @@ impl ServerArgs {
             let labels =
                 parse_labels(&self.lease_label).map_err(|e| format!("--lease-label: {e}"))?;
             let (controller, count) = LeaseController::start(
-                self.kube_client()?,
+                self.kube_client(Duration::from_secs(10))?,
                 LeaseSettings {
                     namespace: self.lease_namespace.clone(),
                     holder: config.server_id.clone(),

@@ -1,5 +1,5 @@
 //! `/healthz`, `/readyz` and `/metrics` (prometheus-client). Names and their Konnectivity
-//! counterparts: docs/OPERATIONS.md, "Metrics".
+//! counterparts: docs/OPERATIONS.md, "Read the metrics".
 
 use std::sync::Arc;
 
@@ -219,13 +219,13 @@ impl Collector for PerAgent {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         for (name, help, pick) in [
             (
-                "agent_tunnels",
-                "Tunnels each connected agent holds to this server",
+                "tunnels",
+                "Tunnels each connected agent holds to this server, by agent id",
                 1usize,
             ),
             (
-                "agent_streams",
-                "Streams open on each connected agent's tunnels",
+                "open_streams",
+                "Streams open on each connected agent's tunnels, by agent id",
                 2,
             ),
         ] {

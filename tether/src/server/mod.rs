@@ -145,10 +145,10 @@ impl ServerCore {
         host: &str,
         port: u16,
     ) -> Result<(TetherStream, String), DialError> {
-        let (tunnel, agent_id) = self
-            .registry
-            .route(host, &self.strategies)
-            .ok_or(DialError::NoAgent)?;
+        let Some((tunnel, agent_id)) = self.registry.route(host, &self.strategies) else {
+            self.metrics.dial("no_agent", None);
+            return Err(DialError::NoAgent);
+        };
         let started = Instant::now();
         self.metrics.dial_pending(true);
         let result = tunnel.dial(host, port, self.dial_timeout).await;

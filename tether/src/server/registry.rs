@@ -38,10 +38,16 @@ impl FromStr for Strategy {
 
 /// Parses `destHost,default`.
 pub fn parse_strategies(s: &str) -> Result<Vec<Strategy>, String> {
-    s.split(',')
+    let list: Vec<Strategy> = s
+        .split(',')
         .filter(|p| !p.trim().is_empty())
         .map(str::parse)
-        .collect()
+        .collect::<Result<_, _>>()?;
+    if list.is_empty() {
+        // No strategy would route nothing: every dial a 503.
+        return Err("no strategy given (destHost, defaultRoute, default)".into());
+    }
+    Ok(list)
 }
 
 struct Entry {
@@ -193,5 +199,21 @@ impl Registry {
             .lock()
             .map(|a| a.iter().map(|e| e.tunnel.clone()).collect())
             .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strategies_parse_in_order_and_none_at_all_is_refused() {
+        assert_eq!(
+            parse_strategies("destHost, default").unwrap(),
+            vec![Strategy::DestHost, Strategy::Default]
+        );
+        assert!(parse_strategies("").is_err(), "no strategy routes nothing");
+        assert!(parse_strategies(" , ").is_err());
+        assert!(parse_strategies("nearest").is_err());
     }
 }
