@@ -345,8 +345,13 @@ async fn konnectivitys_manifest_flags_are_accepted_with_a_notice() {
         "--keepalive-time=1h",
         "--enable-profiling",
         "--xfr-channel-size=10",
+        "--agent-bind-address=",
     ])
     .unwrap();
+    assert!(
+        server.agent_bind_address.is_unspecified(),
+        "empty: every interface"
+    );
     assert_eq!(server.log.level(), "debug", "--v=4 is debug");
     let n = server.notices();
     assert!(n.iter().any(|n| n.contains("--logtostderr")), "{n:?}");

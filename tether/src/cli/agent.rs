@@ -79,14 +79,14 @@ pub struct AgentArgs {
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
     pub dial_timeout: Duration,
     /// Address of the health server.
-    #[arg(long, default_value = "0.0.0.0")]
+    #[arg(long, value_parser = super::parse_bind, default_value = "0.0.0.0")]
     pub health_server_host: IpAddr,
     /// Port for /healthz, /readyz (ready while a tunnel is open) and /metrics; 0 (the
     /// default) disables them. Konnectivity's manifests use 8093 or 8134.
     #[arg(long, default_value_t = 0)]
     pub health_server_port: u16,
     /// Address of the admin server.
-    #[arg(long, default_value = "127.0.0.1")]
+    #[arg(long, value_parser = super::parse_bind, default_value = "127.0.0.1")]
     pub admin_bind_address: IpAddr,
     /// Port for /metrics (and /healthz, /readyz) apart from the health port; 0 (the default)
     /// disables it.

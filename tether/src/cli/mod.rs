@@ -254,6 +254,16 @@ pub fn parse_identifiers(s: &str) -> Result<Vec<tether_proto::frame::Identifier>
     Ok(out)
 }
 
+/// Parses a bind address; empty means every interface, as in Konnectivity's flags.
+pub fn parse_bind(s: &str) -> Result<std::net::IpAddr, String> {
+    if s.trim().is_empty() {
+        return Ok(std::net::IpAddr::from([0, 0, 0, 0]));
+    }
+    s.trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not an IP address (empty: every interface)"))
+}
+
 /// Parses `10s`, `500ms`, `2m`, `1h`, or a bare number of seconds (flag values).
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     let (num, unit) = s

@@ -36,7 +36,7 @@ pub struct ServerArgs {
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub delete_existing_uds_file: bool,
     /// Address of the CONNECT frontend on TCP.
-    #[arg(long, default_value = "127.0.0.1")]
+    #[arg(long, value_parser = super::parse_bind, default_value = "127.0.0.1")]
     pub server_bind_address: IpAddr,
     /// Port of the CONNECT frontend on TCP (8090 when --uds-name is not set; 0 disables it).
     #[arg(long)]
@@ -51,7 +51,7 @@ pub struct ServerArgs {
     #[arg(long, requires = "server_cert")]
     pub server_ca_cert: Option<PathBuf>,
     /// Address agents connect to.
-    #[arg(long, default_value = "0.0.0.0")]
+    #[arg(long, value_parser = super::parse_bind, default_value = "0.0.0.0")]
     pub agent_bind_address: IpAddr,
     /// Port agents connect to.
     #[arg(long, default_value_t = 8091)]
@@ -140,13 +140,13 @@ pub struct ServerArgs {
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
     pub backend_dial_timeout: Duration,
     /// Address for /healthz, /readyz and /metrics.
-    #[arg(long, default_value = "127.0.0.1")]
+    #[arg(long, value_parser = super::parse_bind, default_value = "127.0.0.1")]
     pub health_bind_address: IpAddr,
     /// Port for /healthz, /readyz and /metrics; 0 disables them.
     #[arg(long, default_value_t = 8092)]
     pub health_port: u16,
     /// Address of the admin port.
-    #[arg(long, default_value = "127.0.0.1")]
+    #[arg(long, value_parser = super::parse_bind, default_value = "127.0.0.1")]
     pub admin_bind_address: IpAddr,
     /// Port for /metrics (and /healthz, /readyz) apart from the health port, as
     /// Konnectivity's admin port; 0 (the default) disables it.
