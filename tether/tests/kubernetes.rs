@@ -163,6 +163,26 @@ async fn service_account_tokens_are_reviewed_and_bind_the_agent_to_its_node() {
     .await;
     assert!(four, "four refusals counted: {}", refused(server));
     assert_eq!(server.core().registry.agent_ids(), vec!["node-1"]);
+
+    // The refused agent counts why its tunnels do not come up.
+    let path = dir.join("token-thief");
+    std::fs::write(&path, "good-1").unwrap();
+    let metrics = std::sync::Arc::new(tether::agent::AgentMetrics::new());
+    let _thief = Agent::start(AgentConfig {
+        tls: tether::tls::client_config(pki.ca_pem(), None)
+            .unwrap()
+            .into(),
+        token_path: Some(path),
+        metrics: metrics.clone(),
+        ..agent_config(&pki, server.agent_addr, "node-6")
+    });
+    let counted = eventually(WAIT, || {
+        metrics
+            .render()
+            .contains("tether_agent_connect_failures_total{reason=\"unauthorized\"}")
+    })
+    .await;
+    assert!(counted, "{}", metrics.render());
 }
 
 #[tokio::test]

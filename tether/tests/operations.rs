@@ -523,3 +523,48 @@ async fn json_logs_carry_the_tunnel_span_with_the_peer_and_the_agent_id() {
         "{line}"
     );
 }
+
+#[tokio::test]
+async fn the_connect_frontends_certificate_is_reloaded_for_new_clients() {
+    let pki = Pki::new();
+    let dir = tempdir("frontend");
+    let (cert, key) = (dir.join("front.crt"), dir.join("front.key"));
+    std::fs::write(&cert, &pki.server.cert).unwrap();
+    std::fs::write(&key, &pki.server.key).unwrap();
+    let mut cfg = server_config(&pki);
+    cfg.connect_tls = Some(
+        tether::tls::ServerFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: None,
+        }
+        .load("CONNECT TLS")
+        .unwrap(),
+    );
+    cfg.reload_interval = Duration::from_millis(50);
+    let server = tether::Server::start(cfg).await.unwrap();
+    let port = server.connect_addr.unwrap().port();
+    let probe = pki.ca.leaf("probe", &["probe"]);
+    assert_eq!(
+        presented(port, &pki.ca.pem.cert, &probe).await,
+        Some(der(&pki.server))
+    );
+    let ca2 = Ca::new("frontend ca-2");
+    let v2 = ca2.leaf("tether-server", &["localhost"]);
+    rotate(&key, &v2.key);
+    rotate(&cert, &v2.cert);
+    let mut seen = None;
+    for _ in 0..100 {
+        seen = presented(port, &ca2.pem.cert, &probe).await;
+        if seen.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        seen,
+        Some(der(&v2)),
+        "new CONNECT clients get the new certificate"
+    );
+    server.shutdown(Duration::from_millis(100)).await;
+}

@@ -21,6 +21,7 @@ pub struct AgentMetrics {
     pub(crate) server_count: Gauge,
     pub(crate) dial_seconds: Histogram,
     dials: Family<Labels, Counter>,
+    connect_failures: Family<Labels, Counter>,
     pub(crate) open_endpoints: Gauge,
     /// Bytes and stream errors, counted by every tunnel of this agent.
     pub(crate) stats: Arc<TunnelStats>,
@@ -49,6 +50,7 @@ impl AgentMetrics {
             server_count: Gauge::default(),
             dial_seconds: Histogram::new(crate::server::DIAL_BUCKETS),
             dials: Family::default(),
+            connect_failures: Family::default(),
             open_endpoints: Gauge::default(),
             stats: Arc::new(TunnelStats::default()),
         };
@@ -71,6 +73,11 @@ impl AgentMetrics {
             m.dials.clone(),
         );
         r.register(
+            "connect_failures",
+            "Tunnels to servers that failed to come up, by stage (tcp, tls, timeout, unauthorized, handshake, token)",
+            m.connect_failures.clone(),
+        );
+        r.register(
             "endpoint_connections",
             "Connections to destinations open now",
             m.open_endpoints.clone(),
@@ -86,6 +93,13 @@ impl AgentMetrics {
     pub(crate) fn dial(&self, result: &str) {
         self.dials
             .get_or_create(&vec![("result".to_owned(), result.to_owned())])
+            .inc();
+    }
+
+    /// Counts a tunnel that did not come up, by the stage it failed in.
+    pub(crate) fn connect_failed(&self, stage: &'static str) {
+        self.connect_failures
+            .get_or_create(&vec![("reason".to_owned(), stage.to_owned())])
             .inc();
     }
 

@@ -309,10 +309,20 @@ async fn connect_once(
     let name = cfg.server_name.clone().unwrap_or_else(|| host.to_owned());
     let server_name = ServerName::try_from(name)?;
     let epoch = Instant::now();
+    // Each failure is counted by the stage it happened in (a fixed label set).
+    let failed = |stage: &'static str| {
+        cfg.metrics.connect_failed(stage);
+        stage
+    };
     let token = match &cfg.token_path {
         Some(p) => Some(
-            Token::new(std::fs::read_to_string(p)?.trim())
-                .map_err(|e| format!("token file: {e}"))?,
+            std::fs::read_to_string(p)
+                .map_err(|e| format!("{}: {e}", p.display()))
+                .and_then(|t| Token::new(t.trim()).map_err(|e| format!("token file: {e}")))
+                .map_err(|e| {
+                    failed("token");
+                    e
+                })?,
         ),
         None => None,
     };
@@ -329,22 +339,32 @@ async fn connect_once(
         Time::from_millis(0),
     )?;
     let setup = async {
-        let tcp = TcpStream::connect(addr).await?;
-        tcp.set_nodelay(true)?;
+        let tcp = TcpStream::connect(addr)
+            .await
+            .map_err(|e| (failed("tcp"), e))?;
+        let _ = tcp.set_nodelay(true);
         let mut tls = TlsConnector::from(cfg.tls.get())
             .connect(server_name, crate::tls::tunnel_transport(tcp))
-            .await?;
+            .await
+            .map_err(|e| (failed("tls"), e))?;
         tls.get_mut()
             .1
             .set_buffer_limit(Some(crate::tls::TUNNEL_SEND_BUFFER));
-        Ok::<_, std::io::Error>(tls)
+        Ok::<_, (&str, std::io::Error)>(tls)
     };
-    let tls = match handshake_deadline(&session, epoch) {
-        Some(deadline) => tokio::time::timeout_at(deadline, setup)
-            .await
-            .map_err(|_| "connect timed out")??,
-        None => setup.await?,
+    let setup = async {
+        match handshake_deadline(&session, epoch) {
+            Some(deadline) => match tokio::time::timeout_at(deadline, setup).await {
+                Ok(r) => r,
+                Err(_) => Err((
+                    failed("timeout"),
+                    std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"),
+                )),
+            },
+            None => setup.await,
+        }
     };
+    let tls = setup.await.map_err(|(_, e)| e)?;
     let (tx, rx) = mpsc::unbounded_channel();
     let start = Start {
         incoming: Some(tx),
@@ -354,9 +374,20 @@ async fn connect_once(
         stats: Some(cfg.metrics.stats.clone()),
     };
     let (tunnel, handshaking) = Tunnel::spawn(tls, session, start);
-    let welcome = match handshaking.done().await? {
-        Handshake::Welcome(w) => w,
-        Handshake::Hello(_) => return Err("the server end sent HELLO".into()),
+    let welcome = match handshaking.done().await {
+        Ok(Handshake::Welcome(w)) => w,
+        Ok(Handshake::Hello(_)) => {
+            failed("handshake");
+            return Err("the server end sent HELLO".into());
+        }
+        Err(reason) => {
+            failed(match reason.code() {
+                ErrorCode::UNAUTHORIZED => "unauthorized",
+                ErrorCode::HANDSHAKE_TIMEOUT => "timeout",
+                _ => "handshake",
+            });
+            return Err(reason.into());
+        }
     };
     tokio::spawn(serve_dials(cfg.clone(), rx).instrument(tracing::Span::current()));
     Ok((tunnel, welcome.server_id, welcome.server_count))
