@@ -319,9 +319,8 @@ async fn connect_once(
             std::fs::read_to_string(p)
                 .map_err(|e| format!("{}: {e}", p.display()))
                 .and_then(|t| Token::new(t.trim()).map_err(|e| format!("token file: {e}")))
-                .map_err(|e| {
+                .inspect_err(|_| {
                     failed("token");
-                    e
                 })?,
         ),
         None => None,
