@@ -3,7 +3,7 @@
 //! of each process, memory per idle tunnelled connection, and a stalled stream's effect on
 //! another. Prints markdown for docs/BENCHMARKS.md.
 //!
-//! `cargo run -p tether-bench --release --bin report [-- --quick]`
+//! `cargo run -p tether-bench --profile ship --bin report [-- --quick]`
 #![allow(clippy::print_stdout)]
 
 use std::net::{SocketAddr, TcpListener as StdListener};
