@@ -3,7 +3,7 @@
 //! of each process, memory per idle tunnelled connection, and a stalled stream's effect on
 //! another. Prints markdown for docs/BENCHMARKS.md.
 //!
-//! `cargo run -p tether-bench --profile ship --bin report [-- --quick]`
+//! `cargo run -p tether-bench --release --bin report [-- --quick]`
 #![allow(clippy::print_stdout)]
 
 use std::net::{SocketAddr, TcpListener as StdListener};
@@ -84,7 +84,7 @@ fn anon_kib(pid: u32) -> Result<u64, Error> {
     proc_kib(&format!("/proc/{pid}/smaps_rollup"), "Anonymous")
 }
 
-/// Builds the binaries in the profile this report was built in (`ship` for the published
+/// Builds the binaries in the profile this report was built in (release for the published
 /// figures), next to it.
 fn binaries() -> Result<PathBuf, Error> {
     let exe = std::env::current_exe()?;
