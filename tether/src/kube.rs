@@ -400,14 +400,20 @@ impl Client {
         tls.flush().await.map_err(|e| t(&e))?;
         let mut raw = Vec::new();
         let mut chunk = [0u8; 16 * 1024];
+        // Whether the server ended with TLS close_notify: only then may a body that runs to
+        // the close be complete (without it, a truncation is indistinguishable).
+        let clean_close;
         loop {
             let n = match tls.read(&mut chunk).await {
                 Ok(n) => n,
-                // Servers that close without close_notify: what arrived is judged below.
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => 0,
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    clean_close = false;
+                    break;
+                }
                 Err(e) => return Err(t(&e)),
             };
             if n == 0 {
+                clean_close = true;
                 break;
             }
             if raw.len() + n > MAX_RESPONSE + 64 * 1024 {
@@ -420,7 +426,13 @@ impl Client {
                 return Ok(done);
             }
         }
-        parse_response(&raw)?.ok_or_else(|| KubeError::Transport("response cut short".into()))
+        if let Some(done) = parse_response(&raw)? {
+            return Ok(done);
+        }
+        match close_delimited(&raw) {
+            Some(done) if clean_close => Ok(done),
+            _ => Err(KubeError::Transport("response cut short".into())),
+        }
     }
 }
 
@@ -459,6 +471,16 @@ fn parse_response(raw: &[u8]) -> Result<Option<(u16, Vec<u8>)>, KubeError> {
         }
         // Delimited by the close: complete only at EOF, which the caller knows.
         None => Ok(None),
+    }
+}
+
+/// A response with neither a length nor chunks: its body is everything to the close.
+fn close_delimited(raw: &[u8]) -> Option<(u16, Vec<u8>)> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut resp = httparse::Response::new(&mut headers);
+    match resp.parse(raw) {
+        Ok(httparse::Status::Complete(n)) => Some((resp.code.unwrap_or(0), raw[n..].to_vec())),
+        _ => None,
     }
 }
 
@@ -539,6 +561,8 @@ pub struct Reviewed {
     pub pod_name: Option<String>,
     /// The node of that pod (`authentication.kubernetes.io/node-name`).
     pub node_name: Option<String>,
+    /// That node's addresses (its Node's `status.addresses`), when asked for.
+    pub node_addresses: Vec<std::net::IpAddr>,
 }
 
 /// Why a token was not accepted.
@@ -627,7 +651,40 @@ impl Client {
             pod_name: first(&s.user.extra, "authentication.kubernetes.io/pod-name"),
             node_name: first(&s.user.extra, "authentication.kubernetes.io/node-name"),
             username: s.user.username,
+            node_addresses: Vec::new(),
         })
+    }
+
+    /// The IP addresses of the Node `name` (`status.addresses`, InternalIP and ExternalIP;
+    /// host names are skipped).
+    pub async fn node_addresses(&self, name: &str) -> Result<Vec<std::net::IpAddr>, KubeError> {
+        #[derive(Deserialize)]
+        struct Node {
+            #[serde(default)]
+            status: NodeStatus,
+        }
+        #[derive(Deserialize, Default)]
+        struct NodeStatus {
+            #[serde(default)]
+            addresses: Vec<NodeAddress>,
+        }
+        #[derive(Deserialize)]
+        struct NodeAddress {
+            address: String,
+        }
+        if name.is_empty() || name.contains(['/', '?', '#', '%']) {
+            return Err(KubeError::Decode(format!("node name {name:?}")));
+        }
+        let node: Node = decode(
+            self.call("GET", &format!("/api/v1/nodes/{name}"), None)
+                .await?,
+        )?;
+        Ok(node
+            .status
+            .addresses
+            .iter()
+            .filter_map(|a| a.address.parse().ok())
+            .collect())
     }
 }
 
@@ -762,10 +819,23 @@ impl Client {
         decode(self.call("PUT", &path, Some(&body)).await?)
     }
 
-    /// Deletes the lease `name` (gone already is fine).
-    pub async fn delete_lease(&self, namespace: &str, name: &str) -> Result<(), KubeError> {
+    /// Deletes the lease `name` (gone already is fine); with `resource_version`, only if it is
+    /// still that version (a lease renewed since it was read is left alone: 409).
+    pub async fn delete_lease(
+        &self,
+        namespace: &str,
+        name: &str,
+        resource_version: Option<&str>,
+    ) -> Result<(), KubeError> {
         let path = format!("/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases/{name}");
-        let (status, body) = self.call("DELETE", &path, None).await?;
+        let body = resource_version.map(|rv| {
+            serde_json::json!({"kind": "DeleteOptions", "apiVersion": "v1",
+                               "preconditions": {"resourceVersion": rv}})
+            .to_string()
+        });
+        let (status, body) = self
+            .call("DELETE", &path, body.as_deref().map(str::as_bytes))
+            .await?;
         if (200..300).contains(&status) || status == 404 {
             Ok(())
         } else {

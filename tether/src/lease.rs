@@ -55,7 +55,14 @@ pub fn micro_time(t: SystemTime) -> String {
 /// Parses RFC 3339 as the API server writes it (`Z` or an offset, optional fraction).
 pub fn parse_time(s: &str) -> Option<SystemTime> {
     let b = s.as_bytes();
-    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't') {
+    if !s.is_ascii()
+        || b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || !matches!(b[10], b'T' | b't')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
         return None;
     }
     let num = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
@@ -72,12 +79,15 @@ pub fn parse_time(s: &str) -> Option<SystemTime> {
     }
     let offset = match rest {
         "Z" | "z" => 0,
-        o if o.len() == 6 && (o.starts_with('+') || o.starts_with('-')) => {
+        o if o.len() == 6 && (o.starts_with('+') || o.starts_with('-')) && &o[3..4] == ":" => {
             let v = o[1..3].parse::<i64>().ok()? * 3600 + o[4..6].parse::<i64>().ok()? * 60;
             if o.starts_with('+') { v } else { -v }
         }
         _ => return None,
     };
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || se > 60 {
+        return None;
+    }
     let secs = days_from_civil(y, mo, d) * 86_400 + h * 3600 + mi * 60 + se - offset;
     let secs = u64::try_from(secs).ok()?;
     Some(UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_micros(micros.unsigned_abs()))
@@ -127,13 +137,20 @@ pub fn is_valid(lease: &Lease, now: SystemTime) -> bool {
     let Some(secs) = s.lease_duration_seconds.and_then(|d| u64::try_from(d).ok()) else {
         return false;
     };
-    renewed + Duration::from_secs(secs) > now
+    renewed
+        .checked_add(Duration::from_secs(secs))
+        .is_some_and(|until| until > now)
 }
 
-/// Valid leases among `leases`, at least 1 (no valid lease: assume this one server).
+/// The most servers a count of leases may say there are: whoever can write leases in the
+/// namespace cannot send every agent chasing thousands of servers (docs/SECURITY.md).
+pub const MAX_SERVER_COUNT: u16 = 64;
+
+/// Valid leases among `leases`, at most [`MAX_SERVER_COUNT`]; 0 when none is valid (the
+/// count is unknown: the caller keeps what it had).
 pub fn count_valid(leases: &[Lease], now: SystemTime) -> u16 {
     let n = leases.iter().filter(|l| is_valid(l, now)).count();
-    u16::try_from(n).unwrap_or(u16::MAX).max(1)
+    u16::try_from(n).unwrap_or(u16::MAX).min(MAX_SERVER_COUNT)
 }
 
 /// Where and how a server holds its lease.
@@ -185,20 +202,22 @@ impl LeaseController {
         )
     }
 
-    /// Stops renewing, then deletes this server's lease, so the others stop counting it at
-    /// once instead of after its duration.
-    pub async fn release(self) {
+    /// Stops renewing (and waits until a renewal in flight is gone, so it cannot bring the
+    /// lease back), then deletes this server's lease, so the others stop counting it at once
+    /// instead of after its duration. At most 5 s: a drain must not wait on the API server.
+    pub async fn release(mut self) {
         self.task.abort();
+        let _ = (&mut self.task).await;
         let name = self.settings.name();
-        match self
+        let delete = self
             .client
-            .delete_lease(&self.settings.namespace, &name)
-            .await
-        {
-            Ok(()) => tracing::info!(lease = %name, "server lease released"),
-            Err(e) => {
+            .delete_lease(&self.settings.namespace, &name, None);
+        match tokio::time::timeout(Duration::from_secs(5), delete).await {
+            Ok(Ok(())) => tracing::info!(lease = %name, "server lease released"),
+            Ok(Err(e)) => {
                 tracing::warn!(lease = %name, error = %e, "could not release the server lease")
             }
+            Err(_) => tracing::warn!(lease = %name, "releasing the server lease timed out"),
         }
     }
 }
@@ -231,7 +250,13 @@ async fn run(client: Client, s: LeaseSettings, count: watch::Sender<u16>) {
             Ok(leases) => {
                 let now = SystemTime::now();
                 for l in leases.iter().filter(|l| !is_valid(l, now)) {
-                    match client.delete_lease(&s.namespace, &l.metadata.name).await {
+                    // Only the version judged expired: a lease its server renewed since the
+                    // list is left alone (409).
+                    let version = l.metadata.resource_version.as_deref();
+                    match client
+                        .delete_lease(&s.namespace, &l.metadata.name, version)
+                        .await
+                    {
                         Ok(()) => {
                             tracing::info!(lease = %l.metadata.name, "expired server lease deleted")
                         }
@@ -240,7 +265,8 @@ async fn run(client: Client, s: LeaseSettings, count: watch::Sender<u16>) {
                         }
                     }
                 }
-                let n = count_valid(&leases, now);
+                // This server's own lease is valid once renewed: never fewer than 1.
+                let n = count_valid(&leases, now).max(1);
                 count.send_if_modified(|c| std::mem::replace(c, n) != n);
             }
             Err(e) => {
@@ -288,16 +314,16 @@ async fn renew(
     Ok(())
 }
 
-/// An agent's count of servers from their leases, refreshed every `every`. A failed list
-/// keeps the last good count (`fallback` until there is one).
+/// An agent's count of servers from their leases, refreshed every `every`. 0 means unknown
+/// (no list has succeeded yet, or no lease is valid): the agent then keeps to what the servers
+/// announce. A failed list keeps the last good count.
 pub fn count_leases(
     client: Client,
     namespace: String,
     selector: String,
     every: Duration,
-    fallback: u16,
 ) -> (tokio::task::JoinHandle<()>, watch::Receiver<u16>) {
-    let (tx, rx) = watch::channel(fallback.max(1));
+    let (tx, rx) = watch::channel(0);
     let task = tokio::spawn(async move {
         let mut tick = tokio::time::interval(every.max(Duration::from_millis(10)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -368,7 +394,16 @@ mod tests {
             lease(Some(&at(60)), Some(30)),
         ];
         assert_eq!(count_valid(&leases, now), 2);
-        assert_eq!(count_valid(&[], now), 1, "no valid lease: one server");
+        assert_eq!(count_valid(&[], now), 0, "no valid lease: unknown");
+        let many = vec![lease(Some(&at(1)), Some(30)); 1000];
+        assert_eq!(count_valid(&many, now), MAX_SERVER_COUNT, "capped");
+        // A duration that overflows the clock is no panic: such a lease does not count.
+        assert!(!is_valid(&lease(Some(&at(1)), Some(i64::MAX)), now));
+        assert_eq!(
+            parse_time("2026-11-28T12:00:00+0é:00"),
+            None,
+            "non-ASCII is refused"
+        );
     }
 
     #[test]

@@ -229,32 +229,44 @@ pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; char
 /// What a health endpoint answers for a path: status, reason, content type, body.
 pub type Answer = (u16, &'static str, &'static str, String);
 
+/// Connections a health server serves at once; more wait in the listen backlog.
+pub const MAX_HEALTH_CONNECTIONS: usize = 32;
+
 /// Serves `/healthz`, `/readyz`, `/metrics` (whatever `answer` says for a path) on `l`: one
-/// small request per connection, read within 5 s.
+/// small request per connection, at most [`MAX_HEALTH_CONNECTIONS`] at once, each whole
+/// exchange (reading the request, writing the answer) within 10 s, so a client that never
+/// reads its `/metrics` holds nothing for long (docs/SECURITY.md).
 pub async fn serve<F>(l: TcpListener, answer: Arc<F>)
 where
     F: Fn(&str) -> Answer + Send + Sync + 'static,
 {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_HEALTH_CONNECTIONS));
     loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
         let Ok((mut s, _)) = l.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
         let answer = answer.clone();
         tokio::spawn(async move {
-            let mut buf = [0u8; 2048];
-            let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await
-            else {
-                return;
-            };
-            let mut headers = [httparse::EMPTY_HEADER; 32];
-            let mut req = httparse::Request::new(&mut headers);
-            let path = match req.parse(&buf[..n]) {
-                Ok(_) => req.path.unwrap_or("/").to_owned(),
-                Err(_) => String::new(),
-            };
-            let (status, text, ctype, body) = answer(&path);
-            crate::server::respond(&mut s, status, text, ctype, &body).await;
+            let _permit = permit;
+            let _ = tokio::time::timeout(Duration::from_secs(10), async move {
+                let mut buf = [0u8; 2048];
+                let Ok(n) = s.read(&mut buf).await else {
+                    return;
+                };
+                let mut headers = [httparse::EMPTY_HEADER; 32];
+                let mut req = httparse::Request::new(&mut headers);
+                let path = match req.parse(&buf[..n]) {
+                    Ok(_) => req.path.unwrap_or("/").to_owned(),
+                    Err(_) => String::new(),
+                };
+                let (status, text, ctype, body) = answer(&path);
+                crate::server::respond(&mut s, status, text, ctype, &body).await;
+            })
+            .await;
         });
     }
 }

@@ -6,9 +6,11 @@
 //! way a file can change is seen the same: a write in place, an atomic rename (kubelet,
 //! cert-manager), or the `..data` symlink swap of a mounted Secret or ConfigMap. Modification
 //! times are not trusted: a symlink swap keeps them, and a copy can set them back. When the
-//! bytes differ, the value is built again; a file that does not build (a half-written key, a
-//! certificate and key that do not match) is logged and the old value kept, and the next poll
-//! tries again. New connections take [`Reloadable::get`]; live ones keep what they started with.
+//! bytes differ, they must read the same at the next poll before the value is built again, so
+//! a file rewritten in place (truncated, then written) is never applied half read. A file that
+//! does not build (a certificate and key that do not match) is logged and the old value kept,
+//! and the next change is tried again. New connections take [`Reloadable::get`]; live ones
+//! keep what they started with.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
@@ -16,11 +18,15 @@ use std::time::Duration;
 
 type Build<T> = dyn Fn(&[Vec<u8>]) -> Result<T, String> + Send + Sync;
 
+/// The bytes of every file, in order.
+type Bytes = Vec<Vec<u8>>;
+
 struct Source<T> {
     name: String,
     files: Vec<PathBuf>,
     build: Box<Build<T>>,
-    last: Mutex<Vec<Vec<u8>>>,
+    /// The bytes in use, and changed bytes seen once and waiting to be seen again.
+    last: Mutex<(Bytes, Option<Bytes>)>,
 }
 
 /// A value built from files, replaced when they change and the new files are good.
@@ -59,6 +65,9 @@ impl<T> From<T> for Reloadable<T> {
 pub enum Reload {
     /// The files have the bytes they had.
     Unchanged,
+    /// The files changed since the last poll: they are applied if the next poll reads the
+    /// same bytes.
+    Settling,
     /// The files changed and the new value is in use.
     Replaced,
     /// The files changed but do not build (the reason); the old value stays.
@@ -89,7 +98,7 @@ impl<T: Send + Sync + 'static> Reloadable<T> {
                 name,
                 files,
                 build: Box::new(build),
-                last: Mutex::new(bytes),
+                last: Mutex::new((bytes, None)),
             })),
         })
     }
@@ -102,23 +111,34 @@ impl<T: Send + Sync + 'static> Reloadable<T> {
             .clone()
     }
 
-    /// Reads the files again and, if their bytes changed and they build, replaces the value.
+    /// Reads the files again and, if their bytes changed, read the same as at the previous
+    /// poll, and build, replaces the value. One poll at a time: reading, comparing and
+    /// building happen under one lock, so two watchers cannot apply an older read last.
     pub fn reload(&self) -> Reload {
         let Some(src) = &self.source else {
             return Reload::Unchanged;
         };
+        let mut last = src.last.lock().unwrap_or_else(|e| e.into_inner());
         let bytes = match read_all(&src.files) {
             Ok(b) => b,
-            Err(e) => return Reload::Kept(e),
+            Err(e) => {
+                last.1 = None;
+                return Reload::Kept(e);
+            }
         };
-        let mut last = src.last.lock().unwrap_or_else(|e| e.into_inner());
-        if *last == bytes {
+        if last.0 == bytes {
+            last.1 = None;
             return Reload::Unchanged;
         }
+        if last.1.as_ref() != Some(&bytes) {
+            last.1 = Some(bytes);
+            return Reload::Settling;
+        }
+        last.1 = None;
         match (src.build)(&bytes) {
             Ok(value) => {
                 *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(value);
-                *last = bytes;
+                last.0 = bytes;
                 Reload::Replaced
             }
             Err(e) => Reload::Kept(e),
@@ -139,7 +159,7 @@ impl<T: Send + Sync + 'static> Reloadable<T> {
             loop {
                 tick.tick().await;
                 match this.reload() {
-                    Reload::Unchanged => {}
+                    Reload::Unchanged | Reload::Settling => {}
                     Reload::Replaced => {
                         last_error = None;
                         tracing::info!(material = %src.name, files = ?src.files, "reloaded: new connections use it, live ones keep theirs");
@@ -179,17 +199,40 @@ mod tests {
         assert_eq!(*r.get(), 1);
         assert_eq!(r.reload(), Reload::Unchanged);
         std::fs::write(dir.join("n"), "2").unwrap();
-        assert_eq!(r.reload(), Reload::Replaced);
+        assert_eq!(r.reload(), Reload::Settling, "seen once: not yet");
+        assert_eq!(*r.get(), 1);
+        assert_eq!(
+            r.reload(),
+            Reload::Replaced,
+            "the same bytes twice: applied"
+        );
         assert_eq!(*r.get(), 2);
         std::fs::write(dir.join("n"), "two").unwrap();
+        assert_eq!(r.reload(), Reload::Settling);
         assert!(matches!(r.reload(), Reload::Kept(_)));
         assert_eq!(*r.get(), 2);
         std::fs::remove_file(dir.join("n")).unwrap();
         assert!(matches!(r.reload(), Reload::Kept(_)));
         assert_eq!(*r.get(), 2);
         std::fs::write(dir.join("n"), "3").unwrap();
+        assert_eq!(r.reload(), Reload::Settling);
         assert_eq!(r.reload(), Reload::Replaced);
         assert_eq!(*r.get(), 3);
+    }
+
+    #[test]
+    fn a_file_caught_half_written_is_never_applied() {
+        // Rewritten in place: the first poll reads it truncated, the next one whole.
+        let dir = tempdir("half");
+        std::fs::write(dir.join("n"), "12").unwrap();
+        let r = numbers(&dir);
+        std::fs::write(dir.join("n"), "3").unwrap();
+        assert_eq!(r.reload(), Reload::Settling);
+        std::fs::write(dir.join("n"), "345").unwrap();
+        assert_eq!(r.reload(), Reload::Settling, "changed again: wait again");
+        assert_eq!(*r.get(), 12);
+        assert_eq!(r.reload(), Reload::Replaced);
+        assert_eq!(*r.get(), 345);
     }
 
     #[cfg(unix)]
@@ -209,6 +252,7 @@ mod tests {
         std::os::unix::fs::symlink("..v2", dir.join("..data_tmp")).unwrap();
         std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
         std::fs::remove_dir_all(dir.join("..v1")).unwrap();
+        assert_eq!(r.reload(), Reload::Settling);
         assert_eq!(r.reload(), Reload::Replaced);
         assert_eq!(*r.get(), 7);
     }

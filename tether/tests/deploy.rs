@@ -311,6 +311,37 @@ fn the_server_the_agent_the_egress_configuration_and_the_rbac_agree() {
         for verb in ["get", "list", "create", "update", "delete"] {
             assert!(lease_verbs.iter().any(|v| v == verb), "leases: {verb}");
         }
+        // Node address rules read Node objects: a ClusterRole granting `get` on nodes is
+        // bound to the user the server's kubeconfig names.
+        if server.address_identifiers == tether::server::AddressClaims::Node {
+            assert!(
+                server.agent_namespace.is_some(),
+                "node rules need token reviews"
+            );
+            let roles_with_nodes: Vec<&str> = docs
+                .iter()
+                .filter(|(_, d)| s(&d["kind"]) == "ClusterRole")
+                .filter(|(_, d)| {
+                    d["rules"].as_sequence().into_iter().flatten().any(|r| {
+                        r["resources"]
+                            .as_sequence()
+                            .is_some_and(|x| x.iter().any(|v| s(v) == "nodes"))
+                            && r["verbs"]
+                                .as_sequence()
+                                .is_some_and(|x| x.iter().any(|v| s(v) == "get"))
+                    })
+                })
+                .map(|(_, d)| s(&d["metadata"]["name"]))
+                .collect();
+            let bound = docs.iter().any(|(_, d)| {
+                s(&d["kind"]) == "ClusterRoleBinding"
+                    && roles_with_nodes.contains(&s(&d["roleRef"]["name"]))
+                    && d["subjects"].as_sequence().into_iter().flatten().any(|x| {
+                        s(&x["kind"]) == "User" && s(&x["name"]) == "system:konnectivity-server"
+                    })
+            });
+            assert!(bound, "the server's user may get nodes");
+        }
     }
     // The kustomization names files that exist.
     let k: Value = serde_yaml_ng::from_str(

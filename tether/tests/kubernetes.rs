@@ -11,11 +11,14 @@ use clap::Parser;
 use common::fakekube::{FakeKube, Review};
 use common::*;
 use serde_json::json;
-use tether::agent::{Agent, AgentConfig};
+use std::sync::Arc;
+
+use tether::agent::{Agent, AgentConfig, AgentMetrics};
 use tether::cli::agent::AgentArgs;
 use tether::cli::server::ServerArgs;
 use tether::kube::{Client, KubeConfig};
 use tether::lease::{LeaseController, LeaseSettings, count_leases, micro_time, parse_labels};
+use tether_proto::frame::Identifier;
 
 /// Polls `ready` every 20 ms until it holds, at most `limit`.
 async fn eventually(limit: Duration, ready: impl Fn() -> bool) -> bool {
@@ -50,30 +53,59 @@ fn server_files(pki: &Pki, dir: &Path) -> (String, String) {
 }
 
 /// An agent that authenticates with a token only (no client certificate), as Konnectivity's
-/// service-account agents do.
+/// service-account agents do; with its own metrics, to see why it is refused.
 fn token_agent(
     pki: &Pki,
     server: std::net::SocketAddr,
     id: &str,
     dir: &Path,
     token: &str,
-) -> Agent {
+) -> (Agent, Arc<AgentMetrics>) {
+    token_agent_claiming(pki, server, id, dir, token, vec![])
+}
+
+fn token_agent_claiming(
+    pki: &Pki,
+    server: std::net::SocketAddr,
+    id: &str,
+    dir: &Path,
+    token: &str,
+    claims: Vec<Identifier>,
+) -> (Agent, Arc<AgentMetrics>) {
     let path = dir.join(format!("token-{id}-{token}"));
     std::fs::write(&path, token).unwrap();
-    let cfg = AgentConfig {
+    let metrics = Arc::new(AgentMetrics::new());
+    let mut cfg = AgentConfig {
         tls: tether::tls::client_config(pki.ca_pem(), None)
             .unwrap()
             .into(),
         token_path: Some(path),
+        metrics: metrics.clone(),
         ..agent_config(pki, server, id)
     };
-    Agent::start(cfg)
+    cfg.identifiers.extend(claims);
+    (Agent::start(cfg), metrics)
+}
+
+/// Whether `m` has counted a tunnel refused as unauthorized.
+fn unauthorized(m: &AgentMetrics) -> bool {
+    m.render()
+        .contains("tether_agent_connect_failures_total{reason=\"unauthorized\"}")
 }
 
 async fn reviewing_server(pki: &Pki, kube: &FakeKube, dir: &Path) -> tether::cli::server::Running {
+    reviewing_server_with(pki, kube, dir, &[]).await
+}
+
+async fn reviewing_server_with(
+    pki: &Pki,
+    kube: &FakeKube,
+    dir: &Path,
+    extra: &[&str],
+) -> tether::cli::server::Running {
     let (cert, key) = server_files(pki, dir);
     let kubeconfig = kube.kubeconfig(dir);
-    let args = ServerArgs::try_parse_from([
+    let mut argv: Vec<String> = [
         "tether-server",
         "--cluster-cert",
         &cert,
@@ -99,9 +131,16 @@ async fn reviewing_server(pki: &Pki, kube: &FakeKube, dir: &Path) -> tether::cli
         "1s",
         "--handshake-timeout",
         "5s",
-    ])
-    .unwrap();
-    args.start().await.unwrap()
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    argv.extend(extra.iter().map(|s| (*s).to_owned()));
+    ServerArgs::try_parse_from(argv)
+        .unwrap()
+        .start()
+        .await
+        .unwrap()
 }
 
 fn ok(node: &str) -> Review {
@@ -148,41 +187,19 @@ async fn service_account_tokens_are_reviewed_and_bind_the_agent_to_its_node() {
     assert_eq!(server.core().registry.agent_ids(), vec!["node-1"]);
 
     // A good token used to claim another node; another service account; a token the API
-    // server does not authenticate; a token it has never seen.
-    let _steal = token_agent(&pki, server.agent_addr, "node-2", &dir, "good-1");
-    let _other = token_agent(&pki, server.agent_addr, "node-3", &dir, "other-sa");
-    let _expired = token_agent(&pki, server.agent_addr, "node-4", &dir, "expired");
-    let _unknown = token_agent(&pki, server.agent_addr, "node-5", &dir, "nobody");
-    let four = eventually(WAIT, || {
-        refused(server)
-            .rsplit(' ')
-            .next()
-            .and_then(|n| n.parse::<u32>().ok())
-            .is_some_and(|n| n >= 4)
-    })
-    .await;
-    assert!(four, "four refusals counted: {}", refused(server));
+    // server does not authenticate; a token it has never seen. Each agent sees itself refused.
+    let refused_agents = [
+        token_agent(&pki, server.agent_addr, "node-2", &dir, "good-1"),
+        token_agent(&pki, server.agent_addr, "node-3", &dir, "other-sa"),
+        token_agent(&pki, server.agent_addr, "node-4", &dir, "expired"),
+        token_agent(&pki, server.agent_addr, "node-5", &dir, "nobody"),
+    ];
+    for (i, (_, m)) in refused_agents.iter().enumerate() {
+        let seen = eventually(WAIT, || unauthorized(m)).await;
+        assert!(seen, "agent {i} is refused as unauthorized: {}", m.render());
+    }
     assert_eq!(server.core().registry.agent_ids(), vec!["node-1"]);
-
-    // The refused agent counts why its tunnels do not come up.
-    let path = dir.join("token-thief");
-    std::fs::write(&path, "good-1").unwrap();
-    let metrics = std::sync::Arc::new(tether::agent::AgentMetrics::new());
-    let _thief = Agent::start(AgentConfig {
-        tls: tether::tls::client_config(pki.ca_pem(), None)
-            .unwrap()
-            .into(),
-        token_path: Some(path),
-        metrics: metrics.clone(),
-        ..agent_config(&pki, server.agent_addr, "node-6")
-    });
-    let counted = eventually(WAIT, || {
-        metrics
-            .render()
-            .contains("tether_agent_connect_failures_total{reason=\"unauthorized\"}")
-    })
-    .await;
-    assert!(counted, "{}", metrics.render());
+    assert!(refused(server) != "none", "the server counts them");
 }
 
 #[tokio::test]
@@ -195,31 +212,42 @@ async fn a_slow_or_failing_api_server_refuses_that_agent_and_never_blocks_the_ot
     let dir = tempdir("slow");
     let running = reviewing_server(&pki, &kube, &dir).await;
     let server = &running.server;
-    // Several agents whose reviews hang, and one whose review fails, first.
-    let _slow: Vec<Agent> = (0..5)
+    // More agents whose reviews hang than reviews may run at once, and one whose review
+    // fails, first.
+    let slow: Vec<(Agent, Arc<AgentMetrics>)> = (0..tether::server::review::MAX_IN_FLIGHT + 8)
         .map(|i| token_agent(&pki, server.agent_addr, &format!("slow-{i}"), &dir, "slow"))
         .collect();
-    let _fail = token_agent(&pki, server.agent_addr, "node-9", &dir, "fail");
+    let (_fail, fail_metrics) = token_agent(&pki, server.agent_addr, "node-9", &dir, "fail");
     let _good = token_agent(&pki, server.agent_addr, "node-1", &dir, "good-1");
     assert!(
         server.wait_agents(1, WAIT).await,
         "the good agent gets in while others hang"
     );
     assert_eq!(server.core().registry.agent_ids(), vec!["node-1"]);
-    // The hung reviews end at --token-review-timeout (1 s) as refusals, well before the
-    // handshake deadline (5 s).
-    let counted = eventually(WAIT, || {
-        refused(server)
-            .rsplit(' ')
-            .next()
-            .and_then(|n| n.parse::<u32>().ok())
-            .is_some_and(|n| n >= 6)
-    })
-    .await;
+    // The hung reviews end at --token-review-timeout (1 s), queued ones included, as
+    // refusals, well before the handshake deadline (5 s); the failing one is refused too.
+    assert!(eventually(WAIT, || unauthorized(&fail_metrics)).await);
+    for (i, (_, m)) in slow.iter().enumerate() {
+        assert!(
+            eventually(WAIT, || unauthorized(m)).await,
+            "slow agent {i}: {}",
+            m.render()
+        );
+    }
+    // Nothing is left holding a handshake slot once they are all refused.
+    let slots = |s: &tether::Server| {
+        s.core()
+            .render_metrics()
+            .lines()
+            .find_map(|l| l.strip_prefix("tether_agent_handshakes "))
+            .and_then(|v| v.trim().parse::<i64>().ok())
+            .unwrap_or(-1)
+    };
+    drop(slow);
     assert!(
-        counted,
-        "slow and failing reviews are refusals: {}",
-        refused(server)
+        eventually(WAIT, || slots(server) == 0).await,
+        "handshake slots freed: {}",
+        slots(server)
     );
 }
 
@@ -307,7 +335,6 @@ async fn server_leases_are_held_counted_collected_and_released() {
         "kube-system".into(),
         "k8s-app=konnectivity-server".into(),
         Duration::from_millis(100),
-        1,
     );
     let two = tokio::time::timeout(WAIT, agents_count.wait_for(|c| *c == 2))
         .await
@@ -397,4 +424,81 @@ async fn konnectivitys_manifest_flags_are_accepted_with_a_notice() {
         ServerArgs::try_parse_from(["s", "--cluster-cert=a", "--cluster-key=b", "--no-such-flag"])
             .is_err()
     );
+}
+
+#[tokio::test]
+async fn responses_framed_by_length_by_chunks_or_by_the_close_all_decode() {
+    use common::fakekube::Framing;
+    let kube = FakeKube::start().await;
+    kube.review("good-1", ok("node-1"));
+    kube.review(
+        "elsewhere",
+        Review::OtherAudience {
+            username: SA.into(),
+        },
+    );
+    let dir = tempdir("framing");
+    let client = Client::new(
+        KubeConfig::from_kubeconfig(&kube.kubeconfig(&dir)).unwrap(),
+        Duration::from_secs(5),
+    );
+    for framing in [Framing::Chunked, Framing::Length, Framing::Close] {
+        kube.framing(framing);
+        let r = client
+            .review_token("good-1", "system:konnectivity-server", SA)
+            .await;
+        assert_eq!(
+            r.map(|r| r.node_name),
+            Ok(Some("node-1".to_owned())),
+            "{framing:?}"
+        );
+    }
+    // Authenticated, but for another audience than the one asked for: refused.
+    let wrong = client
+        .review_token("elsewhere", "system:konnectivity-server", SA)
+        .await;
+    assert!(
+        matches!(&wrong, Err(tether::kube::ReviewError::Wrong(e)) if e.contains("audience")),
+        "{wrong:?}"
+    );
+}
+
+#[tokio::test]
+async fn with_node_address_rules_an_agent_claims_only_its_own_nodes_addresses() {
+    let pki = Pki::new();
+    let kube = FakeKube::start().await;
+    kube.review("t1", ok("node-1"));
+    kube.review("t2", ok("node-2"));
+    kube.node("node-1", &["10.0.0.5"]);
+    kube.node("node-2", &["10.0.0.6"]);
+    let dir = tempdir("node-addr");
+    let running =
+        reviewing_server_with(&pki, &kube, &dir, &["--address-identifiers", "node"]).await;
+    let server = &running.server;
+    let ip = |a: &str| Identifier::Ipv4(a.parse().unwrap());
+    let _one = token_agent_claiming(
+        &pki,
+        server.agent_addr,
+        "node-1",
+        &dir,
+        "t1",
+        vec![ip("10.0.0.5")],
+    );
+    assert!(server.wait_agents(1, WAIT).await, "its own node's address");
+    // node-2's agent claims node-1's address, as a compromised node would to take its
+    // kubelet traffic.
+    let (_two, m) = token_agent_claiming(
+        &pki,
+        server.agent_addr,
+        "node-2",
+        &dir,
+        "t2",
+        vec![ip("10.0.0.5")],
+    );
+    assert!(
+        eventually(WAIT, || unauthorized(&m)).await,
+        "{}",
+        m.render()
+    );
+    assert_eq!(server.core().registry.agent_ids(), vec!["node-1"]);
 }

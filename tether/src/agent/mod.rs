@@ -229,28 +229,33 @@ async fn manage(
             return;
         }
         by_server.retain(|_, t| t.close_reason().is_none());
-        // A count read from the cluster (leases) outranks what the servers announce.
+        // A count read from the cluster (leases) outranks what the servers announce, once
+        // it is known (0: no list has succeeded, or no lease is valid).
         if let Some(count) = &cfg.server_count {
-            let leases = usize::from((*count.borrow()).max(1));
-            want = if cfg.server_count_max {
-                leases.max(announced)
-            } else {
-                leases
+            let leases = usize::from(*count.borrow());
+            want = match (leases, cfg.server_count_max) {
+                (0, _) => announced,
+                (n, true) => n.max(announced),
+                (n, false) => n,
             };
         }
         cfg.metrics
             .server_count
             .set(i64::try_from(want).unwrap_or(i64::MAX));
-        let open = all.lock().map(|l| l.len()).unwrap_or(0);
+        let open = all
+            .lock()
+            .map(|mut list| {
+                list.retain(|t| t.close_reason().is_none());
+                list.len()
+            })
+            .unwrap_or(0);
         cfg.metrics
             .tunnels
             .set(i64::try_from(open).unwrap_or(i64::MAX));
-        if let Ok(mut list) = all.lock() {
-            list.retain(|t| t.close_reason().is_none());
-        }
         if by_server.len() >= want {
             tokio::select! {
-                _ = shutdown.changed() => {}
+                // The agent's handle is gone (dropped without a drain): stop too.
+                r = shutdown.changed() => if r.is_err() { return; },
                 () = tokio::time::sleep(cfg.sync_interval.max(Duration::from_millis(50))) => {}
             }
             continue;
@@ -282,7 +287,7 @@ async fn manage(
             Err(e) => {
                 tracing::warn!(%addr, error = %e, retry_in = ?backoff, "connecting to the server failed");
                 tokio::select! {
-                    _ = shutdown.changed() => {}
+                    r = shutdown.changed() => if r.is_err() { return; },
                     () = tokio::time::sleep(jitter(backoff)) => {}
                 }
                 backoff = (backoff * 2).min(cfg.sync_interval_cap);
@@ -435,9 +440,9 @@ async fn serve_dial(cfg: Arc<AgentConfig>, incoming: Incoming) {
             match incoming.accept() {
                 Ok(stream) => {
                     tracing::info!(dial_ms = started.elapsed().as_millis(), "dial connected");
-                    m.open_endpoints.inc();
+                    let open = crate::server::GaugeGuard::up(&m.open_endpoints);
                     let result = pump(stream, socket, bytes::Bytes::new()).await;
-                    m.open_endpoints.dec();
+                    drop(open);
                     let seconds = started.elapsed().as_secs_f64();
                     match result {
                         Ok(moved) => {

@@ -276,7 +276,6 @@ impl AgentArgs {
                 self.lease_namespace.clone(),
                 self.lease_label_selector.clone(),
                 self.lease_count_interval,
-                1,
             );
             tasks.push(task);
             config.server_count = Some(count);
@@ -297,12 +296,14 @@ impl AgentArgs {
         ] {
             if port != 0 {
                 let addr = SocketAddr::new(host, port);
-                tasks.push(
-                    agent
-                        .serve_health(addr, metrics.clone())
-                        .await
-                        .map_err(|e| format!("{flag} {addr}: {e}"))?,
-                );
+                match agent.serve_health(addr, metrics.clone()).await {
+                    Ok(t) => tasks.push(t),
+                    Err(e) => {
+                        // Nothing started stays running (the agent stops when dropped).
+                        tasks.iter().for_each(tokio::task::JoinHandle::abort);
+                        return Err(format!("{flag} {addr}: {e}"));
+                    }
+                }
             }
         }
         Ok(Running { agent, tasks })

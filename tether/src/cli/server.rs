@@ -100,7 +100,8 @@ pub struct ServerArgs {
     #[arg(long, default_value = "own")]
     pub host_identifiers: HostClaims,
     /// Which ipv4/ipv6/cidr/default-route identifiers an agent may claim: `any`, `cert` (ipv4
-    /// and ipv6 in its client certificate only) or `none`.
+    /// and ipv6 in its client certificate only), `node` (ipv4 and ipv6 of the Node its
+    /// reviewed service-account token was issued for) or `none`.
     #[arg(long, default_value = "any")]
     pub address_identifiers: AddressClaims,
     /// Tunnels one agent id may hold to this server at once (default: --server-count); a
@@ -327,16 +328,29 @@ impl ServerArgs {
                         "agents must present both a client certificate (--cluster-ca-cert) and a reviewed token"
                     );
                 }
-                Some(Arc::new(TokenReviewer::new(
+                let reviewer = TokenReviewer::new(
                     self.kube_client(self.token_review_timeout)?,
                     aud.clone(),
                     ns,
                     sa,
                     self.token_review_cache,
-                )))
+                    self.token_review_timeout,
+                );
+                Some(Arc::new(
+                    if self.address_identifiers == AddressClaims::Node {
+                        reviewer.with_node_addresses()
+                    } else {
+                        reviewer
+                    },
+                ))
             }
             _ => None,
         };
+        if self.address_identifiers == AddressClaims::Node && token_review.is_none() {
+            return Err(
+                "--address-identifiers node needs Kubernetes authentication (--agent-namespace): the node comes from the token's review".into(),
+            );
+        }
         if tokens.is_none() && token_review.is_none() && self.cluster_ca_cert.is_none() {
             tracing::warn!(
                 "neither --cluster-ca-cert, --agent-tokens-file nor --agent-namespace: any agent that completes TLS is accepted"

@@ -256,9 +256,9 @@ pub async fn serve<S>(
         dial_ms = started.elapsed().as_millis(),
         "CONNECT established"
     );
-    core.metrics.stream_open(frontend, true);
+    let open = core.metrics.stream_open(frontend);
     let result = pump(stream, conn, first).await;
-    core.metrics.stream_open(frontend, false);
+    drop(open);
     let secs = started.elapsed().as_secs_f64();
     match result {
         Ok(moved) => {

@@ -45,6 +45,10 @@ pub enum AddressClaims {
     /// ipv4 and ipv6 only if the client certificate carries the address; no cidr or
     /// default-route.
     Cert,
+    /// ipv4 and ipv6 only if they are addresses of the Node the agent's service-account token
+    /// was issued for (its `status.addresses`, read with the TokenReview); no cidr or
+    /// default-route.
+    Node,
     /// None.
     None,
 }
@@ -68,7 +72,8 @@ macro_rules! flag_enum {
 flag_enum!(IdRule, "agent-id-rule", { "credential" => IdRule::Credential, "any" => IdRule::Any });
 flag_enum!(HostClaims, "host-identifiers", { "own" => HostClaims::Own, "any" => HostClaims::Any });
 flag_enum!(AddressClaims, "address-identifiers", {
-    "any" => AddressClaims::Any, "cert" => AddressClaims::Cert, "none" => AddressClaims::None,
+    "any" => AddressClaims::Any, "cert" => AddressClaims::Cert, "node" => AddressClaims::Node,
+    "none" => AddressClaims::None,
 });
 
 /// The identity rules a server applies to every HELLO.
@@ -182,6 +187,10 @@ impl Tokens {
                 }
             }
         }
+        if map.is_empty() {
+            // An empty file (or one caught empty mid-rewrite) would refuse every agent.
+            return Err("the tokens file has no token (remove --agent-tokens-file instead)".into());
+        }
         Ok(Tokens(map))
     }
 
@@ -228,7 +237,12 @@ pub fn check(
             ));
         }
         if let Some(review) = &credential.review {
-            let names = [&review.node_name, &review.pod_name];
+            // The node when the token names one (a pod's name is the pod creator's choice);
+            // the pod otherwise.
+            let names = match &review.node_name {
+                Some(_) => [&review.node_name, &None],
+                None => [&None, &review.pod_name],
+            };
             if !names.iter().any(|n| n.as_deref() == Some(id.as_str())) {
                 let reviewed: Vec<&str> = names.iter().filter_map(|n| n.as_deref()).collect();
                 return Err(if reviewed.is_empty() {
@@ -292,6 +306,24 @@ fn check_claim(
                     ),
                 }
             }
+            AddressClaims::Node => {
+                let ip = match claim {
+                    Identifier::Ipv4(a) => Some(IpAddr::V4(*a)),
+                    Identifier::Ipv6(a) => Some(IpAddr::V6(*a)),
+                    _ => None,
+                };
+                let ips = credential
+                    .review
+                    .as_ref()
+                    .map(|r| &r.node_addresses[..])
+                    .unwrap_or(&[]);
+                match ip {
+                    Some(ip) if ips.contains(&ip) => Ok(()),
+                    _ => refuse(
+                        "--address-identifiers node: only addresses of the node the token was issued for",
+                    ),
+                }
+            }
         },
     }
 }
@@ -329,12 +361,45 @@ mod tests {
                 username: "system:serviceaccount:kube-system:konnectivity-agent".into(),
                 node_name: node.map(str::to_owned),
                 pod_name: pod.map(str::to_owned),
+                node_addresses: vec!["10.0.0.5".parse().unwrap()],
             }),
         }
     }
 
     #[test]
-    fn a_reviewed_token_binds_the_agent_id_to_its_node_or_pod() {
+    fn node_address_claims_must_be_the_reviewed_nodes_own() {
+        let p = IdentityPolicy {
+            address_claims: AddressClaims::Node,
+            ..IdentityPolicy::default()
+        };
+        let c = reviewed(Some("node-1"), None);
+        let claim = |i: Identifier| check(&p, None, &c, &hello("node-1", vec![i], None));
+        assert!(claim(Identifier::Ipv4("10.0.0.5".parse().unwrap())).is_ok());
+        assert!(
+            claim(Identifier::Ipv4("10.0.0.6".parse().unwrap())).is_err(),
+            "another node's address"
+        );
+        assert!(claim(Identifier::Cidr("0.0.0.0".parse().unwrap(), 0)).is_err());
+        assert!(claim(Identifier::DefaultRoute).is_err());
+        let none = Credential::default();
+        assert!(
+            check(
+                &p,
+                None,
+                &none,
+                &hello(
+                    "node-1",
+                    vec![Identifier::Ipv4("10.0.0.5".parse().unwrap())],
+                    None
+                )
+            )
+            .is_err(),
+            "no review, no node addresses"
+        );
+    }
+
+    #[test]
+    fn a_reviewed_token_binds_the_agent_id_to_its_node_or_else_its_pod() {
         let p = IdentityPolicy::default();
         let c = reviewed(Some("node-1"), Some("konnectivity-agent-x7k2p"));
         assert!(check(&p, None, &c, &hello("node-1", vec![], None)).is_ok());
@@ -343,6 +408,17 @@ mod tests {
                 &p,
                 None,
                 &c,
+                &hello("konnectivity-agent-x7k2p", vec![], None)
+            )
+            .is_err(),
+            "with a node named, a pod's name (its creator's choice) is not an agent id"
+        );
+        let pod_only = reviewed(None, Some("konnectivity-agent-x7k2p"));
+        assert!(
+            check(
+                &p,
+                None,
+                &pod_only,
                 &hello("konnectivity-agent-x7k2p", vec![], None)
             )
             .is_ok()

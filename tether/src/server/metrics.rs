@@ -50,6 +50,22 @@ impl Refusal {
     }
 }
 
+/// A gauge raised while the guard lives: lowered on every path out, cancellation included.
+pub(crate) struct GaugeGuard(Gauge);
+
+impl GaugeGuard {
+    pub(crate) fn up(g: &Gauge) -> GaugeGuard {
+        g.inc();
+        GaugeGuard(g.clone())
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// The server's metrics.
 pub struct Metrics {
     registry: Registry,
@@ -168,13 +184,9 @@ impl Metrics {
         }
     }
 
-    /// One more (`true`) or one fewer dial waiting for its agent.
-    pub(crate) fn dial_pending(&self, more: bool) {
-        if more {
-            self.pending_dials.inc();
-        } else {
-            self.pending_dials.dec();
-        }
+    /// One more dial waiting for its agent, until the guard is dropped.
+    pub(crate) fn pending_dial(&self) -> GaugeGuard {
+        GaugeGuard::up(&self.pending_dials)
     }
 
     pub(crate) fn stream_failed(&self, frontend: super::connect::Frontend) {
@@ -183,16 +195,13 @@ impl Metrics {
             .inc();
     }
 
-    /// One more (`true`) or one fewer CONNECT stream open on `frontend`.
-    pub(crate) fn stream_open(&self, frontend: super::connect::Frontend, more: bool) {
+    /// One more CONNECT stream open on `frontend`, until the guard is dropped.
+    pub(crate) fn stream_open(&self, frontend: super::connect::Frontend) -> GaugeGuard {
         let g = self
             .open_connects
-            .get_or_create(&vec![("frontend".to_owned(), frontend.name().to_owned())]);
-        if more {
-            g.inc();
-        } else {
-            g.dec();
-        }
+            .get_or_create(&vec![("frontend".to_owned(), frontend.name().to_owned())])
+            .clone();
+        GaugeGuard::up(&g)
     }
 
     pub(crate) fn connect(&self, status: u16) {
@@ -232,6 +241,9 @@ impl Collector for PerAgent {
             let mut m = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
             for (id, tunnels, streams) in &self.0 {
                 let v = if pick == 1 { *tunnels } else { *streams };
+                // prometheus-client writes label values as given: an agent id with a quote or
+                // a backslash would break the whole exposition.
+                let id = escape_label(id);
                 let labels = [("agent_id", id.as_str())];
                 ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX))
                     .encode(m.encode_family(&labels)?)?;
@@ -239,6 +251,20 @@ impl Collector for PerAgent {
         }
         Ok(())
     }
+}
+
+/// A label value as the text format wants it: `\\`, `\"` and `\n` escaped.
+fn escape_label(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 pub(crate) async fn serve_health(core: Arc<ServerCore>, l: TcpListener) {
@@ -259,4 +285,21 @@ pub(crate) async fn serve_health(core: Arc<ServerCore>, l: TcpListener) {
         }
     };
     crate::metrics::serve(l, Arc::new(answer)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_ids_with_quotes_or_backslashes_cannot_break_the_exposition() {
+        let mut r = Registry::with_prefix("tether");
+        r.register_collector(Box::new(PerAgent(vec![(r#"a"b\c"#.to_owned(), 1, 2)])));
+        let text = crate::metrics::render(&[&r]);
+        assert!(
+            text.contains(r#"tether_tunnels{agent_id="a\"b\\c"} 1"#),
+            "{text}"
+        );
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
 }

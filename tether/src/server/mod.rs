@@ -21,6 +21,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
 pub use identity::{AddressClaims, HostClaims, IdRule, IdentityPolicy, Tokens};
+pub(crate) use metrics::GaugeGuard;
 use metrics::Refusal;
 pub use metrics::{DIAL_BUCKETS, Metrics};
 pub use registry::{Registry, Strategy, parse_strategies};
@@ -150,9 +151,10 @@ impl ServerCore {
             return Err(DialError::NoAgent);
         };
         let started = Instant::now();
-        self.metrics.dial_pending(true);
+        // Counted down however the dial ends, a caller giving up on it included.
+        let pending = self.metrics.pending_dial();
         let result = tunnel.dial(host, port, self.dial_timeout).await;
-        self.metrics.dial_pending(false);
+        drop(pending);
         let seconds = result.is_ok().then(|| started.elapsed().as_secs_f64());
         self.metrics.dial(
             match &result {
@@ -179,7 +181,20 @@ pub struct Server {
     pub uds_path: Option<PathBuf>,
     /// Where `/healthz`, `/readyz` and `/metrics` are served, if enabled.
     pub health_addr: Option<SocketAddr>,
+    /// The socket file's device and inode, to unlink it at shutdown only if it is still ours.
+    uds_id: Option<(u64, u64)>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Tasks aborted when dropped (a start that fails half way leaves nothing running).
+struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
 }
 
 impl Server {
@@ -203,16 +218,21 @@ impl Server {
             dial_timeout: config.dial_timeout,
             header_timeout: config.header_timeout,
         });
-        let mut tasks = Vec::new();
+        // Whatever was started is stopped again if a later listener cannot bind.
+        let mut tasks = AbortOnDrop(Vec::new());
         let every = config.reload_interval;
-        tasks.extend(config.agent_tls.watch(every));
-        tasks.extend(config.connect_tls.as_ref().and_then(|t| t.watch(every)));
-        tasks.extend(config.tokens.as_ref().and_then(|t| t.watch(every)));
+        tasks.0.extend(config.agent_tls.watch(every));
+        tasks
+            .0
+            .extend(config.connect_tls.as_ref().and_then(|t| t.watch(every)));
+        tasks
+            .0
+            .extend(config.tokens.as_ref().and_then(|t| t.watch(every)));
         let agents = TcpListener::bind(config.agent_addr)
             .await
             .map_err(|e| named(e, format!("agent port {}", config.agent_addr)))?;
         let agent_addr = agents.local_addr()?;
-        tasks.push(tokio::spawn(accept_agents(
+        tasks.0.push(tokio::spawn(accept_agents(
             core.clone(),
             agents,
             Arc::new(config.clone()),
@@ -223,18 +243,22 @@ impl Server {
                 .await
                 .map_err(|e| named(e, format!("CONNECT frontend {addr}")))?;
             connect_addr = Some(l.local_addr()?);
-            tasks.push(tokio::spawn(accept_connect_tcp(
+            tasks.0.push(tokio::spawn(accept_connect_tcp(
                 core.clone(),
                 l,
                 config.connect_tls.clone(),
             )));
         }
+        let mut uds_id = None;
         #[cfg(unix)]
         if let Some(path) = &config.uds_path {
             let l = bind_uds(path, config.delete_existing_uds)
                 .await
                 .map_err(|e| named(e, format!("Unix socket {}", path.display())))?;
-            tasks.push(tokio::spawn(accept_connect_uds(core.clone(), l)));
+            uds_id = file_id(path);
+            tasks
+                .0
+                .push(tokio::spawn(accept_connect_uds(core.clone(), l)));
         }
         let mut health_addr = None;
         if let Some(addr) = config.health_addr {
@@ -242,7 +266,9 @@ impl Server {
                 .await
                 .map_err(|e| named(e, format!("health port {addr}")))?;
             health_addr = Some(l.local_addr()?);
-            tasks.push(tokio::spawn(metrics::serve_health(core.clone(), l)));
+            tasks
+                .0
+                .push(tokio::spawn(metrics::serve_health(core.clone(), l)));
         }
         tracing::info!(%agent_addr, ?connect_addr, uds = ?config.uds_path, ?health_addr, "server listening");
         Ok(Server {
@@ -250,8 +276,9 @@ impl Server {
             agent_addr,
             connect_addr,
             uds_path: config.uds_path,
+            uds_id,
             health_addr,
-            tasks,
+            tasks: std::mem::take(&mut tasks.0),
         })
     }
 
@@ -315,7 +342,13 @@ impl Server {
         for t in &tunnels {
             t.close(ErrorCode::NO_ERROR, "server shut down");
         }
-        if let Some(p) = &self.uds_path {
+        // Another server may own the name now (it replaced a file it found stale): only
+        // this server's own socket is removed.
+        #[cfg(unix)]
+        if let Some(p) = &self.uds_path
+            && self.uds_id.is_some()
+            && file_id(p) == self.uds_id
+        {
             let _ = std::fs::remove_file(p);
         }
     }
@@ -346,11 +379,22 @@ async fn bind_uds(
             tokio::net::UnixStream::connect(path),
         )
         .await;
-        if matches!(probe, Ok(Ok(_)) | Err(_)) {
-            return Err(io::Error::new(
-                io::ErrorKind::AddrInUse,
-                "another server is serving on this socket",
-            ));
+        // Only a refused connection proves nobody listens: a busy server (a full backlog,
+        // EAGAIN), a slow one or a socket we may not open is left alone.
+        match probe {
+            Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => {}
+            Ok(Ok(_)) | Err(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    "another server is serving on this socket",
+                ));
+            }
+            Ok(Err(e)) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("cannot tell whether a server serves this socket: {e}"),
+                ));
+            }
         }
         if !delete_existing {
             return Err(io::Error::new(
@@ -359,6 +403,7 @@ async fn bind_uds(
             ));
         }
         tracing::info!(path = %path.display(), "replacing a stale socket file nobody serves");
+        std::fs::remove_file(path)?;
     }
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
         && !dir.is_dir()
@@ -374,8 +419,28 @@ async fn bind_uds(
     let _ = std::fs::remove_file(&tmp);
     let l = tokio::net::UnixListener::bind(&tmp)?;
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o770))?;
-    std::fs::rename(&tmp, path)?;
+    // A hard link fails if the name exists: of two servers starting together, the second
+    // gets an error instead of silently replacing the first's socket.
+    let linked = std::fs::hard_link(&tmp, path);
+    let _ = std::fs::remove_file(&tmp);
+    linked.map_err(|e| match e.kind() {
+        io::ErrorKind::AlreadyExists => io::Error::new(
+            io::ErrorKind::AddrInUse,
+            "another server took this socket while this one started",
+        ),
+        _ => e,
+    })?;
     Ok(l)
+}
+
+/// The identity of the socket file at `path` (device and inode), to unlink it at shutdown
+/// only if it is still this server's.
+#[cfg(unix)]
+fn file_id(path: &std::path::Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
 }
 
 async fn accept_agents(core: Arc<ServerCore>, l: TcpListener, cfg: Arc<ServerConfig>) {
@@ -507,14 +572,21 @@ async fn serve_agent(
             return;
         }
     };
-    let verdict = authenticate(&cfg, credential, &hello).await;
+    // The decision races the agent leaving and the handshake deadline: a review nobody waits
+    // for any more must not keep its handshake slot.
+    let deadline = handshake_deadline_of(epoch, &cfg);
+    let verdict = tokio::select! {
+        v = authenticate(&cfg, credential, &hello) => v,
+        _ = tunnel.closed() => Err(Refused::quiet("the agent left before it was decided")),
+        () = tokio::time::sleep_until(deadline) => Err(Refused::quiet("not decided within the handshake deadline")),
+    };
     let refused = verdict.as_ref().err().cloned();
-    if let Err(e) = tunnel.decide_hello(verdict.map_err(|r| (ErrorCode::UNAUTHORIZED, r))) {
+    if let Err(e) = tunnel.decide_hello(verdict.map_err(|r| (ErrorCode::UNAUTHORIZED, r.wire))) {
         tracing::warn!(error = %e, "agent's handshake ended before it was decided");
         core.metrics.agent_refused(Refusal::Timeout);
         return;
     }
-    if let Some(reason) = refused {
+    if let Some(Refused { log: reason, .. }) = refused {
         tracing::warn!(agent_id = %hello.agent_id.escape_debug(), %reason, "agent refused");
         core.metrics.agent_refused(Refusal::Unauthorized);
         return;
@@ -636,18 +708,63 @@ async fn authenticate(
     cfg: &ServerConfig,
     mut credential: identity::Credential,
     hello: &tether_proto::frame::Hello,
-) -> Result<(), String> {
-    if let Some(reviewer) = &cfg.token_review {
-        let token = hello.token.as_ref().ok_or("missing token")?;
-        credential.review = Some(
-            reviewer
-                .review(token.expose())
-                .await
-                .map_err(|e| e.to_string())?,
-        );
-    }
+) -> Result<(), Refused> {
     let tokens = cfg.tokens.as_ref().map(Reloadable::get);
-    identity::check(&cfg.identity, tokens.as_deref(), &credential, hello)
+    if let Some(reviewer) = &cfg.token_review {
+        // What can be refused without the API server is, first: a peer with garbage costs
+        // no API call.
+        // Address claims bound to the reviewed node wait for the review.
+        let before_review = IdentityPolicy {
+            address_claims: match cfg.identity.address_claims {
+                AddressClaims::Node => AddressClaims::Any,
+                other => other,
+            },
+            ..cfg.identity.clone()
+        };
+        identity::check(&before_review, tokens.as_deref(), &credential, hello)
+            .map_err(Refused::told)?;
+        let token = hello
+            .token
+            .as_ref()
+            .ok_or_else(|| Refused::told("missing token".into()))?;
+        let review = reviewer.review(token.expose()).await.map_err(|e| Refused {
+            // The API server's words stay in this log: the peer is not authenticated yet.
+            wire: match &e {
+                crate::kube::ReviewError::Failed(_) => "token review failed".into(),
+                _ => "token not accepted".into(),
+            },
+            log: e.to_string(),
+        })?;
+        credential.review = Some(review);
+    }
+    identity::check(&cfg.identity, tokens.as_deref(), &credential, hello).map_err(Refused::told)
+}
+
+/// Why an agent was refused: what its GOAWAY says, and what the log says.
+#[derive(Debug, Clone)]
+struct Refused {
+    wire: String,
+    log: String,
+}
+
+impl Refused {
+    /// A reason the agent may read (it names the rule and the flag, nothing of the server's).
+    fn told(reason: String) -> Refused {
+        Refused {
+            wire: reason.clone(),
+            log: reason,
+        }
+    }
+
+    fn quiet(reason: &str) -> Refused {
+        Refused::told(reason.into())
+    }
+}
+
+/// When the handshake of a tunnel started at `epoch` must be done.
+fn handshake_deadline_of(epoch: Instant, cfg: &ServerConfig) -> tokio::time::Instant {
+    let budget = Duration::from_millis(cfg.session.handshake_timeout_ms);
+    tokio::time::Instant::from_std(epoch + budget)
 }
 
 /// `e` with what it was about (a flag's file, an address) in front.

@@ -141,19 +141,26 @@ impl Registry {
 
     /// Per agent id: its tunnels and the streams open on them.
     pub fn per_agent(&self) -> Vec<(String, usize, usize)> {
-        let mut out: Vec<(String, usize, usize)> = Vec::new();
-        if let Ok(a) = self.agents.lock() {
-            for e in a.iter() {
-                let streams = e.tunnel.stream_count();
-                match out.iter_mut().find(|(id, ..)| *id == e.agent_id) {
-                    Some(row) => {
-                        row.1 += 1;
-                        row.2 += streams;
-                    }
-                    None => out.push((e.agent_id.clone(), 1, streams)),
-                }
-            }
+        // Copied out under the lock; counted after it, so a scrape never holds up `route`.
+        let entries: Vec<(String, Tunnel)> = self
+            .agents
+            .lock()
+            .map(|a| {
+                a.iter()
+                    .map(|e| (e.agent_id.clone(), e.tunnel.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut by_id: std::collections::HashMap<String, (usize, usize)> =
+            std::collections::HashMap::new();
+        for (id, tunnel) in entries {
+            let row = by_id.entry(id).or_default();
+            row.0 += 1;
+            row.1 += tunnel.stream_count();
         }
+        let mut out: Vec<(String, usize, usize)> =
+            by_id.into_iter().map(|(id, (t, s))| (id, t, s)).collect();
+        out.sort();
         out
     }
 

@@ -27,7 +27,6 @@ pub const CACHE_ENTRIES: usize = 4096;
 pub const MAX_IN_FLIGHT: usize = 32;
 
 /// Reviews agents' tokens against the API server.
-#[derive(Debug)]
 pub struct TokenReviewer {
     client: Client,
     audience: String,
@@ -35,16 +34,30 @@ pub struct TokenReviewer {
     cache_ttl: Duration,
     cache: Mutex<HashMap<String, (Instant, Reviewed)>>,
     in_flight: Semaphore,
+    node_addresses: bool,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for TokenReviewer {
+    // The cache's keys are bearer tokens: never printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenReviewer")
+            .field("audience", &self.audience)
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
 }
 
 impl TokenReviewer {
     /// Tokens must be for `audience` and belong to the service account `namespace/name`.
+    /// A review, its wait for a turn included, ends within `timeout`.
     pub fn new(
         client: Client,
         audience: impl Into<String>,
         namespace: &str,
         service_account: &str,
         cache_ttl: Duration,
+        timeout: Duration,
     ) -> TokenReviewer {
         TokenReviewer {
             client,
@@ -53,7 +66,16 @@ impl TokenReviewer {
             cache_ttl,
             cache: Mutex::new(HashMap::new()),
             in_flight: Semaphore::new(MAX_IN_FLIGHT),
+            node_addresses: false,
+            timeout,
         }
+    }
+
+    /// Also reads the addresses of the node each token was issued for (`--address-identifiers
+    /// node`).
+    pub fn with_node_addresses(mut self) -> TokenReviewer {
+        self.node_addresses = true;
+        self
     }
 
     /// The user name a token must review as.
@@ -61,20 +83,36 @@ impl TokenReviewer {
         &self.username
     }
 
-    /// What `token` proves, from the cache or the API server.
+    /// What `token` proves, from the cache or the API server, within the review timeout
+    /// (waiting for a turn among the reviews in flight included).
     pub async fn review(&self, token: &str) -> Result<Reviewed, ReviewError> {
         if let Some(r) = self.cached(token) {
             return Ok(r);
         }
+        tokio::time::timeout(self.timeout, self.review_now(token))
+            .await
+            .map_err(|_| ReviewError::Failed(crate::kube::KubeError::Timeout))?
+    }
+
+    async fn review_now(&self, token: &str) -> Result<Reviewed, ReviewError> {
         let _permit = self.in_flight.acquire().await;
         // Another review of the same token may have finished while this one waited.
         if let Some(r) = self.cached(token) {
             return Ok(r);
         }
-        let r = self
+        let mut r = self
             .client
             .review_token(token, &self.audience, &self.username)
             .await?;
+        if self.node_addresses
+            && let Some(node) = &r.node_name
+        {
+            r.node_addresses = self
+                .client
+                .node_addresses(node)
+                .await
+                .map_err(ReviewError::Failed)?;
+        }
         if !self.cache_ttl.is_zero() {
             let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
             let now = Instant::now();

@@ -33,11 +33,27 @@ pub enum Review {
     Fail,
     /// No answer for a minute.
     Slow,
+    /// Authenticated as `username`, but for another audience than the one asked for.
+    OtherAudience { username: String },
+}
+
+/// How the fake frames its response bodies (Go's net/http uses all three).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Framing {
+    /// `Transfer-Encoding: chunked`.
+    #[default]
+    Chunked,
+    /// `Content-Length`.
+    Length,
+    /// Neither: the body runs to the close (after TLS close_notify).
+    Close,
 }
 
 #[derive(Default)]
 pub struct State {
     pub reviews: BTreeMap<String, Review>,
+    pub nodes: BTreeMap<String, Vec<String>>,
+    pub framing: Framing,
     pub leases: BTreeMap<String, Value>,
     pub review_calls: AtomicUsize,
     pub unauthenticated_calls: AtomicUsize,
@@ -88,6 +104,17 @@ impl FakeKube {
 
     pub fn review(&self, token: &str, r: Review) {
         self.state.lock().unwrap().reviews.insert(token.into(), r);
+    }
+
+    pub fn node(&self, name: &str, addresses: &[&str]) {
+        self.state.lock().unwrap().nodes.insert(
+            name.into(),
+            addresses.iter().map(|a| (*a).to_owned()).collect(),
+        );
+    }
+
+    pub fn framing(&self, f: Framing) {
+        self.state.lock().unwrap().framing = f;
     }
 
     pub fn review_calls(&self) -> usize {
@@ -175,17 +202,28 @@ async fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
         }
     };
     let body = serde_json::to_vec(&reply).unwrap();
-    // Chunked, as Go's net/http answers bodies it has not measured.
-    let mut out = format!(
-        "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
-    )
-    .into_bytes();
-    for piece in body.chunks(100) {
-        out.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
-        out.extend_from_slice(piece);
-        out.extend_from_slice(b"\r\n");
+    let framing = st.lock().unwrap().framing;
+    let mut out = format!("HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n").into_bytes();
+    match framing {
+        // As Go's net/http answers bodies it has not measured.
+        Framing::Chunked => {
+            out.extend_from_slice(b"Transfer-Encoding: chunked\r\n\r\n");
+            for piece in body.chunks(100) {
+                out.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+                out.extend_from_slice(piece);
+                out.extend_from_slice(b"\r\n");
+            }
+            out.extend_from_slice(b"0\r\n\r\n");
+        }
+        Framing::Length => {
+            out.extend_from_slice(format!("Content-Length: {}\r\n\r\n", body.len()).as_bytes());
+            out.extend_from_slice(&body);
+        }
+        Framing::Close => {
+            out.extend_from_slice(b"Connection: close\r\n\r\n");
+            out.extend_from_slice(&body);
+        }
     }
-    out.extend_from_slice(b"0\r\n\r\n");
     s.write_all(&out).await?;
     s.shutdown().await
 }
@@ -235,6 +273,10 @@ fn route(method: &str, path: &str, body: &[u8], st: &Mutex<State>) -> Option<Ans
                 ));
             }
             Some(Review::Slow) => return Some(Answer::Never),
+            Some(Review::OtherAudience { username }) => {
+                json!({"authenticated": true, "audiences": ["some-other-audience"],
+                       "user": {"username": username}})
+            }
             None => json!({"authenticated": false, "error": "invalid bearer token", "user": {}}),
         };
         return Some(Answer::Now(
@@ -243,6 +285,27 @@ fn route(method: &str, path: &str, body: &[u8], st: &Mutex<State>) -> Option<Ans
                    "metadata": {"creationTimestamp": null},
                    "spec": {"token": token, "audiences": audiences}, "status": status}),
         ));
+    }
+    if let Some(name) = path.strip_prefix("/api/v1/nodes/") {
+        let st = st.lock().unwrap();
+        return Some(match st.nodes.get(name) {
+            Some(addrs) => {
+                let addresses: Vec<Value> = addrs
+                    .iter()
+                    .map(|a| json!({"type": "InternalIP", "address": a}))
+                    .chain([json!({"type": "Hostname", "address": name})])
+                    .collect();
+                Answer::Now(
+                    200,
+                    json!({"kind": "Node", "apiVersion": "v1", "metadata": {"name": name},
+                           "status": {"addresses": addresses}}),
+                )
+            }
+            None => Answer::Now(
+                404,
+                json!({"kind": "Status", "reason": "NotFound", "message": "nodes not found"}),
+            ),
+        });
     }
     let rest = path.strip_prefix("/apis/coordination.k8s.io/v1/namespaces/")?;
     let (ns, rest) = rest.split_once('/')?;
@@ -320,13 +383,34 @@ fn route(method: &str, path: &str, body: &[u8], st: &Mutex<State>) -> Option<Ans
                 ),
             }
         }
-        ("DELETE", n) => match leases.remove(n) {
-            Some(_) => Answer::Now(200, json!({"kind": "Status", "status": "Success"})),
-            None => Answer::Now(
-                404,
-                json!({"kind": "Status", "reason": "NotFound", "message": "not found"}),
-            ),
-        },
+        ("DELETE", n) => {
+            // DeleteOptions preconditions, as the API server checks them.
+            let want: Option<String> = serde_json::from_slice::<Value>(body).ok().and_then(|v| {
+                v["preconditions"]["resourceVersion"]
+                    .as_str()
+                    .map(str::to_owned)
+            });
+            match leases.get(n) {
+                None => Answer::Now(
+                    404,
+                    json!({"kind": "Status", "reason": "NotFound", "message": "not found"}),
+                ),
+                Some(l)
+                    if want
+                        .as_deref()
+                        .is_some_and(|w| l["metadata"]["resourceVersion"] != w) =>
+                {
+                    Answer::Now(
+                        409,
+                        json!({"kind": "Status", "reason": "Conflict", "message": "precondition failed"}),
+                    )
+                }
+                Some(_) => {
+                    leases.remove(n);
+                    Answer::Now(200, json!({"kind": "Status", "status": "Success"}))
+                }
+            }
+        }
         _ => return None,
     };
     Some(answer)
