@@ -230,7 +230,7 @@ pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; char
 pub type Answer = (u16, &'static str, &'static str, String);
 
 /// Connections a health server serves at once; more wait in the listen backlog.
-pub const MAX_HEALTH_CONNECTIONS: usize = 32;
+pub const MAX_HEALTH_CONNECTIONS: usize = 256;
 
 /// Serves `/healthz`, `/readyz`, `/metrics` (whatever `answer` says for a path) on `l`: one
 /// small request per connection, at most [`MAX_HEALTH_CONNECTIONS`] at once, each whole

@@ -568,3 +568,31 @@ async fn the_connect_frontends_certificate_is_reloaded_for_new_clients() {
     );
     server.shutdown(Duration::from_millis(100)).await;
 }
+
+#[tokio::test]
+async fn idle_connections_cannot_hold_the_health_port_for_ever() {
+    let pki = Pki::new();
+    let server = tether::Server::start(server_config(&pki)).await.unwrap();
+    let health = server.health_addr.unwrap();
+    // More silent connections than the health server serves at once.
+    let mut idle = Vec::new();
+    for _ in 0..tether::metrics::MAX_HEALTH_CONNECTIONS + 16 {
+        idle.push(tokio::net::TcpStream::connect(health).await.unwrap());
+    }
+    // A probe behind them is answered once their 10 s are up: none holds a slot for ever.
+    let probe = async {
+        let mut s = tokio::net::TcpStream::connect(health).await.unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out).await;
+        out
+    };
+    let answer = tokio::time::timeout(Duration::from_secs(30), probe)
+        .await
+        .expect("the probe is answered");
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
+    drop(idle);
+    server.shutdown(Duration::from_millis(100)).await;
+}
