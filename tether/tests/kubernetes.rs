@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use clap::Parser;
@@ -20,29 +20,7 @@ use tether::kube::{Client, KubeConfig};
 use tether::lease::{LeaseController, LeaseSettings, count_leases, micro_time, parse_labels};
 use tether_proto::frame::Identifier;
 
-/// Polls `ready` every 20 ms until it holds, at most `limit`.
-async fn eventually(limit: Duration, ready: impl Fn() -> bool) -> bool {
-    let end = tokio::time::Instant::now() + limit;
-    while tokio::time::Instant::now() < end {
-        if ready() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    ready()
-}
-
 const SA: &str = "system:serviceaccount:kube-system:konnectivity-agent";
-
-fn tempdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "tether-{tag}-{}-{}",
-        std::process::id(),
-        rand::random::<u32>()
-    ));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 /// The server's certificate and key in `dir`, for flags.
 fn server_files(pki: &Pki, dir: &Path) -> (String, String) {

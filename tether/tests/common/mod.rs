@@ -92,6 +92,29 @@ pub fn agent_config(pki: &Pki, server: SocketAddr, id: &str) -> AgentConfig {
     }
 }
 
+/// Polls `ready` every 20 ms until it holds, at most `limit`.
+pub async fn eventually(limit: Duration, ready: impl Fn() -> bool) -> bool {
+    let end = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < end {
+        if ready() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    ready()
+}
+
+/// A fresh directory under the system's temporary directory.
+pub fn tempdir(tag: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "tether-{tag}-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
 /// A server and one agent, connected.
 pub async fn server_and_agent(pki: &Pki) -> (Server, Agent) {
     let server = Server::start(server_config(pki)).await.unwrap();
