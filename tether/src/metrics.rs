@@ -116,6 +116,38 @@ impl Collector for TunnelStats {
     }
 }
 
+/// `reloads_total{material, result}`: changes of certificate, key, CA and token files,
+/// applied (`replaced`) or refused (`kept`, the old material stays); alert on `kept`.
+pub struct ReloadCollector(pub Vec<Arc<dyn crate::reload::ReloadStats>>);
+
+impl std::fmt::Debug for ReloadCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReloadCollector")
+    }
+}
+
+impl Collector for ReloadCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        if self.0.is_empty() {
+            return Ok(());
+        }
+        let mut m = encoder.encode_descriptor(
+            "reloads",
+            "Changes of certificate, key, CA and token files: applied (replaced) or not loaded (kept: the old material stays)",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for s in &self.0 {
+            let (replaced, kept) = s.counts();
+            for (result, n) in [("replaced", replaced), ("kept", kept)] {
+                let labels = [("material", s.name()), ("result", result)];
+                ConstCounter::new(n).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The standard process metrics (`process_cpu_seconds_total`,
 /// `process_resident_memory_bytes`, `process_virtual_memory_bytes`, `process_open_fds`,
 /// `process_max_fds`, `process_start_time_seconds`), read from `/proc/self` at scrape time.

@@ -13,6 +13,7 @@
 //! keep what they started with.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -27,6 +28,30 @@ struct Source<T> {
     build: Box<Build<T>>,
     /// The bytes in use, and changed bytes seen once and waiting to be seen again.
     last: Mutex<(Bytes, Option<Bytes>)>,
+    /// Changes applied, and changes that did not load.
+    replaced: AtomicU64,
+    kept: AtomicU64,
+}
+
+/// How a reloadable's changes went, for metrics: its name, changes applied, changes refused.
+pub trait ReloadStats: Send + Sync {
+    /// The material's name (it names its flags).
+    fn name(&self) -> &str;
+    /// Changes applied so far, and changes that did not load.
+    fn counts(&self) -> (u64, u64);
+}
+
+impl<T> ReloadStats for Source<T> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn counts(&self) -> (u64, u64) {
+        (
+            self.replaced.load(Ordering::Relaxed),
+            self.kept.load(Ordering::Relaxed),
+        )
+    }
 }
 
 /// A value built from files, replaced when they change and the new files are good.
@@ -99,6 +124,8 @@ impl<T: Send + Sync + 'static> Reloadable<T> {
                 files,
                 build: Box::new(build),
                 last: Mutex::new((bytes, None)),
+                replaced: AtomicU64::new(0),
+                kept: AtomicU64::new(0),
             })),
         })
     }
@@ -123,6 +150,7 @@ impl<T: Send + Sync + 'static> Reloadable<T> {
             Ok(b) => b,
             Err(e) => {
                 last.1 = None;
+                src.kept.fetch_add(1, Ordering::Relaxed);
                 return Reload::Kept(e);
             }
         };
@@ -139,10 +167,19 @@ impl<T: Send + Sync + 'static> Reloadable<T> {
             Ok(value) => {
                 *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(value);
                 last.0 = bytes;
+                src.replaced.fetch_add(1, Ordering::Relaxed);
                 Reload::Replaced
             }
-            Err(e) => Reload::Kept(e),
+            Err(e) => {
+                src.kept.fetch_add(1, Ordering::Relaxed);
+                Reload::Kept(e)
+            }
         }
+    }
+
+    /// Its counts, for metrics (none for a value with no files).
+    pub fn stats(&self) -> Option<Arc<dyn ReloadStats>> {
+        self.source.clone().map(|s| s as Arc<dyn ReloadStats>)
     }
 
     /// Re-reads the files every `every` while the returned task runs (none for a value with no

@@ -219,12 +219,27 @@ async fn rotating_every_file_mid_transfer_keeps_the_transfer_and_the_next_connec
         "new CA, new certificate, new token"
     );
 
-    // A corrupt file changes nothing.
+    // A corrupt file changes nothing, and the refusal is counted for alerts.
+    let kept = |srv: &tether::Server| {
+        srv.core()
+            .render_metrics()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("tether_reloads_total{material=\"agent TLS (--cluster-cert, --cluster-key, --cluster-ca-cert)\",result=\"kept\"} ")
+            })
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let before = kept(srv);
     rotate(
         &f("server.crt"),
         "-----BEGIN CERTIFICATE-----\nnot base64 at all\n",
     );
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        eventually(WAIT, || kept(srv) > before).await,
+        "the corrupt file was read and refused: {}",
+        srv.core().render_metrics()
+    );
     assert_eq!(
         presented(port, &ca2.pem.cert, &probe).await,
         Some(der(&server_v2)),

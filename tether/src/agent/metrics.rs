@@ -89,6 +89,13 @@ impl AgentMetrics {
         }
     }
 
+    /// Counts the reloads of `materials` under `tether_agent_reloads_total`.
+    pub fn watch_reloads(&mut self, materials: Vec<Arc<dyn crate::reload::ReloadStats>>) {
+        self.registry
+            .sub_registry_with_prefix("tether_agent")
+            .register_collector(Box::new(crate::metrics::ReloadCollector(materials)));
+    }
+
     /// Counts a dial by its result: `ok` or an error code's name (codes this agent chose).
     pub(crate) fn dial(&self, result: &str) {
         self.dials

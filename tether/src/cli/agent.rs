@@ -223,6 +223,7 @@ impl AgentArgs {
             alpn: self.alpn_proto.clone(),
         };
         let tls = files.load("agent TLS (--ca-cert, --agent-cert, --agent-key)")?;
+        let tls_stats = tls.clone();
         if let Some(p) = &self.service_account_token_path {
             std::fs::metadata(p)
                 .map_err(|e| format!("--service-account-token-path {}: {e}", p.display()))?;
@@ -256,7 +257,11 @@ impl AgentArgs {
             sync_interval: self.sync_interval,
             sync_interval_cap: self.sync_interval_cap,
             session: self.tunnel.session(),
-            metrics: Arc::new(AgentMetrics::new()),
+            metrics: Arc::new({
+                let mut m = AgentMetrics::new();
+                m.watch_reloads(tls_stats.stats().into_iter().collect());
+                m
+            }),
         })
     }
 

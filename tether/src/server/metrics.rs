@@ -157,6 +157,13 @@ impl Metrics {
         self.agents.set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
+    /// Counts the reloads of `materials` under `tether_reloads_total`.
+    pub fn watch_reloads(&mut self, materials: Vec<Arc<dyn crate::reload::ReloadStats>>) {
+        self.registry
+            .sub_registry_with_prefix("tether")
+            .register_collector(Box::new(crate::metrics::ReloadCollector(materials)));
+    }
+
     /// One more (`true`) or one fewer agent connection in its handshake.
     pub(crate) fn handshaking(&self, more: bool) {
         if more {

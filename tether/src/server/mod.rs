@@ -211,9 +211,20 @@ impl Server {
         if config.tokens.is_none() {
             tracing::info!("no agent tokens configured: agents are authenticated by TLS only");
         }
+        let mut metrics = Metrics::new();
+        metrics.watch_reloads(
+            [
+                config.agent_tls.stats(),
+                config.connect_tls.as_ref().and_then(Reloadable::stats),
+                config.tokens.as_ref().and_then(Reloadable::stats),
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
+        );
         let core = Arc::new(ServerCore {
             registry: Registry::default(),
-            metrics: Metrics::new(),
+            metrics,
             strategies: config.strategies.clone(),
             dial_timeout: config.dial_timeout,
             header_timeout: config.header_timeout,
