@@ -281,3 +281,52 @@ async fn the_library_dial_api_gives_an_async_stream_with_half_close() {
         other => panic!("{:?}", other.map(|_| ())),
     }
 }
+
+#[tokio::test]
+async fn an_agent_given_every_servers_address_holds_one_tunnel_to_each_and_opens_no_duplicates() {
+    let pki = Pki::new();
+    let config = |id: &str| tether::ServerConfig {
+        server_id: id.into(),
+        server_count: 2,
+        max_tunnels_per_agent: 2,
+        ..server_config(&pki)
+    };
+    let s1 = Server::start(config("server-1")).await.unwrap();
+    let s2 = Server::start(config("server-2")).await.unwrap();
+    let metrics = std::sync::Arc::new(tether::agent::AgentMetrics::new());
+    let cfg = tether::AgentConfig {
+        servers: vec![s1.agent_addr.to_string(), s2.agent_addr.to_string()],
+        metrics: metrics.clone(),
+        ..agent_config(&pki, s1.agent_addr, "agent-1")
+    };
+    let _agent = Agent::start(cfg);
+    assert!(s1.wait_agents(1, WAIT).await && s2.wait_agents(1, WAIT).await);
+    let count = |name: &str| {
+        metrics
+            .render()
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // At start, a loop may dial its server again before the other loop's tunnel is up: that
+    // one is closed at once. Once settled (twenty turns of the address loops: an event, not a
+    // clock), twenty more turns open no duplicate: with both servers held over the two
+    // addresses together, no loop dials a server it already has.
+    let turns = |n: u64| {
+        let start = count("tether_agent_syncs_total ");
+        eventually(WAIT, move || {
+            count("tether_agent_syncs_total ") >= start + n
+        })
+    };
+    assert!(turns(20).await, "{}", metrics.render());
+    let duplicates = count("tether_agent_duplicate_tunnels_total ");
+    assert!(turns(20).await, "{}", metrics.render());
+    assert_eq!(
+        count("tether_agent_duplicate_tunnels_total "),
+        duplicates,
+        "{}",
+        metrics.render()
+    );
+    assert_eq!((s1.agents(), s2.agents()), (1, 1));
+}

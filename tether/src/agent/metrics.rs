@@ -23,6 +23,8 @@ pub struct AgentMetrics {
     dials: Family<Labels, Counter>,
     connect_failures: Family<Labels, Counter>,
     pub(crate) open_endpoints: Gauge,
+    pub(crate) syncs: Counter,
+    pub(crate) duplicates: Counter,
     /// Bytes and stream errors, counted by every tunnel of this agent.
     pub(crate) stats: Arc<TunnelStats>,
 }
@@ -52,6 +54,8 @@ impl AgentMetrics {
             dials: Family::default(),
             connect_failures: Family::default(),
             open_endpoints: Gauge::default(),
+            syncs: Counter::default(),
+            duplicates: Counter::default(),
             stats: Arc::new(TunnelStats::default()),
         };
         let r = root.sub_registry_with_prefix("tether_agent");
@@ -76,6 +80,16 @@ impl AgentMetrics {
             "connect_failures",
             "Tunnels to servers that failed to come up, by stage (tcp, tls, timeout, unauthorized, handshake, token)",
             m.connect_failures.clone(),
+        );
+        r.register(
+            "syncs",
+            "Turns of the loops that keep a tunnel to every server",
+            m.syncs.clone(),
+        );
+        r.register(
+            "duplicate_tunnels",
+            "Tunnels closed at once because they reached a server the agent already holds",
+            m.duplicates.clone(),
         );
         r.register(
             "endpoint_connections",

@@ -130,12 +130,17 @@ impl Agent {
         tracing::info!(allowlist = %config.allowlist, "effective dial policy");
         let (shutdown, rx) = watch::channel(false);
         let tunnels = Arc::new(Mutex::new(Vec::new()));
+        // Tunnels by server id, across every address: the servers are counted once, however
+        // many addresses lead to them.
+        let by_server = Arc::new(Mutex::new(HashMap::new()));
         let config = Arc::new(config);
         for addr in config.servers.clone() {
             let span = tracing::info_span!("server", %addr, server_id = tracing::field::Empty);
-            tokio::spawn(
-                manage(config.clone(), addr, rx.clone(), tunnels.clone()).instrument(span),
-            );
+            let shared = Shared {
+                all: tunnels.clone(),
+                by_server: by_server.clone(),
+            };
+            tokio::spawn(manage(config.clone(), addr, rx.clone(), shared).instrument(span));
         }
         let reload = config.tls.watch(config.reload_interval);
         Agent {
@@ -211,24 +216,41 @@ async fn futures_all<F: std::future::Future>(fs: impl Iterator<Item = F>) {
     }
 }
 
-/// Keeps tunnels to one server address: as many as the server count says, to distinct server
-/// ids, reconnecting with exponential backoff and jitter.
+/// What the address loops of one agent share.
+struct Shared {
+    /// Every open tunnel (drain, health).
+    all: Arc<Mutex<Vec<Tunnel>>>,
+    /// Tunnels by server id, over every address.
+    by_server: Arc<Mutex<HashMap<String, Tunnel>>>,
+}
+
+/// Dials one server address until the agent holds tunnels to as many distinct server ids as
+/// the server count says, over all its addresses; reconnects with exponential backoff and
+/// jitter. An address that leads to a server already held backs off the same way, so a list
+/// of direct server addresses does not churn duplicate tunnels.
 async fn manage(
     cfg: Arc<AgentConfig>,
     addr: String,
     mut shutdown: watch::Receiver<bool>,
-    all: Arc<Mutex<Vec<Tunnel>>>,
+    shared: Shared,
 ) {
+    let Shared { all, by_server } = shared;
     let mut backoff = cfg.sync_interval;
     let mut want = 1usize;
     // The count the last server reached announced (Konnectivity's `--server-count-source`).
     let mut announced = 1usize;
-    let mut by_server: HashMap<String, Tunnel> = HashMap::new();
     loop {
         if *shutdown.borrow() {
             return;
         }
-        by_server.retain(|_, t| t.close_reason().is_none());
+        cfg.metrics.syncs.inc();
+        let held = by_server
+            .lock()
+            .map(|mut m| {
+                m.retain(|_, t| t.close_reason().is_none());
+                m.len()
+            })
+            .unwrap_or(0);
         // A count read from the cluster (leases) outranks what the servers announce, once
         // it is known (0: no list has succeeded, or no lease is valid).
         if let Some(count) = &cfg.server_count {
@@ -252,7 +274,7 @@ async fn manage(
         cfg.metrics
             .tunnels
             .set(i64::try_from(open).unwrap_or(i64::MAX));
-        if by_server.len() >= want {
+        if held >= want {
             tokio::select! {
                 // The agent's handle is gone (dropped without a drain): stop too.
                 r = shutdown.changed() => if r.is_err() { return; },
@@ -266,22 +288,34 @@ async fn manage(
                 if cfg.server_count.is_none() {
                     want = usize::from(count.max(1));
                 }
-                backoff = cfg.sync_interval;
-                match by_server.entry(server_id) {
-                    std::collections::hash_map::Entry::Occupied(_) => {
-                        // The load balancer sent us to a server we already have.
-                        tunnel.go_away("already connected to this server");
-                        tokio::time::sleep(jitter(cfg.sync_interval)).await;
-                    }
-                    std::collections::hash_map::Entry::Vacant(slot) => {
-                        tracing::Span::current()
-                            .record("server_id", tracing::field::display(slot.key()));
-                        tracing::info!(server_count = count, "tunnel established");
-                        if let Ok(mut list) = all.lock() {
-                            list.push(tunnel.clone());
+                let new = match by_server.lock() {
+                    Ok(mut m) => match m.entry(server_id) {
+                        std::collections::hash_map::Entry::Occupied(_) => false,
+                        std::collections::hash_map::Entry::Vacant(slot) => {
+                            tracing::Span::current()
+                                .record("server_id", tracing::field::display(slot.key()));
+                            slot.insert(tunnel.clone());
+                            true
                         }
-                        slot.insert(tunnel);
+                    },
+                    Err(_) => false,
+                };
+                if new {
+                    tracing::info!(server_count = count, "tunnel established");
+                    if let Ok(mut list) = all.lock() {
+                        list.push(tunnel);
                     }
+                    backoff = cfg.sync_interval;
+                } else {
+                    // A load balancer sent us to a server we already have, or this address is
+                    // one we already reached through another.
+                    cfg.metrics.duplicates.inc();
+                    tunnel.go_away("already connected to this server");
+                    tokio::select! {
+                        r = shutdown.changed() => if r.is_err() { return; },
+                        () = tokio::time::sleep(jitter(backoff)) => {}
+                    }
+                    backoff = (backoff * 2).min(cfg.sync_interval_cap);
                 }
             }
             Err(e) => {
