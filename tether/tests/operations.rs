@@ -185,14 +185,7 @@ async fn rotating_every_file_mid_transfer_keeps_the_transfer_and_the_next_connec
 
     // New handshakes present the new certificate.
     let probe = ca1.leaf("probe", &["probe"]);
-    let mut seen = None;
-    for _ in 0..100 {
-        seen = presented(port, &ca2.pem.cert, &probe).await;
-        if seen.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let seen = eventually_some(WAIT, || presented(port, &ca2.pem.cert, &probe)).await;
     assert_eq!(
         seen,
         Some(der(&server_v2)),
@@ -547,14 +540,7 @@ async fn the_connect_frontends_certificate_is_reloaded_for_new_clients() {
     let v2 = ca2.leaf("tether-server", &["localhost"]);
     rotate(&key, &v2.key);
     rotate(&cert, &v2.cert);
-    let mut seen = None;
-    for _ in 0..100 {
-        seen = presented(port, &ca2.pem.cert, &probe).await;
-        if seen.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let seen = eventually_some(WAIT, || presented(port, &ca2.pem.cert, &probe)).await;
     assert_eq!(
         seen,
         Some(der(&v2)),

@@ -104,6 +104,24 @@ pub async fn eventually(limit: Duration, ready: impl Fn() -> bool) -> bool {
     ready()
 }
 
+/// Polls the async `probe` every 20 ms until it gives a value, at most `limit`.
+pub async fn eventually_some<T, F, Fut>(limit: Duration, mut probe: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let end = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = probe().await {
+            return Some(v);
+        }
+        if tokio::time::Instant::now() >= end {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A fresh directory under the system's temporary directory.
 pub fn tempdir(tag: &str) -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!(
