@@ -145,7 +145,7 @@ impl ServerCore {
         &self,
         host: &str,
         port: u16,
-    ) -> Result<(TetherStream, String), DialError> {
+    ) -> Result<(TetherStream, Arc<str>), DialError> {
         let Some((tunnel, agent_id)) = self.registry.route(host, &self.strategies) else {
             self.metrics.dial("no_agent", None);
             return Err(DialError::NoAgent);

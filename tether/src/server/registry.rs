@@ -2,8 +2,8 @@
 
 use std::net::IpAddr;
 use std::str::FromStr;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use ipnet::IpNet;
 use tether_proto::frame::Identifier;
@@ -52,7 +52,8 @@ pub fn parse_strategies(s: &str) -> Result<Vec<Strategy>, String> {
 
 struct Entry {
     conn: u64,
-    agent_id: String,
+    /// Shared, so a dial that logs it costs a reference count, not an allocation.
+    agent_id: Arc<str>,
     identifiers: Vec<Identifier>,
     tunnel: Tunnel,
 }
@@ -88,7 +89,7 @@ impl Registry {
         if let Ok(mut a) = self.agents.lock() {
             a.push(Entry {
                 conn,
-                agent_id,
+                agent_id: agent_id.into(),
                 identifiers,
                 tunnel,
             });
@@ -147,7 +148,7 @@ impl Registry {
             .lock()
             .map(|a| {
                 a.iter()
-                    .map(|e| (e.agent_id.clone(), e.tunnel.clone()))
+                    .map(|e| (e.agent_id.to_string(), e.tunnel.clone()))
                     .collect()
             })
             .unwrap_or_default();
@@ -168,13 +169,13 @@ impl Registry {
     pub fn agent_ids(&self) -> Vec<String> {
         self.agents
             .lock()
-            .map(|a| a.iter().map(|e| e.agent_id.clone()).collect())
+            .map(|a| a.iter().map(|e| e.agent_id.to_string()).collect())
             .unwrap_or_default()
     }
 
     /// The tunnel to use for `host`, by the first strategy that finds a usable agent; among
     /// several, the next in turn. With the agent's id, for logs.
-    pub fn route(&self, host: &str, strategies: &[Strategy]) -> Option<(Tunnel, String)> {
+    pub fn route(&self, host: &str, strategies: &[Strategy]) -> Option<(Tunnel, Arc<str>)> {
         let agents = self.agents.lock().ok()?;
         let ip = host
             .trim_start_matches('[')
