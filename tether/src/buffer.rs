@@ -80,6 +80,13 @@ impl Chunks {
             self.chunks.push_back(b);
         }
     }
+
+    /// Takes the first piece whole.
+    pub(crate) fn pop(&mut self) -> Option<Bytes> {
+        let b = self.chunks.pop_front()?;
+        self.len -= b.len();
+        Some(b)
+    }
 }
 
 impl Buf for Chunks {

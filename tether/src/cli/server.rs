@@ -24,13 +24,30 @@ use crate::tls::ServerFiles;
 #[derive(Parser, Debug, Clone)]
 #[command(name = "tether-server", version)]
 pub struct ServerArgs {
-    /// Frontend mode; only `http-connect` is supported (Konnectivity's `grpc` mode is not).
-    #[arg(long, default_value = "http-connect")]
+    /// Frontend of --uds-name: `http-connect` (kube-apiserver's EgressSelectorConfiguration
+    /// proxyProtocol HTTPConnect) or `grpc` (proxyProtocol GRPC: Konnectivity's ProxyService,
+    /// on the Unix socket only).
+    #[arg(long, default_value = "http-connect", value_parser = ["http-connect", "grpc"])]
     pub mode: String,
-    /// Serve the CONNECT frontend on this Unix socket. With it, the TCP frontend is off unless
-    /// --server-port is given.
+    /// Serve the frontend --mode names on this Unix socket. With it, the TCP frontend is off
+    /// unless --server-port is given.
     #[arg(long)]
     pub uds_name: Option<PathBuf>,
+    /// Serve gRPC (ProxyService) on this Unix socket as well, beside CONNECT on --uds-name
+    /// or TCP (both egress protocols at once).
+    #[arg(long)]
+    pub grpc_uds_name: Option<PathBuf>,
+    /// Users (uids, comma-separated) allowed to connect to the Unix sockets; others are
+    /// refused and logged. Empty: any user the socket's mode (0770) lets in.
+    #[arg(long, value_delimiter = ',')]
+    pub uds_allowed_uids: Vec<u32>,
+    /// The largest gRPC message a client may send, in bytes (grpc-go's default limit).
+    #[arg(long, default_value_t = 4 * 1024 * 1024)]
+    pub grpc_max_message_size: usize,
+    /// Bytes of gRPC client messages held while they are collected, over all calls; a
+    /// message waits for its share, so memory stays bounded whatever the clients send.
+    #[arg(long, default_value_t = 256 * 1024 * 1024)]
+    pub grpc_buffer_budget: usize,
     /// Replace a socket file at --uds-name that no server answers on (a stale one). A socket a
     /// live server answers on is never replaced.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
@@ -276,11 +293,22 @@ impl ServerArgs {
 
     /// Checks the flags and reads every file they name; each error names its flag or file.
     pub fn config(&self) -> Result<ServerConfig, String> {
-        if self.mode != "http-connect" {
-            return Err(format!(
-                "--mode {}: only http-connect is supported (kube-apiserver's EgressSelectorConfiguration proxyProtocol HTTPConnect)",
-                self.mode
-            ));
+        let grpc_mode = self.mode == "grpc";
+        if grpc_mode && self.uds_name.is_none() {
+            return Err(
+                "--mode grpc serves gRPC on the Unix socket only (kube-apiserver's GRPC egress): give --uds-name".into(),
+            );
+        }
+        if grpc_mode && self.grpc_uds_name.is_some() {
+            return Err(
+                "--grpc-uds-name adds gRPC beside CONNECT; with --mode grpc, --uds-name is the gRPC socket".into(),
+            );
+        }
+        if self.grpc_max_message_size == 0 || self.grpc_max_message_size > self.grpc_buffer_budget {
+            return Err(
+                "--grpc-max-message-size must be at least 1 and at most --grpc-buffer-budget"
+                    .into(),
+            );
         }
         let agent_tls = ServerFiles {
             cert: self.cluster_cert.clone(),
@@ -387,7 +415,18 @@ impl ServerArgs {
             connect_tls,
             reload_interval: self.reload_interval,
             delete_existing_uds: self.delete_existing_uds_file,
-            uds_path: self.uds_name.clone(),
+            uds_path: self.uds_name.clone().filter(|_| !grpc_mode),
+            grpc_uds_path: if grpc_mode {
+                self.uds_name.clone()
+            } else {
+                self.grpc_uds_name.clone()
+            },
+            grpc_limits: crate::server::grpc::GrpcLimits {
+                max_message: self.grpc_max_message_size,
+                budget: self.grpc_buffer_budget,
+            },
+            uds_peer_uids: (!self.uds_allowed_uids.is_empty())
+                .then(|| self.uds_allowed_uids.clone()),
             health_addr: (self.health_port != 0)
                 .then(|| SocketAddr::new(self.health_bind_address, self.health_port)),
             header_timeout: Duration::from_secs(10),

@@ -10,6 +10,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::ServerCore;
 use crate::pump::{Abort, pump};
+use crate::stream::TetherStream;
 use crate::tunnel::DialError;
 
 /// The largest request head accepted.
@@ -189,7 +190,7 @@ pub async fn read_request<S: AsyncRead + Unpin>(
         .unwrap_or_else(|_| Err(err(408, "request head not received in time")))
 }
 
-async fn answer<S: AsyncWrite + Unpin>(conn: &mut S, e: &HttpError) {
+pub(crate) async fn answer<S: AsyncWrite + Unpin>(conn: &mut S, e: &HttpError) {
     let body = format!("{}\n", e.reason);
     let head = format!(
         "HTTP/1.1 {} {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n{}\r\n",
@@ -226,18 +227,13 @@ pub async fn serve<S>(
             return;
         }
     };
-    let started = std::time::Instant::now();
-    let (stream, agent_id) = match core.dial_via(&host, port).await {
-        Ok(s) => s,
-        Err(f) => {
-            let e = failure_to_http(&f);
-            tracing::info!(%host, port, status = e.status, reason = %e.reason, "CONNECT failed");
-            core.metrics.connect(e.status);
+    let opened = match open(core, &host, port).await {
+        Ok(o) => o,
+        Err(e) => {
             answer(&mut conn, &e).await;
             return;
         }
     };
-    core.metrics.connect(200);
     if conn
         .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
         .await
@@ -245,6 +241,34 @@ pub async fn serve<S>(
     {
         return;
     }
+    let mut relay = opened.relay(core, frontend);
+    let result = pump(relay.stream(), conn, first).await;
+    relay.done(result);
+}
+
+/// The path every frontend shares, between its own request parsing and its own relaying:
+/// [`open`] dials through the routing and the registry, counts the answer (by the status a
+/// CONNECT client would see, so both frontends fill the same series) and names the stream in
+/// the client's span; [`Relay::done`] logs and counts how the relaying ended.
+pub(crate) struct Opened {
+    stream: TetherStream,
+    started: std::time::Instant,
+}
+
+/// Dials `host:port` for a frontend client. `Err` is the answer the client gets, already
+/// logged and counted.
+pub(crate) async fn open(core: &ServerCore, host: &str, port: u16) -> Result<Opened, HttpError> {
+    let started = std::time::Instant::now();
+    let (stream, agent_id) = match core.dial_via(host, port).await {
+        Ok(s) => s,
+        Err(f) => {
+            let e = failure_to_http(&f);
+            tracing::info!(%host, port, status = e.status, reason = %e.reason, "dial failed");
+            core.metrics.connect(e.status);
+            return Err(e);
+        }
+    };
+    core.metrics.connect(200);
     let span = tracing::Span::current();
     span.record("agent_id", tracing::field::display(&agent_id));
     span.record("stream", tracing::field::display(stream.id()));
@@ -254,26 +278,60 @@ pub async fn serve<S>(
     );
     tracing::info!(
         dial_ms = started.elapsed().as_millis(),
-        "CONNECT established"
+        "stream established"
     );
-    let open = core.metrics.stream_open(frontend);
-    let result = pump(stream, conn, first).await;
-    drop(open);
-    let secs = started.elapsed().as_secs_f64();
-    match result {
-        Ok(moved) => {
-            tracing::info!(
-                up = moved.up,
-                down = moved.down,
-                seconds = secs,
-                "CONNECT done"
-            );
+    Ok(Opened { stream, started })
+}
+
+impl Opened {
+    /// The client was told the stream is open: relaying starts (the stream counts as open on
+    /// `frontend` until [`Relay::done`]).
+    pub(crate) fn relay(self, core: &ServerCore, frontend: Frontend) -> Relay<'_> {
+        Relay {
+            open: core.metrics.stream_open(frontend),
+            core,
+            frontend,
+            stream: Some(self.stream),
+            started: self.started,
         }
-        Err(e) => {
-            // On a Unix socket the client may see a plain end of stream (docs/SECURITY.md): the
-            // failure is always logged and counted, so it is never silent.
-            core.metrics.stream_failed(frontend);
-            tracing::warn!(seconds = secs, error = %e, "CONNECT stream failed");
+    }
+}
+
+/// A stream being relayed for a frontend client.
+pub(crate) struct Relay<'a> {
+    core: &'a ServerCore,
+    frontend: Frontend,
+    stream: Option<TetherStream>,
+    started: std::time::Instant,
+    open: super::metrics::GaugeGuard,
+}
+
+impl Relay<'_> {
+    /// The stream, for the frontend's relaying (once).
+    pub(crate) fn stream(&mut self) -> TetherStream {
+        self.stream.take().expect("the stream is taken once")
+    }
+
+    /// Logs and counts how the relaying ended: bytes each way, or the error. A failure is
+    /// never silent, whatever the client could be told.
+    pub(crate) fn done(self, result: std::io::Result<crate::pump::Moved>) {
+        let secs = self.started.elapsed().as_secs_f64();
+        drop(self.open);
+        match result {
+            Ok(moved) => {
+                tracing::info!(
+                    up = moved.up,
+                    down = moved.down,
+                    seconds = secs,
+                    "stream done"
+                );
+            }
+            Err(e) => {
+                // On a Unix socket the client may see a plain end of stream (docs/SECURITY.md):
+                // the failure is always logged and counted.
+                self.core.metrics.stream_failed(self.frontend);
+                tracing::warn!(seconds = secs, error = %e, "stream failed");
+            }
         }
     }
 }
@@ -300,6 +358,8 @@ pub enum Frontend {
     Tls,
     /// The Unix socket.
     Uds,
+    /// gRPC (Konnectivity's ProxyService) on a Unix socket.
+    Grpc,
 }
 
 impl Frontend {
@@ -309,6 +369,7 @@ impl Frontend {
             Frontend::Tcp => "tcp",
             Frontend::Tls => "tls",
             Frontend::Uds => "uds",
+            Frontend::Grpc => "grpc",
         }
     }
 }

@@ -2,6 +2,7 @@
 //! CONNECT frontend (TCP, optional TLS/mTLS, and a Unix socket) and health and metrics.
 
 pub mod connect;
+pub mod grpc;
 pub mod identity;
 mod metrics;
 pub mod registry;
@@ -78,6 +79,13 @@ pub struct ServerConfig {
     pub delete_existing_uds: bool,
     /// HTTP CONNECT on a Unix socket.
     pub uds_path: Option<PathBuf>,
+    /// Konnectivity's gRPC ProxyService on a Unix socket (kube-apiserver's GRPC egress).
+    pub grpc_uds_path: Option<PathBuf>,
+    /// What the gRPC frontend bounds.
+    pub grpc_limits: grpc::GrpcLimits,
+    /// Users (uids) allowed to connect to the Unix sockets; `None`: any user the socket's
+    /// mode (0770) lets in.
+    pub uds_peer_uids: Option<Vec<u32>>,
     /// `/healthz`, `/readyz`, `/metrics` on TCP.
     pub health_addr: Option<SocketAddr>,
     /// How long a CONNECT client may take from its connection to the end of its request head,
@@ -112,6 +120,9 @@ impl ServerConfig {
             reload_interval: Duration::from_secs(5),
             delete_existing_uds: true,
             uds_path: None,
+            grpc_uds_path: None,
+            grpc_limits: grpc::GrpcLimits::default(),
+            uds_peer_uids: None,
             health_addr: None,
             header_timeout: Duration::from_secs(10),
         }
@@ -179,10 +190,13 @@ pub struct Server {
     pub connect_addr: Option<SocketAddr>,
     /// The Unix socket, if enabled.
     pub uds_path: Option<PathBuf>,
+    /// The gRPC Unix socket, if enabled.
+    pub grpc_uds_path: Option<PathBuf>,
     /// Where `/healthz`, `/readyz` and `/metrics` are served, if enabled.
     pub health_addr: Option<SocketAddr>,
-    /// The socket file's device and inode, to unlink it at shutdown only if it is still ours.
-    uds_id: Option<(u64, u64)>,
+    /// The socket files' devices and inodes, to unlink them at shutdown only if they are
+    /// still ours.
+    uds_ids: Vec<(PathBuf, (u64, u64))>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -260,16 +274,32 @@ impl Server {
                 config.connect_tls.clone(),
             )));
         }
-        let mut uds_id = None;
+        let mut uds_ids = Vec::new();
         #[cfg(unix)]
-        if let Some(path) = &config.uds_path {
-            let l = bind_uds(path, config.delete_existing_uds)
-                .await
-                .map_err(|e| named(e, format!("Unix socket {}", path.display())))?;
-            uds_id = file_id(path);
-            tasks
-                .0
-                .push(tokio::spawn(accept_connect_uds(core.clone(), l)));
+        {
+            let peers: Option<Arc<[u32]>> = config.uds_peer_uids.as_deref().map(Arc::from);
+            if let Some(path) = &config.uds_path {
+                let l = bind_uds(path, config.delete_existing_uds)
+                    .await
+                    .map_err(|e| named(e, format!("Unix socket {}", path.display())))?;
+                uds_ids.extend(file_id(path).map(|id| (path.clone(), id)));
+                tasks.0.push(tokio::spawn(accept_uds(
+                    core.clone(),
+                    l,
+                    peers.clone(),
+                    None,
+                )));
+            }
+            if let Some(path) = &config.grpc_uds_path {
+                let l = bind_uds(path, config.delete_existing_uds)
+                    .await
+                    .map_err(|e| named(e, format!("gRPC Unix socket {}", path.display())))?;
+                uds_ids.extend(file_id(path).map(|id| (path.clone(), id)));
+                let grpc = Arc::new(grpc::Grpc::new(config.grpc_limits.clone()));
+                tasks
+                    .0
+                    .push(tokio::spawn(accept_uds(core.clone(), l, peers, Some(grpc))));
+            }
         }
         let mut health_addr = None;
         if let Some(addr) = config.health_addr {
@@ -281,13 +311,14 @@ impl Server {
                 .0
                 .push(tokio::spawn(metrics::serve_health(core.clone(), l)));
         }
-        tracing::info!(%agent_addr, ?connect_addr, uds = ?config.uds_path, ?health_addr, "server listening");
+        tracing::info!(%agent_addr, ?connect_addr, uds = ?config.uds_path, grpc_uds = ?config.grpc_uds_path, ?health_addr, "server listening");
         Ok(Server {
             core,
             agent_addr,
             connect_addr,
             uds_path: config.uds_path,
-            uds_id,
+            grpc_uds_path: config.grpc_uds_path,
+            uds_ids,
             health_addr,
             tasks: std::mem::take(&mut tasks.0),
         })
@@ -356,11 +387,10 @@ impl Server {
         // Another server may own the name now (it replaced a file it found stale): only
         // this server's own socket is removed.
         #[cfg(unix)]
-        if let Some(p) = &self.uds_path
-            && self.uds_id.is_some()
-            && file_id(p) == self.uds_id
-        {
-            let _ = std::fs::remove_file(p);
+        for (p, id) in &self.uds_ids {
+            if file_id(p) == Some(*id) {
+                let _ = std::fs::remove_file(p);
+            }
         }
     }
 }
@@ -694,22 +724,60 @@ async fn accept_connect_tcp(
     }
 }
 
+/// Serves a Unix socket: CONNECT, or gRPC when `grpc` is given. With `peers`, a client
+/// whose user is not listed is refused (a 403 on CONNECT; gRPC: the connection is closed).
 #[cfg(unix)]
-async fn accept_connect_uds(core: Arc<ServerCore>, l: tokio::net::UnixListener) {
+async fn accept_uds(
+    core: Arc<ServerCore>,
+    l: tokio::net::UnixListener,
+    peers: Option<Arc<[u32]>>,
+    grpc: Option<Arc<grpc::Grpc>>,
+) {
     loop {
-        let Ok((s, _)) = l.accept().await else {
+        let Ok((mut s, _)) = l.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let deadline = tokio::time::Instant::now() + core.header_timeout;
-        let core = core.clone();
-        let span = connect::span("uds", connect::Frontend::Uds);
-        tokio::spawn(
-            async move {
-                connect::serve(&core, s, connect::Frontend::Uds, deadline).await;
-            }
-            .instrument(span),
+        let frontend = if grpc.is_some() {
+            connect::Frontend::Grpc
+        } else {
+            connect::Frontend::Uds
+        };
+        let uid = s.peer_cred().map(|c| c.uid()).ok();
+        let span = connect::span(
+            &uid.map_or_else(|| "uds".to_owned(), |u| format!("uds uid={u}")),
+            frontend,
         );
+        let core = core.clone();
+        if let Some(allowed) = &peers
+            && !uid.is_some_and(|u| allowed.contains(&u))
+        {
+            let _enter = span.enter();
+            tracing::warn!(?uid, "Unix socket client refused: its user is not allowed");
+            core.metrics.connect(403);
+            if grpc.is_none() {
+                let e = connect::HttpError {
+                    status: 403,
+                    reason: "this user may not use the socket".into(),
+                };
+                tokio::spawn(async move { connect::answer(&mut s, &e).await });
+            }
+            continue;
+        }
+        let deadline = tokio::time::Instant::now() + core.header_timeout;
+        match &grpc {
+            Some(g) => {
+                tokio::spawn(grpc::serve(core, g.clone(), s).instrument(span));
+            }
+            None => {
+                tokio::spawn(
+                    async move {
+                        connect::serve(&core, s, connect::Frontend::Uds, deadline).await;
+                    }
+                    .instrument(span),
+                );
+            }
+        }
     }
 }
 
