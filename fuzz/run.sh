@@ -8,7 +8,7 @@
 set -euo pipefail
 secs="${1:-20}"
 cd "$(dirname "$0")"
-targets=(${TARGETS:-frame_decode frame_roundtrip codec_chunks session_ops session_pair connect_head})
+targets=(${TARGETS:-frame_decode frame_roundtrip codec_chunks session_ops session_pair connect_head grpc_authority})
 scratch="$(mktemp -d -t tether-fuzz.XXXXXX)"
 echo "scratch corpus and artifacts: $scratch"
 

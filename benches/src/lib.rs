@@ -109,6 +109,9 @@ pub enum Via {
     Dial(Arc<Server>),
     /// Through yamux over TLS; every stream is forwarded to the backend.
     Yamux(YamuxClient),
+    /// Through a tether server's gRPC frontend on this Unix socket, as kube-apiserver's
+    /// GRPC egress opens it: a new channel (connection) per dial, one `Proxy` call on it.
+    Grpc(std::path::PathBuf),
 }
 
 impl Via {
@@ -119,6 +122,7 @@ impl Via {
             Via::Tether(_) => "tether",
             Via::Dial(_) => "tether (dial API)",
             Via::Yamux(_) => "yamux",
+            Via::Grpc(_) => "tether gRPC",
         }
     }
 
@@ -140,8 +144,54 @@ impl Via {
                     .map_err(|e| io::Error::other(e.to_string()))?,
             )),
             Via::Yamux(c) => c.open().await,
+            Via::Grpc(path) => grpc_open(path, backend).await,
         }
     }
+}
+
+/// A gRPC dial as a byte stream: a task moves bytes between the call and one end of an
+/// in-memory pipe, as kube-apiserver's Konnectivity client moves them between the call and
+/// the `net.Conn` it hands out.
+async fn grpc_open(path: &std::path::Path, backend: SocketAddr) -> io::Result<Box<dyn Io>> {
+    use tether::server::grpc::client::{AuthorityStyle, GrpcClient};
+    let client = GrpcClient::connect(path, AuthorityStyle::PercentEncoded).await?;
+    let mut call = client
+        .dial(&backend.to_string())
+        .await
+        .map_err(|e| io::Error::other(e.to_string()))?;
+    let (mine, theirs) = tokio::io::duplex(256 * 1024);
+    tokio::spawn(async move {
+        let _channel = client;
+        let (mut r, mut w) = tokio::io::split(theirs);
+        let mut buf = vec![0u8; 32 * 1024];
+        loop {
+            tokio::select! {
+                n = r.read(&mut buf) => match n {
+                    Ok(0) | Err(_) => {
+                        let _ = call.close().await;
+                        return;
+                    }
+                    Ok(n) => {
+                        if call.write(bytes::Bytes::copy_from_slice(&buf[..n])).await.is_err() {
+                            return;
+                        }
+                    }
+                },
+                data = call.read() => match data {
+                    Ok(Some(d)) => {
+                        if w.write_all(&d).await.is_err() {
+                            return;
+                        }
+                    }
+                    _ => {
+                        let _ = w.shutdown().await;
+                        return;
+                    }
+                },
+            }
+        }
+    });
+    Ok(Box::new(mine))
 }
 
 /// Moves `total` bytes from the backend (`download`) or to it over `streams` parallel streams;

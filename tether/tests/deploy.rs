@@ -219,8 +219,13 @@ fn the_server_the_agent_the_egress_configuration_and_the_rbac_agree() {
         // kube-apiserver and the server meet at the same socket, or the same TCP port.
         match &server.uds_name {
             Some(uds) => {
-                let e = egress("egress-selector-configuration.yaml");
-                assert_eq!(s(&e["proxyProtocol"]), "HTTPConnect");
+                // --mode picks the egress file: the protocol kube-apiserver speaks on the socket.
+                let (file, protocol) = match server.mode.as_str() {
+                    "grpc" => ("egress-selector-configuration-grpc.yaml", "GRPC"),
+                    _ => ("egress-selector-configuration.yaml", "HTTPConnect"),
+                };
+                let e = egress(file);
+                assert_eq!(s(&e["proxyProtocol"]), protocol, "{}", c.file);
                 assert_eq!(s(&e["transport"]["uds"]["udsName"]), uds.to_str().unwrap());
             }
             None => {

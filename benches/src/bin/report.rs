@@ -126,7 +126,7 @@ async fn start_tether(
     bin: &Path,
     dir: &Path,
     pki: &Pki,
-) -> Result<(Proc, Proc, SocketAddr), Error> {
+) -> Result<(Proc, Proc, SocketAddr, PathBuf), Error> {
     let write = |name: &str, body: &str| -> Result<PathBuf, Error> {
         let p = dir.join(name);
         std::fs::write(&p, body)?;
@@ -152,6 +152,8 @@ async fn start_tether(
                 "--health-port",
                 &health.to_string(),
             ])
+            .arg("--grpc-uds-name")
+            .arg(dir.join("grpc.socket"))
             .arg("--cluster-cert")
             .arg(&scert)
             .arg("--cluster-key")
@@ -195,7 +197,12 @@ async fn start_tether(
     if !ready(SocketAddr::from(([127, 0, 0, 1], health))).await {
         return Err("the server never became ready".into());
     }
-    Ok((server, agent, SocketAddr::from(([127, 0, 0, 1], connect))))
+    Ok((
+        server,
+        agent,
+        SocketAddr::from(([127, 0, 0, 1], connect)),
+        dir.join("grpc.socket"),
+    ))
 }
 
 fn mibs(bytes: u64, d: Duration) -> f64 {
@@ -226,7 +233,7 @@ async fn main() -> Result<(), Error> {
     std::fs::create_dir_all(&dir)?;
     let pki = Pki::default();
     let backend = backend().await?;
-    let (server, agent, frontend) = start_tether(&bin, &dir, &pki).await?;
+    let (server, agent, frontend, grpc_socket) = start_tether(&bin, &dir, &pki).await?;
     let yamux = yamux_pair(&pki, backend).await?;
     // Idle: before any transfer has grown the allocators' pools.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -240,6 +247,7 @@ async fn main() -> Result<(), Error> {
         Via::Tether(frontend),
         Via::Dial(std::sync::Arc::new(embedded)),
         Via::Yamux(yamux),
+        Via::Grpc(grpc_socket),
     ];
     let total: u64 = if quick { 64 << 20 } else { 512 << 20 };
 
@@ -249,9 +257,9 @@ async fn main() -> Result<(), Error> {
             total >> 20
         );
         println!(
-            "| direction | streams | direct TCP | tether | tether (dial API) | yamux | tether / direct | dial API / yamux |"
+            "| direction | streams | direct TCP | tether | tether (dial API) | yamux | tether gRPC | tether / direct | dial API / yamux | gRPC / CONNECT |"
         );
-        println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+        println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
         for (download, dir_name) in [(true, "download"), (false, "upload")] {
             for streams in [1usize, 16] {
                 let mut rates = Vec::new();
@@ -263,13 +271,15 @@ async fn main() -> Result<(), Error> {
                     rates.push(mibs(total, best));
                 }
                 println!(
-                    "| {dir_name} | {streams} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} % | {:.2}× |",
+                    "| {dir_name} | {streams} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} % | {:.2}× | {:.2}× |",
                     rates[0],
                     rates[1],
                     rates[2],
                     rates[3],
+                    rates[4],
                     100.0 * rates[1] / rates[0],
-                    rates[2] / rates[3]
+                    rates[2] / rates[3],
+                    rates[4] / rates[1]
                 );
             }
         }
@@ -364,6 +374,24 @@ async fn main() -> Result<(), Error> {
             "| per idle tunnelled connection (from {} to {n} held) | {:.1} KiB |",
             n / 2,
             (loaded[1].saturating_sub(loaded[0])) as f64 / (n / 2) as f64
+        );
+        drop(held);
+        // The same through the gRPC frontend (one channel per dial, as kube-apiserver opens
+        // them): server + agent, and the report process is not counted.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let before = rss_kib(server.pid())? + rss_kib(agent.pid())?;
+        let mut held = Vec::with_capacity(n / 2);
+        for _ in 0..n / 2 {
+            let mut s = paths[4].open(backend).await?;
+            s.write_all(b"E\0\0\0\0\0\0\0\0").await?;
+            held.push(s);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let after = rss_kib(server.pid())? + rss_kib(agent.pid())?;
+        println!(
+            "| per idle gRPC call, each on its own channel ({} held, minus the RSS before) | {:.1} KiB |",
+            n / 2,
+            after.saturating_sub(before) as f64 / (n / 2) as f64
         );
         drop(held);
     }
