@@ -49,6 +49,9 @@ pub const MAX_CALLS: u32 = 10_000;
 pub const MAX_DOWN: usize = 64 * 1024;
 /// How long a call may take to send its DIAL_REQ.
 pub const FIRST_PACKET: Duration = Duration::from_secs(10);
+/// How long a message may take to arrive once its prefix is read (it holds its share of the
+/// budget meanwhile).
+pub const MESSAGE_DEADLINE: Duration = Duration::from_secs(10);
 /// After CLOSE_REQ, how long the node side may take to finish before its stream is reset.
 pub const CLOSE_LINGER: Duration = Duration::from_secs(10);
 
@@ -173,6 +176,7 @@ mod code {
     pub(super) const DEADLINE_EXCEEDED: u32 = 4;
     pub(super) const RESOURCE_EXHAUSTED: u32 = 8;
     pub(super) const UNIMPLEMENTED: u32 = 12;
+    pub(super) const UNAVAILABLE: u32 = 14;
 }
 
 async fn call_main(
@@ -276,7 +280,13 @@ async fn call_main(
                 Ok(Some(p)) => {
                     tracing::info!(r#type = p.r#type, "gRPC call ended: a packet before DIAL_RSP");
                 }
-                Ok(None) | Err(_) => tracing::info!("gRPC client left during the dial"),
+                Ok(None) => tracing::info!("gRPC client left during the dial"),
+                Err(e) => {
+                    tracing::info!(reason = %e.1, "gRPC call failed during the dial");
+                    core.metrics.dial("cancelled", None);
+                    out.end_with(e.0, &e.1);
+                    return;
+                }
             }
             core.metrics.dial("cancelled", None);
             out.end();
@@ -313,61 +323,55 @@ async fn relay_call(
     mut out: Sender,
     connect_id: i64,
 ) -> std::io::Result<Moved> {
-    let (close_tx, mut close_rx) = tokio::sync::oneshot::channel::<()>();
+    // How the client's side ended: `None` cleanly (CLOSE_REQ, DIAL_CLS or the end of its
+    // side of the call), `Some` with the status and reason it broke.
+    let (close_tx, mut close_rx) = tokio::sync::oneshot::channel::<Option<CallError>>();
     let stream = &stream;
     let up_total = std::sync::atomic::AtomicU64::new(0);
-    let up = async {
-        let total = &up_total;
-        let mut close_tx = Some(close_tx);
+    let up_inner = async {
         loop {
-            match reader.next().await {
-                Ok(Some(p)) => match (PacketType::try_from(p.r#type), p.payload) {
+            match reader.next().await? {
+                Some(p) => match (PacketType::try_from(p.r#type), p.payload) {
                     (Ok(PacketType::Data), Some(Payload::Data(d)))
                         if d.connect_id == connect_id =>
                     {
-                        total.fetch_add(d.data.len() as u64, Ordering::Relaxed);
+                        up_total.fetch_add(d.data.len() as u64, Ordering::Relaxed);
                         if !d.data.is_empty() {
-                            stream.send_bytes(d.data).await?;
+                            stream
+                                .send_bytes(d.data)
+                                .await
+                                .map_err(|e| (code::UNAVAILABLE, format!("stream failed: {e}")))?;
                         }
                         reader.release();
                     }
-                    (Ok(PacketType::CloseReq | PacketType::DialCls), _) => {
-                        // No more bytes from the client; the node side ends after the queued
-                        // ones (not reset, so nothing the client sent is lost).
-                        let _ = stream.finish();
-                        if let Some(tx) = close_tx.take() {
-                            let _ = tx.send(());
-                        }
-                        return Ok(());
-                    }
+                    (Ok(PacketType::CloseReq | PacketType::DialCls), _) => return Ok(()),
                     (t, _) => {
-                        tracing::info!(r#type = ?t, "gRPC call: unexpected packet, the stream is reset");
-                        stream.reset(
-                            tether_proto::ErrorCode::PROTOCOL_ERROR,
-                            "unexpected gRPC packet",
-                        );
-                        return Err(std::io::Error::other(
-                            "unexpected packet from the gRPC client",
+                        return Err((
+                            code::INVALID_ARGUMENT,
+                            format!("unexpected packet {t:?} (or DATA for another connectID)"),
                         ));
                     }
                 },
-                Ok(None) => {
-                    // The client ended its side of the call without CLOSE_REQ: the same.
-                    let _ = stream.finish();
-                    if let Some(tx) = close_tx.take() {
-                        let _ = tx.send(());
-                    }
-                    return Ok(());
-                }
-                Err(e) => {
-                    stream.reset(
-                        tether_proto::ErrorCode::CANCEL,
-                        "gRPC call reset by the client",
-                    );
-                    return Err(std::io::Error::other(e.1));
-                }
+                // The client ended its side of the call without CLOSE_REQ: the same.
+                None => return Ok(()),
             }
         }
+    };
+    let up = async {
+        let r: Result<(), CallError> = up_inner.await;
+        match &r {
+            // No more bytes from the client; the node side ends after the queued ones (not
+            // reset, so nothing the client sent is lost).
+            Ok(()) => {
+                let _ = stream.finish();
+            }
+            Err(e) => {
+                tracing::info!(reason = %e.1, "gRPC call: the client side failed, the stream is reset");
+                stream.reset(tether_proto::ErrorCode::CANCEL, "gRPC call failed");
+            }
+        }
+        let _ = close_tx.send(r.clone().err());
+        r.map_err(|e| std::io::Error::other(e.1))
     };
     let down = async {
         let mut total = 0u64;
@@ -375,28 +379,33 @@ async fn relay_call(
         let ended = loop {
             tokio::select! {
                 biased;
-                _ = &mut close_rx => break Ok(false),
+                closed = &mut close_rx => match closed {
+                    Ok(None) => break Ok(false),
+                    Ok(Some(e)) => break Err(e),
+                    Err(_) => break Err((code::UNAVAILABLE, "the call ended".into())),
+                },
                 more = stream.recv_chunks(&mut chunks, MAX_DOWN) => match more {
                     Ok(true) => {
                         let n = chunks.remaining();
                         if let Err(e) = out.data(connect_id, &mut chunks).await {
                             stream.reset(tether_proto::ErrorCode::CANCEL, "gRPC client stopped");
-                            break Err(e);
+                            break Err((code::UNAVAILABLE, e.to_string()));
                         }
                         total += n as u64;
                         stream.release(n);
                     }
                     Ok(false) => break Ok(true),
-                    Err(e) => break Err(e),
+                    Err(e) => break Err((code::OK, format!("stream failed: {e}"))),
                 }
             }
         };
-        let error = match &ended {
-            Ok(_) => String::new(),
-            Err(e) => format!("stream failed: {e}"),
+        let (status, error) = match &ended {
+            Ok(_) => (code::OK, String::new()),
+            Err((c, e)) => (*c, e.clone()),
         };
-        let _ = out.close_response(connect_id, &error).await;
-        out.end();
+        // A client that grants no window cannot hold the call open: the answer gets 10 s.
+        let _ = tokio::time::timeout(CLOSE_LINGER, out.close_response(connect_id, &error)).await;
+        out.end_with(status, &error);
         match ended {
             Ok(true) => Ok(total),
             Ok(false) => {
@@ -413,7 +422,7 @@ async fn relay_call(
                 let _ = tokio::time::timeout(CLOSE_LINGER, drain).await;
                 Ok(total)
             }
-            Err(e) => Err(e),
+            Err((_, e)) => Err(std::io::Error::other(e)),
         }
     };
     tokio::pin!(up, down);
@@ -627,8 +636,18 @@ impl Sender {
 
     /// Ends the call: trailers with status OK (the outcome is in the packets).
     fn end(&mut self) {
+        self.end_with(code::OK, "");
+    }
+
+    /// Ends the call with `status` and, if not OK, its reason.
+    fn end_with(&mut self, status: u32, message: &str) {
         let mut t = http::HeaderMap::new();
-        t.insert("grpc-status", http::HeaderValue::from(code::OK));
+        t.insert("grpc-status", http::HeaderValue::from(status));
+        if status != code::OK
+            && let Ok(v) = http::HeaderValue::from_str(&percent_encode(message))
+        {
+            t.insert("grpc-message", v);
+        }
         let _ = self.send.send_trailers(t);
     }
 }
