@@ -2,7 +2,7 @@
 //! EgressSelectorConfiguration `proxyProtocol: GRPC`. docs/GRPC.md is its contract.
 //!
 //! One `Proxy` call carries one dial: DIAL_REQ, DIAL_RSP, DATA both ways, CLOSE_REQ and
-//! CLOSE_RSP. The dial goes through the same path as a CONNECT ([`connect::open`]); only
+//! CLOSE_RSP. The dial goes through the same path as a CONNECT (`connect::open`); only
 //! the framing differs. HTTP/2 flow control is tied to the tether stream's both ways:
 //!
 //! - client to node: a message's bytes are accepted from h2 (its window released) only
@@ -52,6 +52,8 @@ pub const FIRST_PACKET: Duration = Duration::from_secs(10);
 /// How long a message may take to arrive once its prefix is read (it holds its share of the
 /// budget meanwhile).
 pub const MESSAGE_DEADLINE: Duration = Duration::from_secs(10);
+/// How long DIAL_RSP or CLOSE_RSP may wait for the client's window.
+pub const ANSWER_DEADLINE: Duration = Duration::from_secs(10);
 /// After CLOSE_REQ, how long the node side may take to finish before its stream is reset.
 pub const CLOSE_LINGER: Duration = Duration::from_secs(10);
 
@@ -403,8 +405,7 @@ async fn relay_call(
             Ok(_) => (code::OK, String::new()),
             Err((c, e)) => (*c, e.clone()),
         };
-        // A client that grants no window cannot hold the call open: the answer gets 10 s.
-        let _ = tokio::time::timeout(CLOSE_LINGER, out.close_response(connect_id, &error)).await;
+        let _ = out.close_response(connect_id, &error).await;
         out.end_with(status, &error);
         match ended {
             Ok(true) => Ok(total),
@@ -585,13 +586,22 @@ impl Sender {
         Ok(())
     }
 
+    /// One packet; a client that grants no window for it within [`ANSWER_DEADLINE`] loses
+    /// the call (an answer never waits on a client for ever).
     async fn packet(&mut self, p: &Packet) -> std::io::Result<()> {
         let len = p.encoded_len();
         let mut b = BytesMut::with_capacity(5 + len);
         b.put_u8(0);
         b.put_u32(u32::try_from(len).expect("a packet under 4 GiB"));
         p.encode(&mut b).expect("capacity reserved");
-        self.send_all(b.freeze()).await
+        tokio::time::timeout(ANSWER_DEADLINE, self.send_all(b.freeze()))
+            .await
+            .unwrap_or_else(|_| {
+                self.send.send_reset(h2::Reason::CANCEL);
+                Err(std::io::Error::other(
+                    "the client granted no window for an answer in 10 s",
+                ))
+            })
     }
 
     async fn dial_response(
