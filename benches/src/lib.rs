@@ -3,6 +3,8 @@
 //! through tether's HTTP CONNECT frontend and TLS tunnel, through yamux over the same kind of
 //! TLS connection), and throughput and dial-latency measurements over any of them.
 
+pub mod procs;
+
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -53,6 +55,16 @@ pub async fn backend() -> io::Result<SocketAddr> {
         }
     });
     Ok(addr)
+}
+
+/// Serves the backend's protocol on `l` (an address of the caller's choosing).
+pub fn backend_on(l: TcpListener) {
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { return };
+            tokio::spawn(serve_backend(s));
+        }
+    });
 }
 
 async fn serve_backend(mut s: TcpStream) -> io::Result<()> {

@@ -6,121 +6,20 @@
 //! `cargo run -p tether-bench --release --bin report [-- --quick]`
 #![allow(clippy::print_stdout)]
 
-use std::net::{SocketAddr, TcpListener as StdListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use tether_bench::procs::{
+    Error, Proc, anon_kib, binaries, cpu_seconds, free_port, ready, rss_kib,
+};
 use tether_bench::{
     Pki, Via, backend, dial_latency, quantile, tether_in_process, throughput, yamux_pair,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-
-type Error = Box<dyn std::error::Error + Send + Sync>;
+use tokio::io::AsyncWriteExt;
 
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
-
-struct Proc {
-    child: Child,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Proc {
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-fn free_port() -> Result<u16, Error> {
-    Ok(StdListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-/// utime + stime of a process, in seconds.
-fn cpu_seconds(pid: u32) -> Result<f64, Error> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
-        + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-    let hz: f64 = Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0);
-    Ok(ticks / hz)
-}
-
-/// A `Field:  123 kB` line of a /proc file, in KiB.
-fn proc_kib(path: &str, field: &str) -> Result<u64, Error> {
-    let text = std::fs::read_to_string(path)?;
-    let line = text
-        .lines()
-        .find(|l| l.strip_prefix(field).is_some_and(|r| r.starts_with(':')))
-        .ok_or_else(|| format!("no {field} in {path}"))?;
-    Ok(line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0))
-}
-
-/// Resident memory of a process, in KiB.
-fn rss_kib(pid: u32) -> Result<u64, Error> {
-    proc_kib(&format!("/proc/{pid}/status"), "VmRSS")
-}
-
-/// Resident anonymous memory (heap, stacks) of a process, in KiB; the rest of its RSS is
-/// mapped files (the binary's code, libc).
-fn anon_kib(pid: u32) -> Result<u64, Error> {
-    proc_kib(&format!("/proc/{pid}/smaps_rollup"), "Anonymous")
-}
-
-/// Builds the binaries in the profile this report was built in (release for the published
-/// figures), next to it.
-fn binaries() -> Result<PathBuf, Error> {
-    let exe = std::env::current_exe()?;
-    let dir = exe.parent().ok_or("no target dir")?.to_path_buf();
-    let profile = dir
-        .file_name()
-        .and_then(|n| n.to_str())
-        .map_or("release", |n| if n == "debug" { "dev" } else { n })
-        .to_owned();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let ok = Command::new(cargo)
-        .args(["build", "--profile", &profile, "-p", "tether", "--bins"])
-        .status()?
-        .success();
-    if !ok {
-        return Err("building tether-server and tether-agent failed".into());
-    }
-    Ok(dir)
-}
-
-async fn ready(health: SocketAddr) -> bool {
-    for _ in 0..500 {
-        if let Ok(mut s) = TcpStream::connect(health).await {
-            let _ = s
-                .write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
-                .await;
-            let mut out = Vec::new();
-            let _ = s.read_to_end(&mut out).await;
-            if out.starts_with(b"HTTP/1.1 200") {
-                return true;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    false
-}
 
 async fn start_tether(
     bin: &Path,

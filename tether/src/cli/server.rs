@@ -128,6 +128,14 @@ pub struct ServerArgs {
     /// Agent connections that may be in their TLS handshake or HELLO at once.
     #[arg(long, default_value_t = 256)]
     pub max_pending_handshakes: usize,
+    /// Agent connections accepted per second at most, after a burst of
+    /// --agent-accept-burst, so a reconnect storm after a restart is taken at a steady rate
+    /// (0: no limit). The rest wait in the listen backlog; agents back off with jitter.
+    #[arg(long, default_value_t = 1000.0)]
+    pub agent_accept_rate: f64,
+    /// Agent connections accepted at once before --agent-accept-rate applies.
+    #[arg(long, default_value_t = 256)]
+    pub agent_accept_burst: u32,
     /// This server's id, sent to agents; unique per server in HA (default: a random id).
     #[arg(long, env = "PROXY_SERVER_ID")]
     pub server_id: Option<String>,
@@ -399,6 +407,8 @@ impl ServerArgs {
                 .max_tunnels_per_agent
                 .unwrap_or(usize::from(server_count)),
             max_handshakes: self.max_pending_handshakes,
+            agent_accept_rate: self.agent_accept_rate,
+            agent_accept_burst: self.agent_accept_burst,
             server_id: self.server_id.clone().unwrap_or_else(random_id),
             server_count,
             server_count_source: None,

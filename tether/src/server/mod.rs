@@ -54,6 +54,11 @@ pub struct ServerConfig {
     /// Agent connections that may be in their TLS handshake or HELLO at once; more wait in
     /// the listen backlog.
     pub max_handshakes: usize,
+    /// Agent connections accepted per second at most, after a burst of
+    /// `agent_accept_burst` (0: no limit), so a reconnect storm is taken at a steady rate.
+    pub agent_accept_rate: f64,
+    /// Agent connections accepted at once before the rate applies.
+    pub agent_accept_burst: u32,
     /// This server's id (sent in WELCOME).
     pub server_id: String,
     /// How many servers the agents should connect to (HA).
@@ -109,6 +114,8 @@ impl ServerConfig {
             identity: IdentityPolicy::default(),
             max_tunnels_per_agent: 1,
             max_handshakes: 256,
+            agent_accept_rate: 0.0,
+            agent_accept_burst: 256,
             server_id: "tether-server".into(),
             server_count: 1,
             server_count_source: None,
@@ -395,6 +402,40 @@ impl Server {
     }
 }
 
+/// Spaces out accepted agent connections: at most `burst` at once, then `rate` per second
+/// (a token bucket); a rate of 0 does not pace.
+pub(crate) struct AcceptPacer {
+    every: Option<Duration>,
+    burst: u32,
+    /// When the bucket is full again: each accept moves it one interval on.
+    full_at: tokio::time::Instant,
+}
+
+impl AcceptPacer {
+    pub(crate) fn new(rate: f64, burst: u32) -> AcceptPacer {
+        AcceptPacer {
+            every: (rate > 0.0 && rate.is_finite()).then(|| Duration::from_secs_f64(1.0 / rate)),
+            burst: burst.max(1),
+            full_at: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Waits until one more connection may be accepted, and counts it.
+    pub(crate) async fn pace(&mut self) {
+        let Some(every) = self.every else {
+            return;
+        };
+        let now = tokio::time::Instant::now();
+        // An empty bucket is `burst` intervals of debt; a full one is none.
+        let full_at = self.full_at.max(now);
+        let allowed_debt = every * (self.burst - 1);
+        if full_at > now + allowed_debt {
+            tokio::time::sleep_until(full_at - allowed_debt).await;
+        }
+        self.full_at = full_at + every;
+    }
+}
+
 /// Binds the CONNECT Unix socket with mode 0770 (owner and group, as Konnectivity's server
 /// sets it): bound under a temporary name, given its mode, then renamed into place, so no
 /// client can connect while it has the umask's mode.
@@ -488,10 +529,14 @@ async fn accept_agents(core: Arc<ServerCore>, l: TcpListener, cfg: Arc<ServerCon
     // Unauthenticated connections cost a task, a TLS state and a session each: at most
     // `max_handshakes` at once; the rest wait in the kernel's backlog (docs/SECURITY.md).
     let handshakes = Arc::new(tokio::sync::Semaphore::new(cfg.max_handshakes.max(1)));
+    let mut pacer = AcceptPacer::new(cfg.agent_accept_rate, cfg.agent_accept_burst);
     loop {
         let Ok(permit) = handshakes.clone().acquire_owned().await else {
             return;
         };
+        // A reconnect storm (every agent at once after a restart) is taken at a steady rate;
+        // the rest wait in the kernel's backlog, or retry.
+        pacer.pace().await;
         let Ok((tcp, peer)) = l.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
@@ -866,4 +911,41 @@ pub(crate) async fn respond<S: AsyncRead + AsyncWrite + Unpin>(
     let _ = s.write_all(head.as_bytes()).await;
     let _ = s.write_all(body.as_bytes()).await;
     let _ = s.shutdown().await;
+}
+
+#[cfg(test)]
+mod pacer_tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn accepts_come_in_a_burst_then_at_the_rate() {
+        let start = tokio::time::Instant::now();
+        let mut p = AcceptPacer::new(10.0, 5);
+        let mut at = Vec::new();
+        for _ in 0..25 {
+            p.pace().await;
+            at.push(start.elapsed());
+        }
+        // The first five at once, then one every 100 ms.
+        assert!(at[..5].iter().all(|t| t.is_zero()), "{at:?}");
+        assert_eq!(at[5], Duration::from_millis(100));
+        assert_eq!(at[24], Duration::from_millis(2000));
+        // Idle for a while, the bucket fills up again, but no further than the burst.
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let again = tokio::time::Instant::now();
+        for _ in 0..6 {
+            p.pace().await;
+        }
+        assert_eq!(again.elapsed(), Duration::from_millis(100));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rate_of_zero_does_not_pace() {
+        let start = tokio::time::Instant::now();
+        let mut p = AcceptPacer::new(0.0, 1);
+        for _ in 0..1000 {
+            p.pace().await;
+        }
+        assert!(start.elapsed().is_zero());
+    }
 }

@@ -1,9 +1,10 @@
 //! Connected agents, and routing a destination to one of them (docs/ARCHITECTURE.md).
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock};
 
 use ipnet::IpNet;
 use tether_proto::frame::Identifier;
@@ -58,42 +59,153 @@ struct Entry {
     tunnel: Tunnel,
 }
 
+/// A snapshot of the registered agents, indexed for routing: a dial looks its destination up
+/// in a hash map instead of scanning every agent (docs/ARCHITECTURE.md, "Routing").
+/// Snapshots are immutable; a registration builds the next one.
+#[derive(Default)]
+struct Index {
+    /// Every registration, oldest first.
+    entries: Vec<Arc<Entry>>,
+    routes: Routes,
+}
+
+/// Entry positions by what their agents announced.
+#[derive(Default)]
+struct Routes {
+    /// `host` identifiers, ASCII-lowercased, to the entries that announced them.
+    by_host: HashMap<Box<str>, Vec<u32>>,
+    /// `ipv4` and `ipv6` identifiers.
+    by_ip: HashMap<IpAddr, Vec<u32>>,
+    /// `cidr` identifiers (few: one per agent that announces a range), scanned.
+    cidrs: Vec<(IpNet, u32)>,
+    /// Agents that announced the default route.
+    default_route: Vec<u32>,
+}
+
+impl Routes {
+    fn build<'a>(identifiers: impl Iterator<Item = &'a [Identifier]>) -> Routes {
+        let mut ix = Routes::default();
+        for (i, ids) in identifiers.enumerate() {
+            let i = u32::try_from(i).unwrap_or(u32::MAX);
+            for id in ids {
+                match id {
+                    Identifier::Host(h) => ix
+                        .by_host
+                        .entry(h.to_ascii_lowercase().into())
+                        .or_default()
+                        .push(i),
+                    Identifier::Ipv4(a) => ix.by_ip.entry(IpAddr::V4(*a)).or_default().push(i),
+                    Identifier::Ipv6(a) => ix.by_ip.entry(IpAddr::V6(*a)).or_default().push(i),
+                    //= SPEC §3.4.1
+                    //# a receiver uses the network they name (`10.1.0.0/16`) and MUST NOT treat the host
+                    //# bits as an error.
+                    Identifier::Cidr(addr, prefix) => {
+                        if let Ok(net) = IpNet::new(*addr, *prefix) {
+                            ix.cidrs.push((net.trunc(), i));
+                        }
+                    }
+                    Identifier::DefaultRoute => ix.default_route.push(i),
+                    Identifier::Unknown(..) => {}
+                }
+            }
+        }
+        ix
+    }
+}
+
+impl Index {
+    fn build(entries: Vec<Arc<Entry>>) -> Index {
+        let routes = Routes::build(entries.iter().map(|e| &e.identifiers[..]));
+        Index { entries, routes }
+    }
+
+    /// The `turn`-th usable entry among `candidates`, without allocating: usable ones are
+    /// counted, then the chosen one found.
+    fn pick(
+        &self,
+        candidates: impl Iterator<Item = u32> + Clone,
+        turn: usize,
+    ) -> Option<&Arc<Entry>> {
+        let usable = |i: u32| {
+            self.entries
+                .get(i as usize)
+                .filter(|e| e.tunnel.is_usable())
+        };
+        let n = candidates.clone().filter_map(usable).count();
+        if n == 0 {
+            return None;
+        }
+        candidates.filter_map(usable).nth(turn % n)
+    }
+}
+
+/// Candidates for `host` by `destHost`: the agents that announced it as a name, as an
+/// address, or a range holding the address (each at most once per identifier it matched).
+fn dest_host_candidates<'a>(
+    ix: &'a Routes,
+    host: &str,
+    ip: Option<IpAddr>,
+) -> impl Iterator<Item = u32> + Clone + 'a {
+    let by_ip = ip.and_then(|ip| ix.by_ip.get(&ip)).map(Vec::as_slice);
+    let by_cidr = ix
+        .cidrs
+        .iter()
+        .filter(move |(net, _)| ip.is_some_and(|ip| net.contains(&ip)))
+        .map(|(_, i)| *i);
+    // Names are stored lowercased; a host that is already lowercase (the usual case) is looked
+    // up without allocating.
+    let by_host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        ix.by_host.get(host.to_ascii_lowercase().as_str())
+    } else {
+        ix.by_host.get(host)
+    }
+    .map(Vec::as_slice);
+    by_host
+        .unwrap_or_default()
+        .iter()
+        .chain(by_ip.unwrap_or_default())
+        .copied()
+        .chain(by_cidr)
+}
+
 /// The agents connected to this server.
+///
+/// The dial path reads an immutable, indexed snapshot: it takes the lock only to clone an
+/// `Arc`, so dials never wait on each other or on a scan; registrations (rare next to dials)
+/// build the next snapshot under the lock.
 #[derive(Default)]
 pub struct Registry {
-    agents: Mutex<Vec<Entry>>,
+    index: RwLock<Arc<Index>>,
     next_conn: AtomicU64,
     turn: AtomicUsize,
 }
 
-fn matches_host(id: &Identifier, host: &str, ip: Option<IpAddr>) -> bool {
-    match id {
-        Identifier::Host(h) => h.eq_ignore_ascii_case(host),
-        Identifier::Ipv4(a) => ip == Some(IpAddr::V4(*a)),
-        Identifier::Ipv6(a) => ip == Some(IpAddr::V6(*a)),
-        //= SPEC §3.4.1
-        //# a receiver uses the network they name (`10.1.0.0/16`) and MUST NOT treat the host
-        //# bits as an error.
-        Identifier::Cidr(addr, prefix) => match (IpNet::new(*addr, *prefix), ip) {
-            (Ok(net), Some(ip)) => net.trunc().contains(&ip),
-            _ => false,
-        },
-        Identifier::DefaultRoute | Identifier::Unknown(..) => false,
-    }
-}
-
 impl Registry {
+    fn snapshot(&self) -> Arc<Index> {
+        self.index
+            .read()
+            .map(|g| g.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// Builds the next snapshot from the current entries, changed by `f`.
+    fn update(&self, f: impl FnOnce(&mut Vec<Arc<Entry>>)) {
+        let mut g = self.index.write().unwrap_or_else(|p| p.into_inner());
+        let mut entries = g.entries.clone();
+        f(&mut entries);
+        *g = Arc::new(Index::build(entries));
+    }
+
     /// Adds an agent's tunnel; returns its registration number.
     pub fn add(&self, agent_id: String, identifiers: Vec<Identifier>, tunnel: Tunnel) -> u64 {
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
-        if let Ok(mut a) = self.agents.lock() {
-            a.push(Entry {
-                conn,
-                agent_id: agent_id.into(),
-                identifiers,
-                tunnel,
-            });
-        }
+        let entry = Arc::new(Entry {
+            conn,
+            agent_id: agent_id.into(),
+            identifiers,
+            tunnel,
+        });
+        self.update(|entries| entries.push(entry));
         conn
     }
 
@@ -103,15 +215,14 @@ impl Registry {
     /// peer that ignores GOAWAY cannot pile tunnels up. Ids compare without ASCII case, as a
     /// certificate's DNS names do.
     pub fn over_cap(&self, agent_id: &str, cap: usize) -> (Vec<Tunnel>, Vec<Tunnel>) {
-        let Ok(a) = self.agents.lock() else {
-            return (Vec::new(), Vec::new());
-        };
+        let ix = self.snapshot();
         let cap = cap.max(1);
-        let mine: Vec<&Entry> = a
+        let mine: Vec<&Arc<Entry>> = ix
+            .entries
             .iter()
             .filter(|e| e.agent_id.eq_ignore_ascii_case(agent_id))
             .collect();
-        let usable: Vec<&&Entry> = mine.iter().filter(|e| e.tunnel.is_usable()).collect();
+        let usable: Vec<&&Arc<Entry>> = mine.iter().filter(|e| e.tunnel.is_usable()).collect();
         let drain = usable[..usable.len().saturating_sub(cap)]
             .iter()
             .map(|e| e.tunnel.clone())
@@ -125,14 +236,12 @@ impl Registry {
 
     /// Removes a registration (its tunnel ended).
     pub fn remove(&self, conn: u64) {
-        if let Ok(mut a) = self.agents.lock() {
-            a.retain(|e| e.conn != conn);
-        }
+        self.update(|entries| entries.retain(|e| e.conn != conn));
     }
 
     /// Agents registered.
     pub fn len(&self) -> usize {
-        self.agents.lock().map(|a| a.len()).unwrap_or(0)
+        self.snapshot().entries.len()
     }
 
     /// Whether no agent is registered.
@@ -142,59 +251,54 @@ impl Registry {
 
     /// Per agent id: its tunnels and the streams open on them.
     pub fn per_agent(&self) -> Vec<(String, usize, usize)> {
-        // Copied out under the lock; counted after it, so a scrape never holds up `route`.
-        let entries: Vec<(String, Tunnel)> = self
-            .agents
-            .lock()
-            .map(|a| {
-                a.iter()
-                    .map(|e| (e.agent_id.to_string(), e.tunnel.clone()))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let mut by_id: std::collections::HashMap<String, (usize, usize)> =
-            std::collections::HashMap::new();
-        for (id, tunnel) in entries {
-            let row = by_id.entry(id).or_default();
+        let ix = self.snapshot();
+        let mut by_id: HashMap<&str, (usize, usize)> = HashMap::new();
+        for e in &ix.entries {
+            let row = by_id.entry(&e.agent_id).or_default();
             row.0 += 1;
-            row.1 += tunnel.stream_count();
+            row.1 += e.tunnel.stream_count();
         }
-        let mut out: Vec<(String, usize, usize)> =
-            by_id.into_iter().map(|(id, (t, s))| (id, t, s)).collect();
+        let mut out: Vec<(String, usize, usize)> = by_id
+            .into_iter()
+            .map(|(id, (t, s))| (id.to_owned(), t, s))
+            .collect();
         out.sort();
         out
     }
 
     /// The ids of the registered agents.
     pub fn agent_ids(&self) -> Vec<String> {
-        self.agents
-            .lock()
-            .map(|a| a.iter().map(|e| e.agent_id.to_string()).collect())
-            .unwrap_or_default()
+        self.snapshot()
+            .entries
+            .iter()
+            .map(|e| e.agent_id.to_string())
+            .collect()
     }
 
     /// The tunnel to use for `host`, by the first strategy that finds a usable agent; among
-    /// several, the next in turn. With the agent's id, for logs.
+    /// several, the next in turn. With the agent's id, for logs. Costs a hash lookup and a
+    /// look at the matching agents, whatever the number of agents; allocates nothing.
     pub fn route(&self, host: &str, strategies: &[Strategy]) -> Option<(Tunnel, Arc<str>)> {
-        let agents = self.agents.lock().ok()?;
+        let ix = self.snapshot();
         let ip = host
             .trim_start_matches('[')
             .trim_end_matches(']')
             .parse::<IpAddr>()
             .ok();
         for s in strategies {
-            let candidates: Vec<&Entry> = agents
-                .iter()
-                .filter(|e| e.tunnel.is_usable())
-                .filter(|e| match s {
-                    Strategy::DestHost => e.identifiers.iter().any(|i| matches_host(i, host, ip)),
-                    Strategy::DefaultRoute => e.identifiers.contains(&Identifier::DefaultRoute),
-                    Strategy::Default => true,
-                })
-                .collect();
-            if !candidates.is_empty() {
-                let n = self.turn.fetch_add(1, Ordering::Relaxed);
-                let e = candidates[n % candidates.len()];
+            let turn = self.turn.fetch_add(1, Ordering::Relaxed);
+            let found = match s {
+                Strategy::DestHost => ix.pick(dest_host_candidates(&ix.routes, host, ip), turn),
+                Strategy::DefaultRoute => ix.pick(ix.routes.default_route.iter().copied(), turn),
+                Strategy::Default => {
+                    // Any usable agent: from the one in turn onwards, the first usable.
+                    let n = ix.entries.len();
+                    (0..n)
+                        .map(|k| &ix.entries[(turn + k) % n])
+                        .find(|e| e.tunnel.is_usable())
+                }
+            };
+            if let Some(e) = found {
                 return Some((e.tunnel.clone(), e.agent_id.clone()));
             }
         }
@@ -203,16 +307,105 @@ impl Registry {
 
     /// Every registered tunnel.
     pub fn tunnels(&self) -> Vec<Tunnel> {
-        self.agents
-            .lock()
-            .map(|a| a.iter().map(|e| e.tunnel.clone()).collect())
-            .unwrap_or_default()
+        self.snapshot()
+            .entries
+            .iter()
+            .map(|e| e.tunnel.clone())
+            .collect()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The reference: whether one identifier matches a destination, checked one by one.
+    fn matches_host(id: &Identifier, host: &str, ip: Option<IpAddr>) -> bool {
+        match id {
+            Identifier::Host(h) => h.eq_ignore_ascii_case(host),
+            Identifier::Ipv4(a) => ip == Some(IpAddr::V4(*a)),
+            Identifier::Ipv6(a) => ip == Some(IpAddr::V6(*a)),
+            Identifier::Cidr(addr, prefix) => match (IpNet::new(*addr, *prefix), ip) {
+                (Ok(net), Some(ip)) => net.trunc().contains(&ip),
+                _ => false,
+            },
+            Identifier::DefaultRoute | Identifier::Unknown(..) => false,
+        }
+    }
+
+    /// The index finds exactly the agents a scan of every agent's identifiers finds.
+    #[test]
+    #[allow(clippy::cast_possible_truncation)] // small random numbers, under each type's range
+    fn dest_host_lookups_find_exactly_what_a_scan_of_every_agent_finds() {
+        use std::net::{Ipv4Addr, Ipv6Addr};
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let names = ["node-1", "Node-2", "node-3.example", "10.0.0.1"];
+        for _ in 0..200 {
+            let agents: Vec<Vec<Identifier>> = (0..next(12))
+                .map(|_| {
+                    (0..next(4))
+                        .map(|_| match next(6) {
+                            0 => Identifier::Host(names[next(4) as usize].into()),
+                            1 => Identifier::Ipv4(Ipv4Addr::new(10, 0, 0, next(4) as u8)),
+                            2 => Identifier::Ipv6(Ipv6Addr::new(
+                                0xfd00,
+                                0,
+                                0,
+                                0,
+                                0,
+                                0,
+                                0,
+                                next(3) as u16,
+                            )),
+                            3 => Identifier::Cidr(
+                                std::net::IpAddr::V4(Ipv4Addr::new(10, 0, next(2) as u8, 7)),
+                                [8, 16, 24, 32][next(4) as usize],
+                            ),
+                            4 => Identifier::DefaultRoute,
+                            _ => Identifier::Host("NODE-1".into()),
+                        })
+                        .collect()
+                })
+                .collect();
+            let routes = Routes::build(agents.iter().map(|a| &a[..]));
+            for host in [
+                "node-1",
+                "NODE-1",
+                "node-2",
+                "node-3.example",
+                "10.0.0.1",
+                "10.0.0.2",
+                "10.0.1.9",
+                "11.0.0.1",
+                "fd00::1",
+                "[fd00::2]",
+                "other",
+            ] {
+                let ip = host
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse::<IpAddr>()
+                    .ok();
+                let mut found: Vec<u32> = dest_host_candidates(&routes, host, ip).collect();
+                found.sort_unstable();
+                found.dedup();
+                let scan: Vec<u32> = (0..agents.len() as u32)
+                    .filter(|i| {
+                        agents[*i as usize]
+                            .iter()
+                            .any(|id| matches_host(id, host, ip))
+                    })
+                    .collect();
+                assert_eq!(found, scan, "{host} in {agents:?}");
+            }
+        }
+    }
 
     #[test]
     fn strategies_parse_in_order_and_none_at_all_is_refused() {

@@ -1,0 +1,454 @@
+//! The fleet runner: how a server's cost grows with its agents. One real `tether-server`
+//! process; N agents from the library in this process, each with its own TLS tunnel, agent id
+//! (`agent-i`) and identifiers (`host=agent-i`, `ipv4=127.1.x.y`), and each before its own
+//! backend listening on its own loopback address. For each N it measures the server's memory
+//! per idle tunnel, its CPU per idle tunnel per second (keepalives), the dial rate and
+//! latency through the CONNECT frontend (Unix socket) with `destHost` routing to agents
+//! chosen at random, and the time for all N to come back after the server is killed and
+//! restarted (the reconnect storm, paced by `--agent-accept-rate`). At the largest N it holds
+//! many idle streams at once. Prints markdown and writes SVG plots (docs/BENCHMARKS.md).
+//!
+//! `cargo run -p tether-bench --release --bin fleet [-- --agents 1,10,100,1000,5000]
+//! [--streams 100000] [--plots DIR] [--quick]`
+#![allow(clippy::print_stdout)]
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tether::agent::{Agent, AgentConfig, AgentMetrics, Allowlist};
+use tether::tls;
+use tether_bench::procs::{Error, Proc, binaries, cpu_seconds, free_port, metric, rss_kib};
+use tether_bench::{Pki, backend_on, quantile};
+use tether_proto::frame::Identifier;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, UnixStream};
+
+/// Agent i's loopback address: 127.1.0.1, 127.1.0.2, ... (every 127/8 address is local).
+fn ip_of(i: usize) -> Ipv4Addr {
+    let i = u32::try_from(i).unwrap_or(u32::MAX);
+    Ipv4Addr::new(
+        127,
+        1,
+        u8::try_from(i / 250).unwrap_or(255),
+        u8::try_from(i % 250 + 1).unwrap_or(255),
+    )
+}
+
+struct Setup {
+    bin: PathBuf,
+    dir: PathBuf,
+    agent_port: u16,
+    health_port: u16,
+    socket: PathBuf,
+    backend_port: u16,
+    accept_rate: u32,
+}
+
+impl Setup {
+    fn health(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.health_port))
+    }
+
+    fn start_server(&self) -> Result<Proc, Error> {
+        let _ = std::fs::remove_file(&self.socket);
+        Ok(Proc {
+            child: Command::new(self.bin.join("tether-server"))
+                .args(["--agent-bind-address", "127.0.0.1"])
+                .args(["--agent-port", &self.agent_port.to_string()])
+                .args(["--health-port", &self.health_port.to_string()])
+                .arg("--uds-name")
+                .arg(&self.socket)
+                .arg("--cluster-cert")
+                .arg(self.dir.join("server.pem"))
+                .arg("--cluster-key")
+                .arg(self.dir.join("server-key.pem"))
+                .arg("--agent-tokens-file")
+                .arg(self.dir.join("tokens"))
+                .args(["--proxy-strategies", "destHost,default"])
+                .args(["--agent-accept-rate", &self.accept_rate.to_string()])
+                .args(["--max-pending-handshakes", "256"])
+                .env("RUST_LOG", "error")
+                .stdout(Stdio::null())
+                .spawn()?,
+        })
+    }
+
+    /// Waits until the server answers on its health port.
+    async fn wait_up(&self) -> bool {
+        for _ in 0..500 {
+            if metric(self.health(), "tether_agents").await.is_some() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
+    /// Waits until `n` agents are connected, at most `limit`; returns the time it took and
+    /// the most agents that connected within any one second.
+    async fn wait_agents(&self, n: usize, limit: Duration) -> Option<(Duration, f64)> {
+        let start = Instant::now();
+        let mut samples: Vec<(Instant, f64)> = Vec::new();
+        while start.elapsed() < limit {
+            let now = metric(self.health(), "tether_agents").await.unwrap_or(0.0);
+            samples.push((Instant::now(), now));
+            if now >= n as f64 {
+                let mut peak = 0.0f64;
+                for (i, (t, c)) in samples.iter().enumerate() {
+                    let before = samples[..i]
+                        .iter()
+                        .rev()
+                        .find(|(u, _)| t.duration_since(*u) >= Duration::from_secs(1))
+                        .map_or(0.0, |(_, c0)| *c0);
+                    peak = peak.max(c - before);
+                }
+                return Some((start.elapsed(), peak));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        None
+    }
+}
+
+/// One CONNECT through the Unix socket to `target`; returns the stream after the 200.
+async fn connect(socket: &Path, target: SocketAddr) -> std::io::Result<UnixStream> {
+    let mut s = UnixStream::connect(socket).await?;
+    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
+        .await?;
+    let mut head = Vec::with_capacity(64);
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut b).await? == 0 || head.len() > 1024 {
+            return Err(std::io::Error::other("no answer"));
+        }
+        head.push(b[0]);
+    }
+    if !head.starts_with(b"HTTP/1.1 200") {
+        return Err(std::io::Error::other(
+            String::from_utf8_lossy(&head).into_owned(),
+        ));
+    }
+    Ok(s)
+}
+
+/// `count` dials, `concurrency` at a time, each to an agent chosen at random, timed from the
+/// connection to the first echoed byte; returns the sorted latencies and the dials per second.
+async fn dials(
+    socket: &Path,
+    n: usize,
+    backend_port: u16,
+    concurrency: usize,
+    count: usize,
+) -> Result<(Vec<Duration>, f64), Error> {
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let socket = socket.to_path_buf();
+        tasks.push(tokio::spawn(async move {
+            let mut out = Vec::with_capacity(count / concurrency);
+            for _ in 0..count / concurrency {
+                let i = rand::random_range(0..n);
+                let t = Instant::now();
+                let mut s = connect(&socket, SocketAddr::from((ip_of(i), backend_port))).await?;
+                s.write_all(b"E\0\0\0\0\0\0\0\0x").await?;
+                let mut b = [0u8; 1];
+                s.read_exact(&mut b).await?;
+                out.push(t.elapsed());
+            }
+            Ok::<_, std::io::Error>(out)
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    let rate = all.len() as f64 / start.elapsed().as_secs_f64();
+    all.sort();
+    Ok((all, rate))
+}
+
+struct Row {
+    n: usize,
+    connect_s: f64,
+    rss_mib: f64,
+    per_tunnel_kib: f64,
+    cpu_us_per_tunnel_s: f64,
+    dial_rate: f64,
+    p50_us: f64,
+    p99_us: f64,
+    storm_s: f64,
+    storm_peak: f64,
+}
+
+fn svg(path: &Path, title: &str, y: &str, series: &[(&str, Vec<(f64, f64)>)]) -> Result<(), Error> {
+    use plotters::prelude::*;
+    let root = SVGBackend::new(path, (640, 400)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let xmax = series
+        .iter()
+        .flat_map(|(_, s)| s.iter().map(|p| p.0))
+        .fold(1.0f64, f64::max);
+    let ymax = series
+        .iter()
+        .flat_map(|(_, s)| s.iter().map(|p| p.1))
+        .fold(0.0f64, f64::max)
+        * 1.2
+        + 1e-9;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(64)
+        .build_cartesian_2d((1f64..xmax * 1.5).log_scale(), 0f64..ymax)?;
+    chart
+        .configure_mesh()
+        .x_desc("agents (log scale)")
+        .y_desc(y)
+        .draw()?;
+    for (k, (name, points)) in series.iter().enumerate() {
+        let color = Palette99::pick(k).mix(0.9);
+        chart
+            .draw_series(LineSeries::new(
+                points.iter().copied(),
+                color.stroke_width(2),
+            ))?
+            .label(*name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
+        chart.draw_series(points.iter().map(|p| Circle::new(*p, 3, color.filled())))?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<(), Error> {
+    let args: Vec<String> = std::env::args().collect();
+    let arg = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let quick = args.iter().any(|a| a == "--quick");
+    let sizes: Vec<usize> = arg("--agents")
+        .unwrap_or_else(|| {
+            if quick {
+                "1,10,100".into()
+            } else {
+                "1,10,100,1000,5000".into()
+            }
+        })
+        .split(',')
+        .map(|s| s.trim().parse())
+        .collect::<Result<_, _>>()?;
+    let streams: usize = arg("--streams")
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(if quick { 2000 } else { 100_000 });
+    let plots = arg("--plots").map(PathBuf::from);
+    // Every agent, client and backend socket of the fleet is in this process, and the
+    // server (a child, which inherits the limit) holds one per stream: raise the hard limit
+    // where allowed (root), else the soft one to the hard.
+    let want = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1 << 20);
+    if rlimit::setrlimit(rlimit::Resource::NOFILE, want, want).is_err()
+        && let Err(e) = rlimit::increase_nofile_limit(u64::MAX)
+    {
+        eprintln!("could not raise the open file limit: {e}");
+    }
+    let (soft, _) = rlimit::getrlimit(rlimit::Resource::NOFILE)?;
+    eprintln!("open file limit: {soft}");
+
+    let bin = match arg("--bin-dir") {
+        Some(d) => PathBuf::from(d),
+        None => binaries()?,
+    };
+    let dir = std::env::temp_dir().join(format!("tether-fleet-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let pki = Pki::default();
+    std::fs::write(dir.join("server.pem"), &pki.server.cert)?;
+    std::fs::write(dir.join("server-key.pem"), &pki.server.key)?;
+    std::fs::write(dir.join("tokens"), "fleet-token *\n")?;
+    std::fs::write(dir.join("token"), "fleet-token")?;
+    let setup = Setup {
+        bin,
+        agent_port: free_port()?,
+        health_port: free_port()?,
+        socket: dir.join("connect.socket"),
+        backend_port: free_port()?,
+        accept_rate: 1000,
+        dir: dir.clone(),
+    };
+    let client_tls = tls::client_config(pki.ca.pem.cert.as_bytes(), None)?;
+    let metrics = Arc::new(AgentMetrics::new());
+    let mut rows = Vec::new();
+    let max_n = sizes.iter().copied().max().unwrap_or(1);
+    // One backend per agent address, shared by every size.
+    for i in 0..max_n {
+        let l = TcpListener::bind(SocketAddr::from((ip_of(i), setup.backend_port))).await?;
+        backend_on(l);
+    }
+    println!(
+        "| agents | all connected after start | server RSS | RSS per tunnel | CPU per idle tunnel | dials/s | dial p50 | dial p99 | back after a restart | most agents back in 1 s |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    for &n in &sizes {
+        let mut server = setup.start_server()?;
+        if !setup.wait_up().await {
+            return Err("the server did not start".into());
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let base = rss_kib(server.pid())?;
+        let started = Instant::now();
+        let agents: Vec<Agent> = (0..n)
+            .map(|i| {
+                let mut c = AgentConfig::new(
+                    vec![format!("127.0.0.1:{}", setup.agent_port)],
+                    client_tls.clone(),
+                    format!("agent-{i}"),
+                );
+                c.server_name = Some("localhost".into());
+                c.identifiers = vec![
+                    Identifier::Host(format!("agent-{i}")),
+                    Identifier::Ipv4(ip_of(i)),
+                ];
+                c.token_path = Some(dir.join("token"));
+                c.allowlist = Allowlist::parse("127.0.0.0/8").expect("static allowlist");
+                c.metrics = metrics.clone();
+                Agent::start(c)
+            })
+            .collect();
+        let Some((connect_time, _)) = setup.wait_agents(n, Duration::from_secs(300)).await else {
+            return Err(format!("{n} agents did not all connect").into());
+        };
+        let _ = started;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let rss = rss_kib(server.pid())?;
+        let idle = if quick { 5 } else { 15 };
+        let c0 = cpu_seconds(server.pid())?;
+        tokio::time::sleep(Duration::from_secs(idle)).await;
+        let c1 = cpu_seconds(server.pid())?;
+        let (lat, rate) = dials(
+            &setup.socket,
+            n,
+            setup.backend_port,
+            16,
+            if quick { 800 } else { 4000 },
+        )
+        .await?;
+        // The reconnect storm: the server dies and comes back on the same ports.
+        drop(server);
+        server = setup.start_server()?;
+        let Some((storm, peak)) = setup.wait_agents(n, Duration::from_secs(300)).await else {
+            return Err(format!("{n} agents did not all come back").into());
+        };
+        let row = Row {
+            n,
+            connect_s: connect_time.as_secs_f64(),
+            rss_mib: rss as f64 / 1024.0,
+            per_tunnel_kib: rss.saturating_sub(base) as f64 / n as f64,
+            cpu_us_per_tunnel_s: (c1 - c0) / idle as f64 / n as f64 * 1e6,
+            dial_rate: rate,
+            p50_us: quantile(&lat, 500).as_secs_f64() * 1e6,
+            p99_us: quantile(&lat, 990).as_secs_f64() * 1e6,
+            storm_s: storm.as_secs_f64(),
+            storm_peak: peak,
+        };
+        println!(
+            "| {} | {:.1} s | {:.1} MiB | {:.1} KiB | {:.1} µs/s | {:.0} | {:.0} µs | {:.0} µs | {:.1} s | {:.0} |",
+            row.n,
+            row.connect_s,
+            row.rss_mib,
+            row.per_tunnel_kib,
+            row.cpu_us_per_tunnel_s,
+            row.dial_rate,
+            row.p50_us,
+            row.p99_us,
+            row.storm_s,
+            row.storm_peak
+        );
+        rows.push(row);
+        if n == max_n && streams > 0 {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let before_server = rss_kib(server.pid())?;
+            let before_here = rss_kib(std::process::id())?;
+            let socket = setup.socket.clone();
+            let mut held = Vec::with_capacity(streams);
+            let mut opening = tokio::task::JoinSet::new();
+            let mut next = 0usize;
+            while held.len() < streams {
+                while opening.len() < 256 && next < streams {
+                    let socket = socket.clone();
+                    let target = SocketAddr::from((ip_of(next % n), setup.backend_port));
+                    opening.spawn(async move {
+                        let mut s = connect(&socket, target).await?;
+                        s.write_all(b"E\0\0\0\0\0\0\0\0").await?;
+                        Ok::<_, std::io::Error>(s)
+                    });
+                    next += 1;
+                }
+                match opening.join_next().await {
+                    Some(r) => held.push(r??),
+                    None => break,
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            let after_server = rss_kib(server.pid())?;
+            let after_here = rss_kib(std::process::id())?;
+            println!(
+                "\n{} idle streams over {n} agents: server RSS {:.1} → {:.1} MiB ({:.1} KiB per stream); this process (the agents, and also every client and backend socket) {:.1} → {:.1} MiB ({:.1} KiB per stream); together {:.2} GiB\n",
+                held.len(),
+                before_server as f64 / 1024.0,
+                after_server as f64 / 1024.0,
+                after_server.saturating_sub(before_server) as f64 / held.len() as f64,
+                before_here as f64 / 1024.0,
+                after_here as f64 / 1024.0,
+                after_here.saturating_sub(before_here) as f64 / held.len() as f64,
+                (after_server + after_here) as f64 / 1024.0 / 1024.0,
+            );
+            drop(held);
+        }
+        for a in &agents {
+            a.drain(Duration::ZERO).await;
+        }
+        drop(agents);
+        drop(server);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    if let Some(out) = plots {
+        std::fs::create_dir_all(&out)?;
+        let pts =
+            |f: &dyn Fn(&Row) -> f64| rows.iter().map(|r| (r.n as f64, f(r))).collect::<Vec<_>>();
+        svg(
+            &out.join("fleet-memory.svg"),
+            "Server memory per idle agent tunnel",
+            "KiB per tunnel",
+            &[("RSS growth / agents", pts(&|r| r.per_tunnel_kib))],
+        )?;
+        svg(
+            &out.join("fleet-dial.svg"),
+            "Dial latency through CONNECT, destHost to a random agent",
+            "µs",
+            &[("p50", pts(&|r| r.p50_us)), ("p99", pts(&|r| r.p99_us))],
+        )?;
+        svg(
+            &out.join("fleet-reconnect.svg"),
+            "All agents back after a server restart",
+            "seconds",
+            &[("reconnect storm", pts(&|r| r.storm_s))],
+        )?;
+        eprintln!("plots written to {}", out.display());
+    }
+    let _ = std::fs::remove_dir_all(dir);
+    Ok(())
+}
