@@ -121,6 +121,9 @@ pub enum Via {
     Dial(Arc<Server>),
     /// Through yamux over TLS; every stream is forwarded to the backend.
     Yamux(YamuxClient),
+    /// Through a tether server's HTTP CONNECT frontend over TLS at this address, as a client
+    /// with this configuration connects (`true`: it keeps sessions and resumes them).
+    TetherTls(SocketAddr, Arc<tokio_rustls::rustls::ClientConfig>, bool),
     /// Through a tether server's gRPC frontend on this Unix socket, as kube-apiserver's
     /// GRPC egress opens it: a new channel (connection) per dial, one `Proxy` call on it.
     Grpc(std::path::PathBuf),
@@ -135,6 +138,8 @@ impl Via {
             Via::Dial(_) => "tether (dial API)",
             Via::Yamux(_) => "yamux",
             Via::Grpc(_) => "tether gRPC",
+            Via::TetherTls(_, _, true) => "tether TLS, resuming",
+            Via::TetherTls(_, _, false) => "tether TLS, full handshakes",
         }
     }
 
@@ -157,8 +162,57 @@ impl Via {
             )),
             Via::Yamux(c) => c.open().await,
             Via::Grpc(path) => grpc_open(path, backend).await,
+            Via::TetherTls(frontend, config, _) => {
+                tls_connect(*frontend, config.clone(), backend).await
+            }
         }
     }
+}
+
+/// A CONNECT over TLS: handshake (resumed if the configuration keeps sessions and has one),
+/// request, response head; then the TLS stream.
+async fn tls_connect(
+    frontend: SocketAddr,
+    config: Arc<tokio_rustls::rustls::ClientConfig>,
+    backend: SocketAddr,
+) -> io::Result<Box<dyn Io>> {
+    let tcp = TcpStream::connect(frontend).await?;
+    tcp.set_nodelay(true)?;
+    let name = rustls_pki_types::ServerName::try_from("localhost").map_err(io::Error::other)?;
+    let mut s = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await?;
+    s.write_all(format!("CONNECT {backend} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
+        .await?;
+    s.flush().await?;
+    let mut head = Vec::with_capacity(64);
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut b).await? == 0 || head.len() > 1024 {
+            return Err(io::Error::other("the frontend closed the CONNECT"));
+        }
+        head.push(b[0]);
+    }
+    if !head.starts_with(b"HTTP/1.1 200") {
+        return Err(io::Error::other(
+            String::from_utf8_lossy(&head).into_owned(),
+        ));
+    }
+    Ok(Box::new(s))
+}
+
+/// TLS client configurations for the CONNECT frontend: one that resumes sessions (rustls's
+/// default in-memory cache) and one that always makes a full handshake.
+pub fn frontend_clients(
+    pki: &Pki,
+) -> io::Result<(
+    Arc<tokio_rustls::rustls::ClientConfig>,
+    Arc<tokio_rustls::rustls::ClientConfig>,
+)> {
+    let resuming = tls::client_config(pki.ca.pem.cert.as_bytes(), None)?;
+    let mut fresh = (*resuming).clone();
+    fresh.resumption = tokio_rustls::rustls::client::Resumption::disabled();
+    Ok((resuming, Arc::new(fresh)))
 }
 
 /// A gRPC dial as a byte stream: a task moves bytes between the call and one end of an

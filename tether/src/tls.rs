@@ -143,6 +143,18 @@ impl ServerFiles {
     /// The server configuration built from the files, re-read when they change
     /// ([`crate::reload`]). Errors name the material and the file.
     pub fn load(&self, name: &str) -> Result<Reloadable<ServerConfig>, String> {
+        self.load_with(name, false)
+    }
+
+    /// [`ServerFiles::load`] for a frontend that clients connect to again and again (the
+    /// CONNECT frontend): with TLS 1.3 session tickets, so a client that keeps its session
+    /// resumes instead of a full handshake. The ticket key lives in memory and is new with
+    /// every load, so a reload (a new CA, say) ends every session made before it.
+    pub fn load_resumable(&self, name: &str) -> Result<Reloadable<ServerConfig>, String> {
+        self.load_with(name, true)
+    }
+
+    fn load_with(&self, name: &str, tickets: bool) -> Result<Reloadable<ServerConfig>, String> {
         let mut files = vec![self.cert.clone(), self.key.clone()];
         files.extend(self.client_ca.clone());
         let paths = files.clone();
@@ -154,9 +166,14 @@ impl ServerFiles {
                 roots(ca).map_err(|e| named(2, e))?;
             }
 
-            server_config(&b[0], &b[1], b.get(2).map(Vec::as_slice))
+            let mut config = server_config(&b[0], &b[1], b.get(2).map(Vec::as_slice))
                 .map(Arc::unwrap_or_clone)
-                .map_err(|e| format!("{} and {}: {e}", paths[0].display(), paths[1].display()))
+                .map_err(|e| format!("{} and {}: {e}", paths[0].display(), paths[1].display()))?;
+            if tickets {
+                config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()
+                    .map_err(|e| format!("session tickets: {e}"))?;
+            }
+            Ok(config)
         })
     }
 }

@@ -15,16 +15,20 @@ use tether_bench::procs::{
     Error, Proc, anon_kib, binaries, cpu_seconds, free_port, ready, rss_kib,
 };
 use tether_bench::{
-    Pki, Via, backend, dial_latency, quantile, tether_in_process, throughput, yamux_pair,
+    Pki, Via, backend, dial_latency, frontend_clients, quantile, tether_in_process, throughput,
+    yamux_pair,
 };
 use tokio::io::AsyncWriteExt;
 
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 
+/// A server and an agent process. With `tls_frontend`, the CONNECT frontend on TCP is TLS
+/// (with session tickets, as the binary sets it up).
 async fn start_tether(
     bin: &Path,
     dir: &Path,
     pki: &Pki,
+    tls_frontend: bool,
 ) -> Result<(Proc, Proc, SocketAddr, PathBuf), Error> {
     let write = |name: &str, body: &str| -> Result<PathBuf, Error> {
         let p = dir.join(name);
@@ -53,6 +57,16 @@ async fn start_tether(
             ])
             .arg("--grpc-uds-name")
             .arg(dir.join("grpc.socket"))
+            .args(if tls_frontend {
+                vec![
+                    "--server-cert".into(),
+                    scert.clone().into_os_string(),
+                    "--server-key".into(),
+                    skey.clone().into_os_string(),
+                ]
+            } else {
+                Vec::new()
+            })
             .arg("--cluster-cert")
             .arg(&scert)
             .arg("--cluster-key")
@@ -132,7 +146,7 @@ async fn main() -> Result<(), Error> {
     std::fs::create_dir_all(&dir)?;
     let pki = Pki::default();
     let backend = backend().await?;
-    let (server, agent, frontend, grpc_socket) = start_tether(&bin, &dir, &pki).await?;
+    let (server, agent, frontend, grpc_socket) = start_tether(&bin, &dir, &pki, false).await?;
     let yamux = yamux_pair(&pki, backend).await?;
     // Idle: before any transfer has grown the allocators' pools.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -291,6 +305,59 @@ async fn main() -> Result<(), Error> {
             "| per idle gRPC call, each on its own channel ({} held, minus the RSS before) | {:.1} KiB |",
             n / 2,
             after.saturating_sub(before) as f64 / (n / 2) as f64
+        );
+        drop(held);
+    }
+
+    if run("tls") {
+        println!(
+            "\n## The TLS CONNECT frontend (session tickets; a client that resumes and one that does not)\n"
+        );
+        let tls_dir = dir.join("tls");
+        std::fs::create_dir_all(&tls_dir)?;
+        let (tls_server, _tls_agent, tls_frontend, _) =
+            start_tether(&bin, &tls_dir, &pki, true).await?;
+        let (resuming, fresh) = frontend_clients(&pki)?;
+        let tls_paths = [
+            paths[1].clone(),
+            Via::TetherTls(tls_frontend, resuming, true),
+            Via::TetherTls(tls_frontend, fresh, false),
+        ];
+        println!("| path | concurrency | dials | p50 | p99 | dials/s |");
+        println!("| --- | --- | --- | --- | --- | --- |");
+        for via in &tls_paths {
+            for (concurrency, count) in [
+                (1usize, if quick { 200 } else { 2000 }),
+                (64, if quick { 1280 } else { 6400 }),
+            ] {
+                let start = Instant::now();
+                let lat = dial_latency(via, backend, concurrency, count).await?;
+                let rate = lat.len() as f64 / start.elapsed().as_secs_f64();
+                println!(
+                    "| {} | {concurrency} | {} | {:.0} µs | {:.0} µs | {:.0} |",
+                    via.name(),
+                    lat.len(),
+                    quantile(&lat, 500).as_secs_f64() * 1e6,
+                    quantile(&lat, 990).as_secs_f64() * 1e6,
+                    rate
+                );
+            }
+        }
+        // Memory: 500 idle connections through the TLS frontend, server only.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let before = rss_kib(tls_server.pid())?;
+        let mut held = Vec::with_capacity(500);
+        for _ in 0..500 {
+            let mut s = tls_paths[1].open(backend).await?;
+            s.write_all(b"E\0\0\0\0\0\0\0\0").await?;
+            s.flush().await?;
+            held.push(s);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let after = rss_kib(tls_server.pid())?;
+        println!(
+            "\nServer memory per idle connection through the TLS frontend (500 held, minus the RSS before): {:.1} KiB",
+            after.saturating_sub(before) as f64 / 500.0
         );
         drop(held);
     }

@@ -340,7 +340,7 @@ impl ServerArgs {
                     key: k.clone(),
                     client_ca: self.server_ca_cert.clone(),
                 }
-                .load("CONNECT TLS (--server-cert, --server-key, --server-ca-cert)")?,
+                .load_resumable("CONNECT TLS (--server-cert, --server-key, --server-ca-cert)")?,
             ),
             _ => None,
         };

@@ -282,3 +282,42 @@ pub async fn forwarder(target: SocketAddr) -> Forwarder {
     });
     Forwarder { addr, frozen }
 }
+
+/// A round-robin TCP load balancer on loopback in front of `backends`, as HAProxy in TCP mode
+/// or a Kubernetes Service would stand before server replicas: each connection goes to the
+/// next backend that accepts it (one that refuses is skipped, as a failed health check
+/// would). Bytes are copied both ways until either side ends.
+pub struct Balancer {
+    pub addr: SocketAddr,
+}
+
+pub async fn balancer(backends: Vec<SocketAddr>) -> Balancer {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut turn = 0usize;
+        loop {
+            let Ok((mut inbound, _)) = l.accept().await else {
+                return;
+            };
+            let mut outbound = None;
+            for k in 0..backends.len() {
+                let b = backends[(turn + k) % backends.len()];
+                if let Ok(Ok(s)) =
+                    tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(b)).await
+                {
+                    turn = (turn + k + 1) % backends.len();
+                    outbound = Some(s);
+                    break;
+                }
+            }
+            let Some(mut outbound) = outbound else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            });
+        }
+    });
+    Balancer { addr }
+}
