@@ -576,3 +576,80 @@ async fn idle_connections_cannot_hold_the_health_port_for_ever() {
     drop(idle);
     server.shutdown(Duration::from_millis(100)).await;
 }
+
+/// A TLS handshake to the CONNECT frontend with `client`; whether it resumed a session.
+async fn handshake_resumed(port: u16, client: &std::sync::Arc<rustls::ClientConfig>) -> bool {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(client.clone())
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    // TLS 1.3 tickets come after the handshake: a request the frontend refuses at once
+    // (405) is answered after them, and reading the answer takes them in.
+    let mut tls = tls;
+    let _ = tokio::io::AsyncWriteExt::write_all(&mut tls, b"GET / HTTP/1.1\r\n\r\n").await;
+    let _ = tokio::time::timeout(WAIT, read_to_end(&mut tls)).await;
+    tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed)
+}
+
+#[tokio::test]
+async fn a_connect_client_that_keeps_its_session_resumes_until_the_frontend_reloads() {
+    let pki = Pki::new();
+    let dir = tempdir("resume");
+    let (cert, key) = (dir.join("front.crt"), dir.join("front.key"));
+    std::fs::write(&cert, &pki.server.cert).unwrap();
+    std::fs::write(&key, &pki.server.key).unwrap();
+    let mut cfg = server_config(&pki);
+    cfg.connect_tls = Some(
+        tether::tls::ServerFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: None,
+        }
+        .load_resumable("CONNECT TLS")
+        .unwrap(),
+    );
+    cfg.reload_interval = Duration::from_millis(50);
+    let server = tether::Server::start(cfg).await.unwrap();
+    let port = server.connect_addr.unwrap().port();
+    // More clients than a server-side session cache holds (rustls keeps 256): with tickets,
+    // the sessions live with the clients, and every one of them resumes.
+    let clients: Vec<_> = (0..300)
+        .map(|_| tether::tls::client_config(pki.ca_pem(), None).unwrap())
+        .collect();
+    for c in &clients {
+        assert!(
+            !handshake_resumed(port, c).await,
+            "a first handshake is full"
+        );
+    }
+    let mut resumed = 0;
+    for c in &clients {
+        resumed += usize::from(handshake_resumed(port, c).await);
+    }
+    assert_eq!(resumed, clients.len(), "clients that resumed");
+    let client = &clients[0];
+    // A reload (a new certificate here) takes a new ticket key: older sessions are not
+    // resumed, so nothing agreed under the old material outlives it.
+    let v2 = pki.ca.leaf("tether-server", &["localhost"]);
+    std::fs::write(dir.join("c.tmp"), &v2.cert).unwrap();
+    std::fs::write(dir.join("k.tmp"), &v2.key).unwrap();
+    std::fs::rename(dir.join("k.tmp"), &key).unwrap();
+    std::fs::rename(dir.join("c.tmp"), &cert).unwrap();
+    let mut full_again = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if !handshake_resumed(port, client).await {
+            full_again = true;
+            break;
+        }
+    }
+    assert!(
+        full_again,
+        "sessions from before the reload were still resumed"
+    );
+    server.shutdown(Duration::from_millis(100)).await;
+}

@@ -82,7 +82,8 @@ pub struct Data {
 }
 /// Agent to server in Konnectivity's agent protocol; never sent on this frontend.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
-pub struct Drain {}
+pub struct Drain {
+}
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
 pub enum PacketType {

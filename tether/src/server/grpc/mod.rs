@@ -32,7 +32,10 @@ use crate::stream::TetherStream;
 pub mod authority;
 #[cfg(feature = "test-util")]
 pub mod client;
+// Generated and committed as generated (a test compares it with the .proto's output), so
+// rustfmt leaves it alone.
 #[allow(missing_docs, unreachable_pub, clippy::all)]
+#[rustfmt::skip]
 pub mod konnectivity;
 
 use konnectivity::{Packet, PacketType, packet::Payload};
