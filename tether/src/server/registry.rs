@@ -52,85 +52,96 @@ pub fn parse_strategies(s: &str) -> Result<Vec<Strategy>, String> {
 }
 
 struct Entry {
-    conn: u64,
     /// Shared, so a dial that logs it costs a reference count, not an allocation.
     agent_id: Arc<str>,
     identifiers: Vec<Identifier>,
     tunnel: Tunnel,
 }
 
-/// A snapshot of the registered agents, indexed for routing: a dial looks its destination up
-/// in a hash map instead of scanning every agent (docs/ARCHITECTURE.md, "Routing").
-/// Snapshots are immutable; a registration builds the next one.
-#[derive(Default)]
-struct Index {
-    /// Every registration, oldest first.
-    entries: Vec<Arc<Entry>>,
-    routes: Routes,
-}
-
-/// Entry positions by what their agents announced.
+/// Registrations by what their agents announced: the positions (registration numbers) of
+/// the agents that announced each name, address, range and the default route.
 #[derive(Default)]
 struct Routes {
-    /// `host` identifiers, ASCII-lowercased, to the entries that announced them.
-    by_host: HashMap<Box<str>, Vec<u32>>,
+    /// `host` identifiers, ASCII-lowercased.
+    by_host: HashMap<Box<str>, Vec<u64>>,
     /// `ipv4` and `ipv6` identifiers.
-    by_ip: HashMap<IpAddr, Vec<u32>>,
+    by_ip: HashMap<IpAddr, Vec<u64>>,
     /// `cidr` identifiers (few: one per agent that announces a range), scanned.
-    cidrs: Vec<(IpNet, u32)>,
+    cidrs: Vec<(IpNet, u64)>,
     /// Agents that announced the default route.
-    default_route: Vec<u32>,
+    default_route: Vec<u64>,
+}
+
+/// Each identifier's place in [`Routes`], for adding a registration and taking it out again.
+enum Slot {
+    Host(Box<str>),
+    Ip(IpAddr),
+    Cidr(IpNet),
+    DefaultRoute,
+}
+
+fn slot(id: &Identifier) -> Option<Slot> {
+    match id {
+        Identifier::Host(h) => Some(Slot::Host(h.to_ascii_lowercase().into())),
+        Identifier::Ipv4(a) => Some(Slot::Ip(IpAddr::V4(*a))),
+        Identifier::Ipv6(a) => Some(Slot::Ip(IpAddr::V6(*a))),
+        //= SPEC §3.4.1
+        //# a receiver uses the network they name (`10.1.0.0/16`) and MUST NOT treat the host
+        //# bits as an error.
+        Identifier::Cidr(addr, prefix) => IpNet::new(*addr, *prefix)
+            .ok()
+            .map(|n| Slot::Cidr(n.trunc())),
+        Identifier::DefaultRoute => Some(Slot::DefaultRoute),
+        Identifier::Unknown(..) => None,
+    }
 }
 
 impl Routes {
-    fn build<'a>(identifiers: impl Iterator<Item = &'a [Identifier]>) -> Routes {
-        let mut ix = Routes::default();
-        for (i, ids) in identifiers.enumerate() {
-            let i = u32::try_from(i).unwrap_or(u32::MAX);
-            for id in ids {
-                match id {
-                    Identifier::Host(h) => ix
-                        .by_host
-                        .entry(h.to_ascii_lowercase().into())
-                        .or_default()
-                        .push(i),
-                    Identifier::Ipv4(a) => ix.by_ip.entry(IpAddr::V4(*a)).or_default().push(i),
-                    Identifier::Ipv6(a) => ix.by_ip.entry(IpAddr::V6(*a)).or_default().push(i),
-                    //= SPEC §3.4.1
-                    //# a receiver uses the network they name (`10.1.0.0/16`) and MUST NOT treat the host
-                    //# bits as an error.
-                    Identifier::Cidr(addr, prefix) => {
-                        if let Ok(net) = IpNet::new(*addr, *prefix) {
-                            ix.cidrs.push((net.trunc(), i));
-                        }
-                    }
-                    Identifier::DefaultRoute => ix.default_route.push(i),
-                    Identifier::Unknown(..) => {}
+    fn add(&mut self, conn: u64, ids: &[Identifier]) {
+        for s in ids.iter().filter_map(slot) {
+            match s {
+                Slot::Host(h) => self.by_host.entry(h).or_default().push(conn),
+                Slot::Ip(ip) => self.by_ip.entry(ip).or_default().push(conn),
+                Slot::Cidr(net) => self.cidrs.push((net, conn)),
+                Slot::DefaultRoute => self.default_route.push(conn),
+            }
+        }
+    }
+
+    fn remove(&mut self, conn: u64, ids: &[Identifier]) {
+        fn take<K: std::hash::Hash + Eq>(m: &mut HashMap<K, Vec<u64>>, k: K, conn: u64) {
+            if let std::collections::hash_map::Entry::Occupied(mut e) = m.entry(k) {
+                e.get_mut().retain(|c| *c != conn);
+                if e.get().is_empty() {
+                    e.remove();
                 }
             }
         }
-        ix
+        for s in ids.iter().filter_map(slot) {
+            match s {
+                Slot::Host(h) => take(&mut self.by_host, h, conn),
+                Slot::Ip(ip) => take(&mut self.by_ip, ip, conn),
+                Slot::Cidr(_) => self.cidrs.retain(|(_, c)| *c != conn),
+                Slot::DefaultRoute => self.default_route.retain(|c| *c != conn),
+            }
+        }
     }
 }
 
-impl Index {
-    fn build(entries: Vec<Arc<Entry>>) -> Index {
-        let routes = Routes::build(entries.iter().map(|e| &e.identifiers[..]));
-        Index { entries, routes }
-    }
+/// The registered agents, indexed for routing.
+#[derive(Default)]
+struct Index {
+    entries: HashMap<u64, Entry>,
+    /// Registration numbers, oldest first (the order `default` turns through).
+    order: Vec<u64>,
+    routes: Routes,
+}
 
-    /// The `turn`-th usable entry among `candidates`, without allocating: usable ones are
-    /// counted, then the chosen one found.
-    fn pick(
-        &self,
-        candidates: impl Iterator<Item = u32> + Clone,
-        turn: usize,
-    ) -> Option<&Arc<Entry>> {
-        let usable = |i: u32| {
-            self.entries
-                .get(i as usize)
-                .filter(|e| e.tunnel.is_usable())
-        };
+impl Index {
+    /// The `turn`-th usable registration among `candidates`, without allocating: usable ones
+    /// are counted, then the chosen one found.
+    fn pick(&self, candidates: impl Iterator<Item = u64> + Clone, turn: usize) -> Option<&Entry> {
+        let usable = |c: u64| self.entries.get(&c).filter(|e| e.tunnel.is_usable());
         let n = candidates.clone().filter_map(usable).count();
         if n == 0 {
             return None;
@@ -140,18 +151,18 @@ impl Index {
 }
 
 /// Candidates for `host` by `destHost`: the agents that announced it as a name, as an
-/// address, or a range holding the address (each at most once per identifier it matched).
+/// address, or a range holding the address (each once per identifier it matched).
 fn dest_host_candidates<'a>(
     ix: &'a Routes,
     host: &str,
     ip: Option<IpAddr>,
-) -> impl Iterator<Item = u32> + Clone + 'a {
+) -> impl Iterator<Item = u64> + Clone + 'a {
     let by_ip = ip.and_then(|ip| ix.by_ip.get(&ip)).map(Vec::as_slice);
     let by_cidr = ix
         .cidrs
         .iter()
         .filter(move |(net, _)| ip.is_some_and(|ip| net.contains(&ip)))
-        .map(|(_, i)| *i);
+        .map(|(_, c)| *c);
     // Names are stored lowercased; a host that is already lowercase (the usual case) is looked
     // up without allocating.
     let by_host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
@@ -170,42 +181,40 @@ fn dest_host_candidates<'a>(
 
 /// The agents connected to this server.
 ///
-/// The dial path reads an immutable, indexed snapshot: it takes the lock only to clone an
-/// `Arc`, so dials never wait on each other or on a scan; registrations (rare next to dials)
-/// build the next snapshot under the lock.
+/// A dial takes the read lock, which dials share, for a hash lookup and a look at the
+/// matching agents: the cost does not grow with the number of agents, and nothing is
+/// allocated. A registration or its removal takes the write lock for work in proportion to
+/// its own identifiers (and, to leave the turn order, a scan of that list).
 #[derive(Default)]
 pub struct Registry {
-    index: RwLock<Arc<Index>>,
+    index: RwLock<Index>,
     next_conn: AtomicU64,
     turn: AtomicUsize,
 }
 
 impl Registry {
-    fn snapshot(&self) -> Arc<Index> {
-        self.index
-            .read()
-            .map(|g| g.clone())
-            .unwrap_or_else(|p| p.into_inner().clone())
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Index> {
+        self.index.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Builds the next snapshot from the current entries, changed by `f`.
-    fn update(&self, f: impl FnOnce(&mut Vec<Arc<Entry>>)) {
-        let mut g = self.index.write().unwrap_or_else(|p| p.into_inner());
-        let mut entries = g.entries.clone();
-        f(&mut entries);
-        *g = Arc::new(Index::build(entries));
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Index> {
+        self.index.write().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Adds an agent's tunnel; returns its registration number.
     pub fn add(&self, agent_id: String, identifiers: Vec<Identifier>, tunnel: Tunnel) -> u64 {
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
-        let entry = Arc::new(Entry {
+        let mut ix = self.write();
+        ix.routes.add(conn, &identifiers);
+        ix.order.push(conn);
+        ix.entries.insert(
             conn,
-            agent_id: agent_id.into(),
-            identifiers,
-            tunnel,
-        });
-        self.update(|entries| entries.push(entry));
+            Entry {
+                agent_id: agent_id.into(),
+                identifiers,
+                tunnel,
+            },
+        );
         conn
     }
 
@@ -215,33 +224,47 @@ impl Registry {
     /// peer that ignores GOAWAY cannot pile tunnels up. Ids compare without ASCII case, as a
     /// certificate's DNS names do.
     pub fn over_cap(&self, agent_id: &str, cap: usize) -> (Vec<Tunnel>, Vec<Tunnel>) {
-        let ix = self.snapshot();
+        let ix = self.read();
         let cap = cap.max(1);
-        let mine: Vec<&Arc<Entry>> = ix
+        // Oldest first: registration numbers grow.
+        let mut mine: Vec<(u64, &Entry)> = ix
             .entries
             .iter()
-            .filter(|e| e.agent_id.eq_ignore_ascii_case(agent_id))
+            .filter(|(_, e)| e.agent_id.eq_ignore_ascii_case(agent_id))
+            .map(|(c, e)| (*c, e))
             .collect();
-        let usable: Vec<&&Arc<Entry>> = mine.iter().filter(|e| e.tunnel.is_usable()).collect();
+        mine.sort_unstable_by_key(|(c, _)| *c);
+        let usable: Vec<&Entry> = mine
+            .iter()
+            .map(|(_, e)| *e)
+            .filter(|e| e.tunnel.is_usable())
+            .collect();
         let drain = usable[..usable.len().saturating_sub(cap)]
             .iter()
             .map(|e| e.tunnel.clone())
             .collect();
         let close = mine[..mine.len().saturating_sub(2 * cap)]
             .iter()
-            .map(|e| e.tunnel.clone())
+            .map(|(_, e)| e.tunnel.clone())
             .collect();
         (drain, close)
     }
 
     /// Removes a registration (its tunnel ended).
     pub fn remove(&self, conn: u64) {
-        self.update(|entries| entries.retain(|e| e.conn != conn));
+        let mut ix = self.write();
+        let Some(e) = ix.entries.remove(&conn) else {
+            return;
+        };
+        ix.routes.remove(conn, &e.identifiers);
+        if let Some(at) = ix.order.iter().position(|c| *c == conn) {
+            ix.order.remove(at);
+        }
     }
 
     /// Agents registered.
     pub fn len(&self) -> usize {
-        self.snapshot().entries.len()
+        self.read().entries.len()
     }
 
     /// Whether no agent is registered.
@@ -251,16 +274,22 @@ impl Registry {
 
     /// Per agent id: its tunnels and the streams open on them.
     pub fn per_agent(&self) -> Vec<(String, usize, usize)> {
-        let ix = self.snapshot();
-        let mut by_id: HashMap<&str, (usize, usize)> = HashMap::new();
-        for e in &ix.entries {
-            let row = by_id.entry(&e.agent_id).or_default();
+        // Copied out under the lock; counted after it, so a scrape never holds up `route`.
+        let entries: Vec<(Arc<str>, Tunnel)> = self
+            .read()
+            .entries
+            .values()
+            .map(|e| (e.agent_id.clone(), e.tunnel.clone()))
+            .collect();
+        let mut by_id: HashMap<Arc<str>, (usize, usize)> = HashMap::new();
+        for (id, tunnel) in entries {
+            let row = by_id.entry(id).or_default();
             row.0 += 1;
-            row.1 += e.tunnel.stream_count();
+            row.1 += tunnel.stream_count();
         }
         let mut out: Vec<(String, usize, usize)> = by_id
             .into_iter()
-            .map(|(id, (t, s))| (id.to_owned(), t, s))
+            .map(|(id, (t, s))| (id.to_string(), t, s))
             .collect();
         out.sort();
         out
@@ -268,9 +297,10 @@ impl Registry {
 
     /// The ids of the registered agents.
     pub fn agent_ids(&self) -> Vec<String> {
-        self.snapshot()
-            .entries
+        let ix = self.read();
+        ix.order
             .iter()
+            .filter_map(|c| ix.entries.get(c))
             .map(|e| e.agent_id.to_string())
             .collect()
     }
@@ -279,7 +309,7 @@ impl Registry {
     /// several, the next in turn. With the agent's id, for logs. Costs a hash lookup and a
     /// look at the matching agents, whatever the number of agents; allocates nothing.
     pub fn route(&self, host: &str, strategies: &[Strategy]) -> Option<(Tunnel, Arc<str>)> {
-        let ix = self.snapshot();
+        let ix = self.read();
         let ip = host
             .trim_start_matches('[')
             .trim_end_matches(']')
@@ -292,9 +322,9 @@ impl Registry {
                 Strategy::DefaultRoute => ix.pick(ix.routes.default_route.iter().copied(), turn),
                 Strategy::Default => {
                     // Any usable agent: from the one in turn onwards, the first usable.
-                    let n = ix.entries.len();
+                    let n = ix.order.len();
                     (0..n)
-                        .map(|k| &ix.entries[(turn + k) % n])
+                        .filter_map(|k| ix.entries.get(&ix.order[(turn + k) % n]))
                         .find(|e| e.tunnel.is_usable())
                 }
             };
@@ -307,9 +337,9 @@ impl Registry {
 
     /// Every registered tunnel.
     pub fn tunnels(&self) -> Vec<Tunnel> {
-        self.snapshot()
+        self.read()
             .entries
-            .iter()
+            .values()
             .map(|e| e.tunnel.clone())
             .collect()
     }
@@ -373,7 +403,17 @@ mod tests {
                         .collect()
                 })
                 .collect();
-            let routes = Routes::build(agents.iter().map(|a| &a[..]));
+            let mut routes = Routes::default();
+            for (i, a) in agents.iter().enumerate() {
+                routes.add(i as u64, a);
+            }
+            // Taking a registration out leaves the others as they were.
+            let extra = vec![
+                Identifier::Host("node-1".into()),
+                Identifier::Ipv4(Ipv4Addr::new(10, 0, 0, 1)),
+            ];
+            routes.add(999, &extra);
+            routes.remove(999, &extra);
             for host in [
                 "node-1",
                 "NODE-1",
@@ -392,10 +432,10 @@ mod tests {
                     .trim_end_matches(']')
                     .parse::<IpAddr>()
                     .ok();
-                let mut found: Vec<u32> = dest_host_candidates(&routes, host, ip).collect();
+                let mut found: Vec<u64> = dest_host_candidates(&routes, host, ip).collect();
                 found.sort_unstable();
                 found.dedup();
-                let scan: Vec<u32> = (0..agents.len() as u32)
+                let scan: Vec<u64> = (0..agents.len() as u64)
                     .filter(|i| {
                         agents[*i as usize]
                             .iter()
