@@ -399,7 +399,7 @@ async fn main() -> Result<(), Error> {
             .unwrap_or(usize::MAX)
             .saturating_sub(2 * n + 1000)
             / 3;
-        let streams = if streams > fit {
+        let streams = if streams > fit && n == max_n {
             eprintln!(
                 "holding {fit} streams, not {streams}: the open file limit is {soft} (raising it needs CAP_SYS_RESOURCE)"
             );
