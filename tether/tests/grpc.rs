@@ -14,7 +14,7 @@ use tether::server::grpc::GrpcLimits;
 use tether::server::grpc::client::{AuthorityStyle, DialFailure, GrpcClient};
 use tether::server::{Server, ServerConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 fn grpc_config(pki: &Pki, tag: &str) -> (ServerConfig, PathBuf) {
     let dir = tempdir(tag);
@@ -127,47 +127,30 @@ async fn a_dial_to_a_closed_port_gets_an_error_dial_response() {
     assert_eq!(&call.read().await.unwrap().unwrap()[..], b"ping");
 }
 
-/// A listener whose backlog is full, so connects to it hang in SYN_SENT.
-async fn black_hole() -> (tokio::net::TcpListener, Vec<TcpStream>, u16) {
-    let hole = tokio::net::TcpSocket::new_v4().unwrap();
-    hole.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let hole = hole.listen(1).unwrap();
-    let port = hole.local_addr().unwrap().port();
-    let mut fillers = Vec::new();
-    for _ in 0..8 {
-        if let Ok(Ok(s)) = tokio::time::timeout(
-            Duration::from_millis(100),
-            TcpStream::connect(("127.0.0.1", port)),
-        )
-        .await
-        {
-            fillers.push(s);
-        }
-    }
-    (hole, fillers, port)
-}
-
-fn syn_sent_to(port: u16) -> usize {
-    let needle = format!(":{port:04X} 02 ");
-    ["/proc/net/tcp", "/proc/net/tcp6"]
-        .iter()
-        .filter_map(|p| std::fs::read_to_string(p).ok())
-        .map(|t| t.lines().filter(|l| l.contains(&needle)).count())
-        .sum()
+/// A server with a gRPC socket and one agent whose only destination is a black hole, so
+/// every dial stays pending for 60 s; the socket, the hole's port and the hole itself.
+async fn server_with_a_slow_destination(
+    pki: &Pki,
+    tag: &str,
+) -> (Server, Agent, PathBuf, u16, BlackHole) {
+    let (mut cfg, path) = grpc_config(pki, tag);
+    cfg.dial_timeout = Duration::from_secs(60);
+    let server = Server::start(cfg).await.unwrap();
+    let hole = black_hole().await;
+    let port = hole.port;
+    let mut acfg = agent_config(pki, server.agent_addr, "agent-1");
+    acfg.allowlist = Allowlist::parse(&format!("127.0.0.1:{port}")).unwrap();
+    acfg.dial_timeout = Duration::from_secs(60);
+    let agent = Agent::start(acfg);
+    assert!(server.wait_agents(1, WAIT).await);
+    (server, agent, path, port, hole)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dial_cls_during_a_slow_dial_cancels_it_at_the_agent() {
     let pki = Pki::new();
-    let (mut cfg, path) = grpc_config(&pki, "grpc-cancel");
-    cfg.dial_timeout = Duration::from_secs(60);
-    let server = Server::start(cfg).await.unwrap();
-    let (_hole, _fillers, port) = black_hole().await;
-    let mut acfg = agent_config(&pki, server.agent_addr, "agent-1");
-    acfg.allowlist = Allowlist::parse(&format!("127.0.0.1:{port}")).unwrap();
-    acfg.dial_timeout = Duration::from_secs(60);
-    let _agent = Agent::start(acfg);
-    assert!(server.wait_agents(1, WAIT).await);
+    let (server, _agent, path, port, _hole) =
+        server_with_a_slow_destination(&pki, "grpc-cancel").await;
     let client = GrpcClient::connect(&path, AuthorityStyle::PercentEncoded)
         .await
         .unwrap();
@@ -201,15 +184,8 @@ async fn dial_cls_during_a_slow_dial_cancels_it_at_the_agent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pending_dials_fail_at_once_when_the_agent_goes() {
     let pki = Pki::new();
-    let (mut cfg, path) = grpc_config(&pki, "grpc-agent-gone-dial");
-    cfg.dial_timeout = Duration::from_secs(60);
-    let server = Server::start(cfg).await.unwrap();
-    let (_hole, _fillers, port) = black_hole().await;
-    let mut acfg = agent_config(&pki, server.agent_addr, "agent-1");
-    acfg.allowlist = Allowlist::parse(&format!("127.0.0.1:{port}")).unwrap();
-    acfg.dial_timeout = Duration::from_secs(60);
-    let agent = Agent::start(acfg);
-    assert!(server.wait_agents(1, WAIT).await);
+    let (_server, agent, path, port, _hole) =
+        server_with_a_slow_destination(&pki, "grpc-agent-gone-dial").await;
     let client = GrpcClient::connect(&path, AuthorityStyle::Raw)
         .await
         .unwrap();

@@ -1076,16 +1076,6 @@ async fn with_only_a_unix_socket_the_tcp_frontend_stays_closed() {
 
 // ----- 7. a cancelled dial holds no socket at the agent -----
 
-/// Connections to `port` this process has in SYN_SENT (Linux `/proc/net/tcp`).
-fn syn_sent_to(port: u16) -> usize {
-    let needle = format!(":{port:04X} 02 ");
-    ["/proc/net/tcp", "/proc/net/tcp6"]
-        .iter()
-        .filter_map(|p| std::fs::read_to_string(p).ok())
-        .map(|t| t.lines().filter(|l| l.contains(&needle)).count())
-        .sum()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_drops_its_connect_when_the_server_gives_up_on_the_dial() {
     const DIALS: usize = 30;
@@ -1093,23 +1083,9 @@ async fn the_agent_drops_its_connect_when_the_server_gives_up_on_the_dial() {
     let mut cfg = server_config(&pki);
     cfg.dial_timeout = Duration::from_secs(3);
     let server = Server::start(cfg).await.unwrap();
-    // A black hole: a listener whose backlog is full and which never accepts, so connects to
-    // it stay in SYN_SENT.
-    let hole = tokio::net::TcpSocket::new_v4().unwrap();
-    hole.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let hole = hole.listen(1).unwrap();
-    let port = hole.local_addr().unwrap().port();
-    let mut fillers = Vec::new();
-    for _ in 0..8 {
-        if let Ok(Ok(s)) = tokio::time::timeout(
-            Duration::from_millis(100),
-            TcpStream::connect(("127.0.0.1", port)),
-        )
-        .await
-        {
-            fillers.push(s);
-        }
-    }
+    // A black hole: connects to it stay in SYN_SENT.
+    let hole = black_hole().await;
+    let port = hole.port;
     let mut acfg = agent_config(&pki, server.agent_addr, "agent-1");
     acfg.allowlist = Allowlist::parse(&format!("127.0.0.1:{port}")).unwrap();
     acfg.dial_timeout = Duration::from_secs(30);
@@ -1140,7 +1116,6 @@ async fn the_agent_drops_its_connect_when_the_server_gives_up_on_the_dial() {
         "the agent still holds {} connects for dials the server gave up on",
         syn_sent_to(port)
     );
-    drop(fillers);
     drop(hole);
 }
 

@@ -514,22 +514,7 @@ async fn json_logs_carry_the_tunnel_span_with_the_peer_and_the_agent_id() {
 #[tokio::test]
 async fn the_connect_frontends_certificate_is_reloaded_for_new_clients() {
     let pki = Pki::new();
-    let dir = tempdir("frontend");
-    let (cert, key) = (dir.join("front.crt"), dir.join("front.key"));
-    std::fs::write(&cert, &pki.server.cert).unwrap();
-    std::fs::write(&key, &pki.server.key).unwrap();
-    let mut cfg = server_config(&pki);
-    cfg.connect_tls = Some(
-        tether::tls::ServerFiles {
-            cert: cert.clone(),
-            key: key.clone(),
-            client_ca: None,
-        }
-        .load("CONNECT TLS")
-        .unwrap(),
-    );
-    cfg.reload_interval = Duration::from_millis(50);
-    let server = tether::Server::start(cfg).await.unwrap();
+    let (_dir, cert, key, server) = frontend_with_tls_files(&pki, "frontend", false).await;
     let port = server.connect_addr.unwrap().port();
     let probe = pki.ca.leaf("probe", &["probe"]);
     assert_eq!(
@@ -577,6 +562,41 @@ async fn idle_connections_cannot_hold_the_health_port_for_ever() {
     server.shutdown(Duration::from_millis(100)).await;
 }
 
+/// A server whose CONNECT frontend's TLS certificate and key are files (re-read every 50 ms),
+/// with session tickets if `resumable`: the directory, the two files, the server.
+async fn frontend_with_tls_files(
+    pki: &Pki,
+    tag: &str,
+    resumable: bool,
+) -> (
+    std::path::PathBuf,
+    std::path::PathBuf,
+    std::path::PathBuf,
+    tether::Server,
+) {
+    let dir = tempdir(tag);
+    let (cert, key) = (dir.join("front.crt"), dir.join("front.key"));
+    std::fs::write(&cert, &pki.server.cert).unwrap();
+    std::fs::write(&key, &pki.server.key).unwrap();
+    let files = tether::tls::ServerFiles {
+        cert: cert.clone(),
+        key: key.clone(),
+        client_ca: None,
+    };
+    let mut cfg = server_config(pki);
+    cfg.connect_tls = Some(
+        if resumable {
+            files.load_resumable("CONNECT TLS")
+        } else {
+            files.load("CONNECT TLS")
+        }
+        .unwrap(),
+    );
+    cfg.reload_interval = Duration::from_millis(50);
+    let server = tether::Server::start(cfg).await.unwrap();
+    (dir, cert, key, server)
+}
+
 /// A TLS handshake to the CONNECT frontend with `client`; whether it resumed a session.
 async fn handshake_resumed(port: u16, client: &std::sync::Arc<rustls::ClientConfig>) -> bool {
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
@@ -598,22 +618,7 @@ async fn handshake_resumed(port: u16, client: &std::sync::Arc<rustls::ClientConf
 #[tokio::test]
 async fn a_connect_client_that_keeps_its_session_resumes_until_the_frontend_reloads() {
     let pki = Pki::new();
-    let dir = tempdir("resume");
-    let (cert, key) = (dir.join("front.crt"), dir.join("front.key"));
-    std::fs::write(&cert, &pki.server.cert).unwrap();
-    std::fs::write(&key, &pki.server.key).unwrap();
-    let mut cfg = server_config(&pki);
-    cfg.connect_tls = Some(
-        tether::tls::ServerFiles {
-            cert: cert.clone(),
-            key: key.clone(),
-            client_ca: None,
-        }
-        .load_resumable("CONNECT TLS")
-        .unwrap(),
-    );
-    cfg.reload_interval = Duration::from_millis(50);
-    let server = tether::Server::start(cfg).await.unwrap();
+    let (dir, cert, key, server) = frontend_with_tls_files(&pki, "resume", true).await;
     let port = server.connect_addr.unwrap().port();
     // More clients than a server-side session cache holds (rustls keeps 256): with tickets,
     // the sessions live with the clients, and every one of them resumes.

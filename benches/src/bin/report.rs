@@ -122,6 +122,37 @@ fn mibs(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / d.as_secs_f64() / (1024.0 * 1024.0)
 }
 
+/// Dial latency through each path, one at a time and 64 at a time (`many` dials then), as a
+/// markdown table.
+async fn dial_table(
+    paths: &[Via],
+    backend: SocketAddr,
+    quick: bool,
+    many: usize,
+) -> Result<(), Error> {
+    println!("| path | concurrency | dials | p50 | p99 | dials/s |");
+    println!("| --- | --- | --- | --- | --- | --- |");
+    for via in paths {
+        for (concurrency, count) in [
+            (1usize, if quick { 200 } else { 2000 }),
+            (64, if quick { 1280 } else { many }),
+        ] {
+            let start = Instant::now();
+            let lat = dial_latency(via, backend, concurrency, count).await?;
+            let rate = lat.len() as f64 / start.elapsed().as_secs_f64();
+            println!(
+                "| {} | {concurrency} | {} | {:.0} µs | {:.0} µs | {:.0} |",
+                via.name(),
+                lat.len(),
+                quantile(&lat, 500).as_secs_f64() * 1e6,
+                quantile(&lat, 990).as_secs_f64() * 1e6,
+                rate
+            );
+        }
+    }
+    Ok(())
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<(), Error> {
     let args: Vec<String> = std::env::args().collect();
@@ -221,26 +252,7 @@ async fn main() -> Result<(), Error> {
 
     if run("dial") {
         println!("\n## Dial latency (connect → first echoed byte)\n");
-        println!("| path | concurrency | dials | p50 | p99 | dials/s |");
-        println!("| --- | --- | --- | --- | --- | --- |");
-        for via in &paths {
-            for (concurrency, count) in [
-                (1usize, if quick { 200 } else { 2000 }),
-                (64, if quick { 1280 } else { 12_800 }),
-            ] {
-                let start = Instant::now();
-                let lat = dial_latency(via, backend, concurrency, count).await?;
-                let rate = lat.len() as f64 / start.elapsed().as_secs_f64();
-                println!(
-                    "| {} | {concurrency} | {} | {:.0} µs | {:.0} µs | {:.0} |",
-                    via.name(),
-                    lat.len(),
-                    quantile(&lat, 500).as_secs_f64() * 1e6,
-                    quantile(&lat, 990).as_secs_f64() * 1e6,
-                    rate
-                );
-            }
-        }
+        dial_table(&paths, backend, quick, 12_800).await?;
     }
 
     if run("memory") {
@@ -323,26 +335,7 @@ async fn main() -> Result<(), Error> {
             Via::TetherTls(tls_frontend, resuming, true),
             Via::TetherTls(tls_frontend, fresh, false),
         ];
-        println!("| path | concurrency | dials | p50 | p99 | dials/s |");
-        println!("| --- | --- | --- | --- | --- | --- |");
-        for via in &tls_paths {
-            for (concurrency, count) in [
-                (1usize, if quick { 200 } else { 2000 }),
-                (64, if quick { 1280 } else { 6400 }),
-            ] {
-                let start = Instant::now();
-                let lat = dial_latency(via, backend, concurrency, count).await?;
-                let rate = lat.len() as f64 / start.elapsed().as_secs_f64();
-                println!(
-                    "| {} | {concurrency} | {} | {:.0} µs | {:.0} µs | {:.0} |",
-                    via.name(),
-                    lat.len(),
-                    quantile(&lat, 500).as_secs_f64() * 1e6,
-                    quantile(&lat, 990).as_secs_f64() * 1e6,
-                    rate
-                );
-            }
-        }
+        dial_table(&tls_paths, backend, quick, 6400).await?;
         // Memory: 500 idle connections through the TLS frontend, server only.
         tokio::time::sleep(Duration::from_millis(500)).await;
         let before = rss_kib(tls_server.pid())?;

@@ -321,3 +321,44 @@ pub async fn balancer(backends: Vec<SocketAddr>) -> Balancer {
     });
     Balancer { addr }
 }
+
+/// A listener whose backlog is full and which never accepts, so connects to it stay in
+/// SYN_SENT (a slow destination); dropped, it lets them go.
+pub struct BlackHole {
+    pub port: u16,
+    _listener: tokio::net::TcpListener,
+    _fillers: Vec<TcpStream>,
+}
+
+pub async fn black_hole() -> BlackHole {
+    let hole = tokio::net::TcpSocket::new_v4().unwrap();
+    hole.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let hole = hole.listen(1).unwrap();
+    let port = hole.local_addr().unwrap().port();
+    let mut fillers = Vec::new();
+    for _ in 0..8 {
+        if let Ok(Ok(s)) = tokio::time::timeout(
+            Duration::from_millis(100),
+            TcpStream::connect(("127.0.0.1", port)),
+        )
+        .await
+        {
+            fillers.push(s);
+        }
+    }
+    BlackHole {
+        port,
+        _listener: hole,
+        _fillers: fillers,
+    }
+}
+
+/// Connections to `port` this process has in SYN_SENT (Linux `/proc/net/tcp`).
+pub fn syn_sent_to(port: u16) -> usize {
+    let needle = format!(":{port:04X} 02 ");
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .map(|t| t.lines().filter(|l| l.contains(&needle)).count())
+        .sum()
+}
