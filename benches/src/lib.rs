@@ -169,20 +169,13 @@ impl Via {
     }
 }
 
-/// A CONNECT over TLS: handshake (resumed if the configuration keeps sessions and has one),
-/// request, response head; then the TLS stream.
-async fn tls_connect(
-    frontend: SocketAddr,
-    config: Arc<tokio_rustls::rustls::ClientConfig>,
-    backend: SocketAddr,
-) -> io::Result<Box<dyn Io>> {
-    let tcp = TcpStream::connect(frontend).await?;
-    tcp.set_nodelay(true)?;
-    let name = rustls_pki_types::ServerName::try_from("localhost").map_err(io::Error::other)?;
-    let mut s = tokio_rustls::TlsConnector::from(config)
-        .connect(name, tcp)
-        .await?;
-    s.write_all(format!("CONNECT {backend} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
+/// Asks for `target` on a CONNECT frontend connection, as kube-apiserver does, and reads
+/// the answer's head byte by byte (so nothing after it is taken); `Err` unless it is a 200.
+pub async fn connect_request<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    target: SocketAddr,
+) -> io::Result<()> {
+    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
         .await?;
     s.flush().await?;
     let mut head = Vec::with_capacity(64);
@@ -198,6 +191,23 @@ async fn tls_connect(
             String::from_utf8_lossy(&head).into_owned(),
         ));
     }
+    Ok(())
+}
+
+/// A CONNECT over TLS: handshake (resumed if the configuration keeps sessions and has one),
+/// request, response head; then the TLS stream.
+async fn tls_connect(
+    frontend: SocketAddr,
+    config: Arc<tokio_rustls::rustls::ClientConfig>,
+    backend: SocketAddr,
+) -> io::Result<Box<dyn Io>> {
+    let tcp = TcpStream::connect(frontend).await?;
+    tcp.set_nodelay(true)?;
+    let name = rustls_pki_types::ServerName::try_from("localhost").map_err(io::Error::other)?;
+    let mut s = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await?;
+    connect_request(&mut s, backend).await?;
     Ok(Box::new(s))
 }
 

@@ -644,16 +644,17 @@ async fn a_connect_client_that_keeps_its_session_resumes_until_the_frontend_relo
     std::fs::write(dir.join("k.tmp"), &v2.key).unwrap();
     std::fs::rename(dir.join("k.tmp"), &key).unwrap();
     std::fs::rename(dir.join("c.tmp"), &cert).unwrap();
-    let mut full_again = false;
-    for _ in 0..50 {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        if !handshake_resumed(port, client).await {
-            full_again = true;
-            break;
-        }
-    }
+    // The reload is an event the server counts: wait for it, then the next handshake is full.
+    let reloaded = eventually(WAIT, || {
+        server.core().render_metrics().lines().any(|l| {
+            l.starts_with("tether_reloads_total{material=\"CONNECT TLS\",result=\"replaced\"}")
+                && !l.ends_with(" 0")
+        })
+    })
+    .await;
+    assert!(reloaded, "{}", server.core().render_metrics());
     assert!(
-        full_again,
+        !handshake_resumed(port, client).await,
         "sessions from before the reload were still resumed"
     );
     server.shutdown(Duration::from_millis(100)).await;

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use tether::agent::{Agent, AgentConfig, AgentMetrics, Allowlist};
 use tether::tls;
 use tether_bench::procs::{Error, Proc, binaries, cpu_seconds, free_port, metric, rss_kib};
-use tether_bench::{Pki, backend_on, quantile};
+use tether_bench::{Pki, backend_on, connect_request, quantile};
 use tether_proto::frame::Identifier;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixStream};
@@ -116,21 +116,7 @@ impl Setup {
 /// One CONNECT through the Unix socket to `target`; returns the stream after the 200.
 async fn connect(socket: &Path, target: SocketAddr) -> std::io::Result<UnixStream> {
     let mut s = UnixStream::connect(socket).await?;
-    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
-        .await?;
-    let mut head = Vec::with_capacity(64);
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        if s.read(&mut b).await? == 0 || head.len() > 1024 {
-            return Err(std::io::Error::other("no answer"));
-        }
-        head.push(b[0]);
-    }
-    if !head.starts_with(b"HTTP/1.1 200") {
-        return Err(std::io::Error::other(
-            String::from_utf8_lossy(&head).into_owned(),
-        ));
-    }
+    connect_request(&mut s, target).await?;
     Ok(s)
 }
 
