@@ -63,6 +63,15 @@ impl Recycled {
     pub(crate) fn shed(&mut self) {
         self.spares.clear();
     }
+
+    /// Lets go of every allocation if the buffer holds no bytes (an idle connection should
+    /// hold none); the next [`Recycled::reserve`] allocates afresh.
+    pub(crate) fn release(&mut self) {
+        if self.buf.is_empty() {
+            self.buf = BytesMut::new();
+            self.spares.clear();
+        }
+    }
 }
 
 /// A list of `Bytes` written with one vectored write (`AsyncWriteExt::write_all_buf`).
@@ -174,14 +183,23 @@ mod tests {
     }
 
     #[test]
-    fn shedding_lets_go_of_spares() {
+    fn releasing_an_empty_buffer_lets_go_of_every_allocation() {
         let mut r = Recycled::new(16, 2);
         r.get().extend_from_slice(&[0; 16]);
         let held = r.get().split().freeze();
         r.reserve(16, 16);
         assert_eq!(r.spares.len(), 1);
-        r.shed();
+        r.release();
         assert!(r.spares.is_empty());
+        assert_eq!(r.get().capacity(), 0);
         drop(held);
+    }
+
+    #[test]
+    fn a_buffer_holding_bytes_is_not_released() {
+        let mut r = Recycled::new(16, 2);
+        r.get().extend_from_slice(b"abc");
+        r.release();
+        assert_eq!(&r.get()[..], b"abc");
     }
 }

@@ -1,5 +1,6 @@
 //! Moves bytes between a local socket and a tunnel stream, both ways, with half-close.
 
+use std::future::Future;
 use std::io;
 
 use bytes::{Buf, Bytes};
@@ -90,8 +91,19 @@ where
         loop {
             // At full speed an allocation holds two reads, so one can be sent while the next
             // is read; below it, one.
-            buf.reserve(want, if want == MAX_READ { 2 * want } else { want });
-            let n = match rd.read_buf(buf.get()).await {
+            // Memory is held only while bytes arrive: a read that must wait, on a stream
+            // that is quiet (reading in the smallest pieces), lets go of its buffer, so an
+            // idle stream holds none (docs/ARCHITECTURE.md, "Read buffers"). The next poll
+            // takes a fresh one; dropping a pending `read_buf` loses nothing.
+            let read = std::future::poll_fn(|cx| {
+                buf.reserve(want, if want == MAX_READ { 2 * want } else { want });
+                let r = std::pin::pin!(rd.read_buf(buf.get())).poll(cx);
+                if r.is_pending() && want == MIN_READ {
+                    buf.release();
+                }
+                r
+            });
+            let n = match read.await {
                 Ok(n) => n,
                 Err(e) => {
                     stream.reset(ErrorCode::ABORTED, "local socket read failed");
@@ -107,9 +119,6 @@ where
             } else if n < want / 4 && want > MIN_READ {
                 // Quieter: read in smaller pieces, and hold no spare allocation when idle.
                 want /= 2;
-                if want == MIN_READ {
-                    buf.shed();
-                }
             }
             total += n as u64;
             stream.send_bytes(buf.get().split().freeze()).await?;
