@@ -338,6 +338,7 @@ async fn a_message_over_the_limit_ends_its_call_and_frees_its_budget() {
     cfg.grpc_limits = GrpcLimits {
         max_message: 64 * 1024,
         budget: 256 * 1024,
+        ..GrpcLimits::default()
     };
     let server = Server::start(cfg).await.unwrap();
     let _agent = Agent::start(agent_config(&pki, server.agent_addr, "agent-1"));
@@ -360,6 +361,52 @@ async fn a_message_over_the_limit_ends_its_call_and_frees_its_budget() {
     let mut got = 0;
     while got < 60 * 1024 {
         got += call.read().await.unwrap().unwrap().len();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_stops_arriving_loses_its_call_and_frees_its_budget() {
+    let pki = Pki::new();
+    let (mut cfg, path) = grpc_config(&pki, "grpc-deadline");
+    // The budget holds one message: while the silent call holds it, no other can arrive.
+    cfg.grpc_limits = GrpcLimits {
+        max_message: 64 * 1024,
+        budget: 64 * 1024,
+        message_deadline: Duration::from_millis(300),
+    };
+    let server = Server::start(cfg).await.unwrap();
+    let _agent = Agent::start(agent_config(&pki, server.agent_addr, "agent-1"));
+    assert!(server.wait_agents(1, WAIT).await);
+    let echo = echo_backend().await;
+    let client = GrpcClient::connect(&path, AuthorityStyle::PercentEncoded)
+        .await
+        .unwrap();
+    let mut silent = client.dial(&echo.to_string()).await.unwrap();
+    // A prefix announcing 60 KiB, ten bytes of it, and then nothing.
+    let mut head = vec![0u8];
+    head.extend_from_slice(&(60u32 * 1024).to_be_bytes());
+    head.extend_from_slice(&[0u8; 10]);
+    silent.send_raw(Bytes::from(head)).await.unwrap();
+    let mut other = client.dial(&echo.to_string()).await.unwrap();
+    other
+        .write(Bytes::from(vec![5u8; 60 * 1024]))
+        .await
+        .unwrap();
+    // The silent call ends, with a reason, and its share of the budget lets the other's
+    // message in.
+    let end = tokio::time::timeout(WAIT, silent.read())
+        .await
+        .expect("the silent call ends");
+    let e = end.expect_err("a failure, not a clean close");
+    assert!(e.to_string().contains("did not arrive within"), "{e}");
+    let mut got = 0;
+    while got < 60 * 1024 {
+        got += tokio::time::timeout(WAIT, other.read())
+            .await
+            .expect("the other call's bytes come back")
+            .unwrap()
+            .unwrap()
+            .len();
     }
 }
 

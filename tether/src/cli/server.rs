@@ -434,6 +434,7 @@ impl ServerArgs {
             grpc_limits: crate::server::grpc::GrpcLimits {
                 max_message: self.grpc_max_message_size,
                 budget: self.grpc_buffer_budget,
+                ..Default::default()
             },
             uds_peer_uids: (!self.uds_allowed_uids.is_empty())
                 .then(|| self.uds_allowed_uids.clone()),

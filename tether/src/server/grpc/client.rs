@@ -143,6 +143,10 @@ impl GrpcClient {
         let (h2, conn) = h2::client::Builder::new()
             // grpc-go's defaults: 64 KiB windows.
             .initial_window_size(64 * 1024)
+            // grpc-go keeps no count of small DATA frames it has not read yet; h2's default
+            // (half the 64 KiB window) ends a channel whose many calls each have an unread
+            // DIAL_RSP.
+            .data_frame_budget(16 << 20)
             .handshake::<_, Bytes>(shim)
             .await
             .map_err(io::Error::other)?;
@@ -223,7 +227,11 @@ impl Call {
         b.put_u8(0);
         b.put_u32(u32::try_from(p.encoded_len()).expect("a packet under 4 GiB"));
         p.encode(&mut b).expect("capacity reserved");
-        let mut b = b.freeze();
+        self.send_raw(b.freeze()).await
+    }
+
+    /// Sends `b` as it is on the call (a hostile client's bytes, say), as the window allows.
+    pub async fn send_raw(&mut self, mut b: Bytes) -> io::Result<()> {
         while !b.is_empty() {
             self.send.reserve_capacity(b.len());
             let n = match std::future::poll_fn(|cx| self.send.poll_capacity(cx)).await {

@@ -68,6 +68,9 @@ pub struct GrpcLimits {
     /// Bytes of client messages being collected, over all calls and connections; a message
     /// waits for its share before its bytes are accepted.
     pub budget: usize,
+    /// How long a message may take to arrive once its prefix is read (it holds its share
+    /// of the budget meanwhile): [`MESSAGE_DEADLINE`].
+    pub message_deadline: Duration,
 }
 
 impl Default for GrpcLimits {
@@ -75,6 +78,7 @@ impl Default for GrpcLimits {
         GrpcLimits {
             max_message: 4 * 1024 * 1024,
             budget: 256 * 1024 * 1024,
+            message_deadline: MESSAGE_DEADLINE,
         }
     }
 }
@@ -184,12 +188,47 @@ mod code {
     pub(super) const UNAVAILABLE: u32 = 14;
 }
 
+/// One call: the dial, then the relay. The dial's state is boxed and gone once it is
+/// answered, so an established call's task holds only the relay's (an idle call's memory,
+/// docs/BENCHMARKS.md).
 async fn call_main(
     core: &ServerCore,
     grpc: &Grpc,
     req: http::Request<RecvStream>,
-    mut respond: SendResponse<Bytes>,
+    respond: SendResponse<Bytes>,
 ) {
+    let Some(mut call) = Box::pin(dial_call(core, grpc, req, respond)).await else {
+        return;
+    };
+    // By reference: a value moved into a future keeps its old slot in the caller's, so
+    // moving the call's parts in would hold them twice for the call's whole life.
+    let result = relay_bytes(
+        &call.stream,
+        &mut call.reader,
+        &mut call.out,
+        call.connect_id,
+    )
+    .await;
+    call.relay.done(result);
+}
+
+/// A call whose dial succeeded and whose DIAL_RSP went out.
+struct Established<'a> {
+    relay: connect::Relay<'a>,
+    stream: TetherStream,
+    reader: Reader,
+    out: Sender,
+    connect_id: i64,
+}
+
+/// Reads DIAL_REQ, dials and answers; `None` when the call ended there (answered, logged
+/// and counted).
+async fn dial_call<'a>(
+    core: &'a ServerCore,
+    grpc: &Grpc,
+    req: http::Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+) -> Option<Established<'a>> {
     let grpc_content = req
         .headers()
         .get("content-type")
@@ -202,7 +241,7 @@ async fn call_main(
             code::UNIMPLEMENTED,
             "only /ProxyService/Proxy is served",
         );
-        return;
+        return None;
     }
     if req
         .headers()
@@ -214,20 +253,20 @@ async fn call_main(
             code::UNIMPLEMENTED,
             "compressed messages are not accepted",
         );
-        return;
+        return None;
     }
     let mut reader = Reader::new(req.into_body(), grpc);
     let first = match tokio::time::timeout(FIRST_PACKET, reader.next()).await {
         Ok(Ok(Some(p))) => p,
-        Ok(Ok(None)) => return,
+        Ok(Ok(None)) => return None,
         Ok(Err(e)) => {
             tracing::info!(reason = %e.1, "gRPC call refused");
             trailers_only(&mut respond, e.0, &e.1);
-            return;
+            return None;
         }
         Err(_) => {
             trailers_only(&mut respond, code::DEADLINE_EXCEEDED, "no DIAL_REQ in time");
-            return;
+            return None;
         }
     };
     let Some(Payload::DialRequest(dial)) = first
@@ -243,7 +282,7 @@ async fn call_main(
             code::INVALID_ARGUMENT,
             "the first packet must be DIAL_REQ",
         );
-        return;
+        return None;
     };
     let ok = http::Response::builder()
         .status(200)
@@ -251,7 +290,7 @@ async fn call_main(
         .body(())
         .expect("static response");
     let Ok(send) = respond.send_response(ok, false) else {
-        return;
+        return None;
     };
     let mut out = Sender { send };
     let random = dial.random;
@@ -270,7 +309,7 @@ async fn call_main(
             core.metrics.connect(400);
             let _ = out.dial_response(random, 0, &reason).await;
             out.end();
-            return;
+            return None;
         }
     };
     // The dial races the client: DIAL_CLS, or the call's end, abandons it (the agent's
@@ -290,12 +329,12 @@ async fn call_main(
                     tracing::info!(reason = %e.1, "gRPC call failed during the dial");
                     core.metrics.dial("cancelled", None);
                     out.end_with(e.0, &e.1);
-                    return;
+                    return None;
                 }
             }
             core.metrics.dial("cancelled", None);
             out.end();
-            return;
+            return None;
         }
     };
     let opened = match opened {
@@ -305,7 +344,7 @@ async fn call_main(
                 .dial_response(random, 0, &format!("{} {}", e.status, e.reason))
                 .await;
             out.end();
-            return;
+            return None;
         }
     };
     let connect_id = grpc.next_id.fetch_add(1, Ordering::Relaxed);
@@ -315,23 +354,27 @@ async fn call_main(
         relay.done(Err(std::io::Error::other(
             "the client left before DIAL_RSP",
         )));
-        return;
+        return None;
     }
-    let result = relay_call(stream, reader, out, connect_id).await;
-    relay.done(result);
+    Some(Established {
+        relay,
+        stream,
+        reader,
+        out,
+        connect_id,
+    })
 }
 
-/// Relays one established call until both sides are done.
-async fn relay_call(
-    stream: TetherStream,
-    mut reader: Reader,
-    mut out: Sender,
+/// Moves the bytes of one established call, both ways.
+async fn relay_bytes(
+    stream: &TetherStream,
+    reader: &mut Reader,
+    out: &mut Sender,
     connect_id: i64,
 ) -> std::io::Result<Moved> {
     // How the client's side ended: `None` cleanly (CLOSE_REQ, DIAL_CLS or the end of its
     // side of the call), `Some` with the status and reason it broke.
     let (close_tx, mut close_rx) = tokio::sync::oneshot::channel::<Option<CallError>>();
-    let stream = &stream;
     let up_total = std::sync::atomic::AtomicU64::new(0);
     let up_inner = async {
         loop {
@@ -342,8 +385,7 @@ async fn relay_call(
                     {
                         up_total.fetch_add(d.data.len() as u64, Ordering::Relaxed);
                         if !d.data.is_empty() {
-                            stream
-                                .send_bytes(d.data)
+                            Box::pin(stream.send_bytes(d.data))
                                 .await
                                 .map_err(|e| (code::UNAVAILABLE, format!("stream failed: {e}")))?;
                         }
@@ -392,7 +434,7 @@ async fn relay_call(
                 more = stream.recv_chunks(&mut chunks, MAX_DOWN) => match more {
                     Ok(true) => {
                         let n = chunks.remaining();
-                        if let Err(e) = out.data(connect_id, &mut chunks).await {
+                        if let Err(e) = Box::pin(out.data(connect_id, &mut chunks)).await {
                             stream.reset(tether_proto::ErrorCode::CANCEL, "gRPC client stopped");
                             break Err((code::UNAVAILABLE, e.to_string()));
                         }
@@ -408,7 +450,7 @@ async fn relay_call(
             Ok(_) => (code::OK, String::new()),
             Err((c, e)) => (*c, e.clone()),
         };
-        let _ = out.close_response(connect_id, &error).await;
+        let _ = Box::pin(out.close_response(connect_id, &error)).await;
         out.end_with(status, &error);
         match ended {
             Ok(true) => Ok(total),
@@ -423,7 +465,7 @@ async fn relay_call(
                     }
                     Ok::<(), std::io::Error>(())
                 };
-                let _ = tokio::time::timeout(CLOSE_LINGER, drain).await;
+                let _ = Box::pin(tokio::time::timeout(CLOSE_LINGER, drain)).await;
                 Ok(total)
             }
             Err((_, e)) => Err(std::io::Error::other(e)),
@@ -455,6 +497,8 @@ struct Reader {
     buf: BytesMut,
     budget: Arc<Semaphore>,
     max_message: usize,
+    /// [`GrpcLimits::message_deadline`].
+    deadline: Duration,
     /// The budget held by the message last returned, until [`Reader::release`].
     held: Option<OwnedSemaphorePermit>,
     done: bool,
@@ -469,6 +513,7 @@ impl Reader {
             buf: BytesMut::new(),
             budget: grpc.budget.clone(),
             max_message: grpc.limits.max_message,
+            deadline: grpc.limits.message_deadline,
             held: None,
             done: false,
         }
@@ -532,18 +577,32 @@ impl Reader {
         }
         // Bytes already taken from h2 beyond the prefix are within one h2 chunk of the
         // window; the message's own length is what is held against the budget.
-        let permit = self
-            .budget
-            .clone()
-            .acquire_many_owned(u32::try_from(len.max(1)).unwrap_or(u32::MAX))
+        // Boxed, as the other states an idle call is never in (an idle call's memory).
+        let permit = Box::pin(
+            self.budget
+                .clone()
+                .acquire_many_owned(u32::try_from(len.max(1)).unwrap_or(u32::MAX)),
+        )
+        .await
+        .map_err(|_| {
+            (
+                code::RESOURCE_EXHAUSTED,
+                "the frontend is shutting down".into(),
+            )
+        })?;
+        // A client that announces a message and stops must not hold its share for ever.
+        let filled = Box::pin(tokio::time::timeout(self.deadline, self.fill(5 + len)))
             .await
             .map_err(|_| {
                 (
-                    code::RESOURCE_EXHAUSTED,
-                    "the frontend is shutting down".into(),
+                    code::DEADLINE_EXCEEDED,
+                    format!(
+                        "a message of {len} bytes did not arrive within {} s of its prefix",
+                        self.deadline.as_secs_f64()
+                    ),
                 )
             })?;
-        if !self.fill(5 + len).await? {
+        if !filled? {
             return Err((
                 code::INVALID_ARGUMENT,
                 "the call ended inside a message".into(),
