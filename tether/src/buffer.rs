@@ -17,12 +17,17 @@ pub(crate) struct Recycled {
     buf: BytesMut,
     spares: Vec<BytesMut>,
     max_spares: usize,
+    /// `buf` is an empty placeholder that owns no allocation (new, or released): it must
+    /// not take a spare's place when it is replaced.
+    placeholder: bool,
 }
 
 impl Recycled {
     /// An empty buffer of `capacity` bytes that keeps at most `max_spares` older allocations.
     pub(crate) fn new(capacity: usize, max_spares: usize) -> Recycled {
-        Recycled::from(BytesMut::with_capacity(capacity), max_spares)
+        let mut r = Recycled::from(BytesMut::with_capacity(capacity), max_spares);
+        r.placeholder = capacity == 0;
+        r
     }
 
     /// Wraps `buf` (which may already hold bytes).
@@ -31,6 +36,7 @@ impl Recycled {
             buf,
             spares: Vec::new(),
             max_spares,
+            placeholder: false,
         }
     }
 
@@ -53,7 +59,7 @@ impl Recycled {
         };
         next.extend_from_slice(&self.buf);
         let mut old = std::mem::replace(&mut self.buf, next);
-        if self.spares.len() < self.max_spares {
+        if !std::mem::replace(&mut self.placeholder, false) && self.spares.len() < self.max_spares {
             old.clear();
             self.spares.push(old);
         }
@@ -70,6 +76,7 @@ impl Recycled {
         if self.buf.is_empty() {
             self.buf = BytesMut::new();
             self.spares.clear();
+            self.placeholder = true;
         }
     }
 }
@@ -193,6 +200,27 @@ mod tests {
         assert!(r.spares.is_empty());
         assert_eq!(r.get().capacity(), 0);
         drop(held);
+    }
+
+    #[test]
+    fn a_burst_after_a_release_reuses_its_spare() {
+        let mut r = Recycled::new(16, 1);
+        r.get().extend_from_slice(&[0; 16]);
+        drop(r.get().split());
+        r.release();
+        // The burst: each block is still referenced when the next is needed.
+        r.reserve(16, 16);
+        r.get().extend_from_slice(&[1; 16]);
+        let first = r.get().split().freeze();
+        r.reserve(16, 16);
+        r.get().extend_from_slice(&[2; 16]);
+        let second = r.get().split().freeze();
+        drop(first);
+        // The first block was kept as the spare (not the empty placeholder), so it can be
+        // taken back now that nothing refers to it.
+        assert_eq!(r.spares.len(), 1);
+        assert!(r.spares[0].try_reclaim(16), "the spare is the first block");
+        drop(second);
     }
 
     #[test]
