@@ -13,6 +13,9 @@ use crate::stream::TetherStream;
 /// Smallest and largest read buffer: idle connections hold little, busy ones read in bulk.
 const MIN_READ: usize = 1024;
 const MAX_READ: usize = 256 * 1024;
+/// How long a read may wait after reads bigger than the smallest before the pump treats
+/// the stream as idle and lets go of its read buffers.
+pub const QUIET_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 /// Bytes of a stream's queue written to the socket with one call, at most.
 const MAX_WRITE: usize = 256 * 1024;
 
@@ -88,18 +91,32 @@ where
         }
         let mut want = MIN_READ;
         let mut buf = Recycled::new(0, 1);
+        // Armed while a read waits after reads in bigger pieces.
+        let mut quiet: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
         loop {
             // At full speed an allocation holds two reads, so one can be sent while the next
             // is read; below it, one.
-            // Memory is held only while bytes arrive: a read that must wait, on a stream
-            // that is quiet (reading in the smallest pieces), lets go of its buffer, so an
-            // idle stream holds none (docs/ARCHITECTURE.md, "Read buffers"). The next poll
-            // takes a fresh one; dropping a pending `read_buf` loses nothing.
+            // Memory is held only while bytes arrive (docs/ARCHITECTURE.md, "Read buffers"):
+            // a read that must wait on a quiet stream (reading in the smallest pieces) lets
+            // go of its buffer at once, and one that waits [`QUIET_AFTER`] after bigger reads
+            // (a stream that stopped right after a burst) drops back to the smallest reads
+            // and lets go then. The next poll takes a fresh buffer; dropping a pending
+            // `read_buf` loses nothing.
             let read = std::future::poll_fn(|cx| {
                 buf.reserve(want, if want == MAX_READ { 2 * want } else { want });
                 let r = std::pin::pin!(rd.read_buf(buf.get())).poll(cx);
-                if r.is_pending() && want == MIN_READ {
+                if r.is_ready() {
+                    quiet = None;
+                } else if want == MIN_READ {
                     buf.release();
+                } else {
+                    let timer =
+                        quiet.get_or_insert_with(|| Box::pin(tokio::time::sleep(QUIET_AFTER)));
+                    if timer.as_mut().poll(cx).is_ready() {
+                        quiet = None;
+                        want = MIN_READ;
+                        buf.release();
+                    }
                 }
                 r
             });

@@ -1,10 +1,15 @@
 //! What an idle stream costs in memory: the heap that the server (its CONNECT frontend on a
 //! Unix socket) and the agent hold for each, counted by jemalloc's own statistics. The bound
-//! is ARCHITECTURE.md's ("Memory per stream"); the fleet runner measures the same in RSS at
-//! 100,000 streams (docs/BENCHMARKS.md).
+//! is ARCHITECTURE.md's ("Memory, per stream and per tunnel"); the fleet runner measures the
+//! same in RSS at 100,000 streams (docs/BENCHMARKS.md).
+//!
+//! Each test runs again in a child process of this binary with jemalloc's thread caches off
+//! (`_RJEM_MALLOC_CONF=tcache:false`), so that what is counted as allocated is what the code
+//! holds, not what the threads keep cached.
 mod common;
 
 use std::io::{Read, Write};
+use std::time::Duration;
 
 use common::*;
 
@@ -17,42 +22,68 @@ fn allocated() -> usize {
     tikv_jemalloc_ctl::stats::allocated::read().expect("jemalloc statistics")
 }
 
-/// Streams held at once: four descriptors each in this process (client, server, agent,
-/// backend), within the smallest usual open file limit (1024).
-const STREAMS: usize = 200;
-
 /// The heap an idle stream may hold, server and agent together.
 const BOUND: usize = 6 * 1024;
+/// The same after a burst: the queues' slots the burst grew stay (about 1 KiB), the
+/// buffers go.
+const BOUND_AFTER_BURST: usize = 8 * 1024;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_idle_stream_holds_no_read_buffers() {
+/// Runs the test `name` in a child process with jemalloc's thread caches off; `true` in the
+/// parent (which then has nothing more to do), `false` in the child.
+fn in_child(name: &str) -> bool {
+    if std::env::var_os("TETHER_MEMORY_CHILD").is_some() {
+        return false;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .env("TETHER_MEMORY_CHILD", "1")
+        .env("_RJEM_MALLOC_CONF", "tcache:false")
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    eprintln!("{text}");
+    assert!(out.status.success(), "the measurement failed");
+    assert!(text.contains("1 passed"), "the child ran the test");
+    true
+}
+
+/// A server with the CONNECT frontend on a Unix socket and one agent; `open(n)` opens `n`
+/// streams to a backend, each with `burst` bytes each way and then a byte each way, and
+/// returns them held idle. The backend and the clients are plain blocking sockets on
+/// threads: they allocate nothing per stream but the slot that holds them.
+async fn fleet(
+    burst: usize,
+) -> (
+    tether::Server,
+    tether::Agent,
+    impl Fn(usize) -> Vec<std::os::unix::net::UnixStream> + Clone + Send + 'static,
+) {
     let pki = Pki::new();
     let dir = tempdir("memory");
     let path = dir.join("connect.socket");
     let mut cfg = server_config(&pki);
     cfg.uds_path = Some(path.clone());
     let server = tether::Server::start(cfg).await.unwrap();
-    let _agent = tether::Agent::start(agent_config(&pki, server.agent_addr, "agent-1"));
+    let agent = tether::Agent::start(agent_config(&pki, server.agent_addr, "agent-1"));
     assert!(server.wait_agents(1, WAIT).await);
-    // The backend and the clients are plain blocking sockets on threads: they allocate
-    // nothing per stream but the slot that holds them.
     let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let target = backend.local_addr().unwrap();
-    let backends = std::thread::spawn(move || {
-        let mut held = Vec::with_capacity(STREAMS);
-        for s in backend.incoming().take(STREAMS) {
-            let mut s = s.unwrap();
-            let mut b = [0u8; 1];
-            s.read_exact(&mut b).unwrap();
-            s.write_all(&b).unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        // Ends with the test process.
+        for s in backend.incoming() {
+            let Ok(mut s) = s else { return };
+            let mut b = vec![0u8; burst + 1];
+            if s.read_exact(&mut b).is_err() || s.write_all(&b).is_err() {
+                return;
+            }
             held.push(s);
         }
-        held
     });
-    // Warm up: what the first streams allocate once (tables, caches) is not per stream.
     let open = move |n: usize| {
-        let path = path.clone();
         let mut held = Vec::with_capacity(n);
+        let data = vec![7u8; burst + 1];
         for _ in 0..n {
             let mut c = std::os::unix::net::UnixStream::connect(&path).unwrap();
             c.set_read_timeout(Some(WAIT)).unwrap();
@@ -60,16 +91,28 @@ async fn an_idle_stream_holds_no_read_buffers() {
             let mut head = [0u8; 39];
             c.read_exact(&mut head).unwrap();
             assert!(head.starts_with(b"HTTP/1.1 200 "), "{head:?}");
-            // A byte each way, so both ends have read something and are idle after it.
-            c.write_all(b"x").unwrap();
-            let mut b = [0u8; 1];
-            c.read_exact(&mut b).unwrap();
+            c.write_all(&data).unwrap();
+            let mut back = vec![0u8; burst + 1];
+            c.read_exact(&mut back).unwrap();
             held.push(c);
         }
         held
     };
-    let open2 = open.clone();
-    let warm = tokio::task::spawn_blocking(move || open2(STREAMS / 4))
+    (server, agent, open)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_stream_holds_no_read_buffers() {
+    if in_child("an_idle_stream_holds_no_read_buffers") {
+        return;
+    }
+    // Four descriptors a stream in this process (client, server, agent, backend): within the
+    // smallest usual open file limit (1024).
+    const STREAMS: usize = 200;
+    let (_server, _agent, open) = fleet(0).await;
+    // Warm up: what the first streams allocate once (tables, caches) is not per stream.
+    let o = open.clone();
+    let warm = tokio::task::spawn_blocking(move || o(STREAMS / 4))
         .await
         .unwrap();
     settle().await;
@@ -85,12 +128,46 @@ async fn an_idle_stream_holds_no_read_buffers() {
         "an idle stream holds {per_stream} bytes of heap, over the {BOUND}-byte bound"
     );
     drop((warm, held));
-    let _ = backends.join();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_goes_quiet_after_a_burst_lets_go_of_its_buffers() {
+    if in_child("a_stream_that_goes_quiet_after_a_burst_lets_go_of_its_buffers") {
+        return;
+    }
+    // 1 MiB each way grows both pumps' reads to their largest (256 KiB, in 512 KiB blocks).
+    const STREAMS: usize = 16;
+    const BURST: usize = 1 << 20;
+    let (_server, _agent, open) = fleet(BURST).await;
+    // The warm-up streams also grow the tunnels' own read and write buffers, which are per
+    // tunnel and stay.
+    let o = open.clone();
+    let warm = tokio::task::spawn_blocking(move || o(4)).await.unwrap();
+    tokio::time::sleep(tether::pump::QUIET_AFTER * 2).await;
+    let before = allocated();
+    let held = tokio::task::spawn_blocking(move || open(STREAMS))
+        .await
+        .unwrap();
+    // Once quiet for QUIET_AFTER, each stream is back under the idle bound; bounded wait.
+    let mut per_stream = usize::MAX;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        per_stream = allocated().saturating_sub(before) / held.len();
+        if per_stream <= BOUND_AFTER_BURST {
+            break;
+        }
+    }
+    eprintln!("heap per stream quiet after a burst, server and agent: {per_stream} bytes");
+    assert!(
+        per_stream <= BOUND_AFTER_BURST,
+        "a stream quiet after a burst holds {per_stream} bytes of heap, over the {BOUND_AFTER_BURST}-byte bound"
+    );
+    drop((warm, held));
 }
 
 /// Lets every task run past what it does after the last byte (bounded: 50 rounds).
 async fn settle() {
     for _ in 0..50 {
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }

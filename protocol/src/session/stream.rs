@@ -119,6 +119,10 @@ impl RecvBuf {
         }
         self.len += len32(&payload);
         if len32(&payload) < copy_below {
+            if self.tail.capacity() == 0 {
+                // Room for a run of small payloads without regrowing.
+                self.tail.reserve(payload.len().max(copy_below as usize));
+            }
             self.tail.extend_from_slice(&payload);
             return;
         }
@@ -134,7 +138,15 @@ impl RecvBuf {
             Some(front) if front.len() > max => front.split_to(max),
             Some(_) => self.chunks.pop_front()?,
             None if self.tail.is_empty() => return None,
-            None => self.tail.split_to(max.min(self.tail.len())).freeze(),
+            None => {
+                let out = self.tail.split_to(max.min(self.tail.len())).freeze();
+                if self.tail.is_empty() {
+                    // Everything received was taken: keep no spare capacity, so a stream
+                    // that goes quiet after a burst holds nothing (up to a window otherwise).
+                    self.tail = BytesMut::new();
+                }
+                out
+            }
         };
         self.len -= len32(&out);
         Some(out)
@@ -349,6 +361,29 @@ pub(crate) fn len32(b: &[u8]) -> u32 {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_drained_receive_buffer_keeps_no_spare_capacity() {
+        let mut buf = RecvBuf::default();
+        for _ in 0..16 {
+            buf.push(Bytes::from(vec![1u8; 16 * 1024]), 64 * 1024);
+        }
+        let mut taken = 0;
+        while let Some(b) = buf.pop(usize::MAX) {
+            taken += b.len();
+        }
+        assert_eq!(taken, 256 * 1024);
+        assert_eq!(
+            buf.tail.capacity(),
+            0,
+            "a quiet stream holds no copy buffer"
+        );
+        // A partial read keeps the rest, and its capacity, until it is taken.
+        buf.push(Bytes::from(vec![2u8; 100]), 64 * 1024);
+        assert_eq!(buf.pop(40).map(|b| b.len()), Some(40));
+        assert_eq!(buf.len(), 60);
+        assert!(buf.tail.capacity() >= 60);
+    }
 
     proptest! {
         /// SPEC 10: however a peer sizes its frames and however the application reads, a
