@@ -48,6 +48,11 @@ pub const STREAM_WINDOW: u32 = 256 * 1024;
 pub const CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
 /// Calls one client connection may have open at once.
 pub const MAX_CALLS: u32 = 10_000;
+/// h2's allowance for small DATA frames received and not yet read, over a connection (each
+/// frame under 256 bytes uses 256 less its length until it is read): four per call at
+/// [`MAX_CALLS`]. h2's default, half the connection window, would end a channel whose calls
+/// each wait on a slow node with a few small messages unread.
+pub const DATA_FRAME_BUDGET: usize = MAX_CALLS as usize * 4 * 256;
 /// Bytes of node-to-client data in one DATA packet, at most.
 pub const MAX_DOWN: usize = 64 * 1024;
 /// How long a call may take to send its DIAL_REQ.
@@ -122,7 +127,8 @@ where
         .max_concurrent_streams(MAX_CALLS)
         .max_header_list_size(16 * 1024)
         .max_frame_size(u32::try_from(authority::MAX_FRAME).expect("16 KiB"))
-        .max_send_buffer_size(MAX_DOWN + 64);
+        .max_send_buffer_size(MAX_DOWN + 64)
+        .data_frame_budget(DATA_FRAME_BUDGET);
     let handshake = builder.handshake::<_, Bytes>(authority::Rewrite::new(conn));
     let mut h2 = match tokio::time::timeout(FIRST_PACKET, handshake).await {
         Ok(Ok(c)) => c,
@@ -209,7 +215,16 @@ async fn call_main(
         call.connect_id,
     )
     .await;
-    call.relay.done(result);
+    // The stream and the call's halves go before the relay is logged and counted as done.
+    let Established {
+        relay,
+        stream,
+        reader,
+        out,
+        ..
+    } = call;
+    drop((stream, reader, out));
+    relay.done(result);
 }
 
 /// A call whose dial succeeded and whose DIAL_RSP went out.
@@ -524,13 +539,29 @@ impl Reader {
         self.held = None;
     }
 
-    /// Takes `n` more bytes from h2 into `buf` (returning their window to the client).
-    async fn fill(&mut self, n: usize) -> Result<bool, CallError> {
+    /// Takes `n` more bytes from h2 into `buf` (returning their window to the client);
+    /// with `stall`, the call fails when no byte comes for that long.
+    async fn fill(&mut self, n: usize, stall: Option<Duration>) -> Result<bool, CallError> {
         while self.buf.len() < n {
             if self.done {
                 return Ok(false);
             }
-            match self.body.data().await {
+            let next = match stall {
+                None => self.body.data().await,
+                // Boxed: an idle call waits in the other arm, and holds no timer.
+                Some(d) => Box::pin(tokio::time::timeout(d, self.body.data()))
+                    .await
+                    .map_err(|_| {
+                        (
+                            code::DEADLINE_EXCEEDED,
+                            format!(
+                                "a message stopped arriving: no byte of it within {} s",
+                                d.as_secs_f64()
+                            ),
+                        )
+                    })?,
+            };
+            match next {
                 Some(Ok(chunk)) => {
                     let _ = self.body.flow_control().release_capacity(chunk.len());
                     if self.buf.is_empty() {
@@ -550,7 +581,7 @@ impl Reader {
     async fn next(&mut self) -> Result<Option<Packet>, CallError> {
         self.held = None;
         // The prefix needs no budget: at most 5 bytes beyond a message already held.
-        if !self.fill(5).await? {
+        if !self.fill(5, None).await? {
             if self.buf.is_empty() {
                 return Ok(None);
             }
@@ -591,17 +622,9 @@ impl Reader {
             )
         })?;
         // A client that announces a message and stops must not hold its share for ever.
-        let filled = Box::pin(tokio::time::timeout(self.deadline, self.fill(5 + len)))
-            .await
-            .map_err(|_| {
-                (
-                    code::DEADLINE_EXCEEDED,
-                    format!(
-                        "a message of {len} bytes did not arrive within {} s of its prefix",
-                        self.deadline.as_secs_f64()
-                    ),
-                )
-            })?;
+        // A client that announces a message and stops sending it must not hold its share
+        // for ever; one that sends slowly (or is starved by its channel's other calls) may.
+        let filled = self.fill(5 + len, Some(self.deadline)).await;
         if !filled? {
             return Err((
                 code::INVALID_ARGUMENT,
