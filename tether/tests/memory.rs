@@ -24,9 +24,12 @@ fn allocated() -> usize {
 
 /// The heap an idle stream may hold, server and agent together.
 const BOUND: usize = 6 * 1024;
-/// The same after a burst: the queues' slots the burst grew stay (about 1 KiB), the
-/// buffers go.
-const BOUND_AFTER_BURST: usize = 8 * 1024;
+/// After a burst: the streams' buffers go (the queues' slots the burst grew stay, about
+/// 1 KiB), but the tunnels' own, which a burst grows and which are per tunnel (up to a few
+/// MiB), are counted too, and their size at any moment depends on timing. So this bound is
+/// coarse: it catches a stream that keeps its burst's buffers (249 KiB to 1 MiB each), not a
+/// few hundred bytes; the idle test above is the exact one.
+const BOUND_AFTER_BURST: usize = 128 * 1024;
 
 /// Runs the test `name` in a child process with jemalloc's thread caches off; `true` in the
 /// parent (which then has nothing more to do), `false` in the child.
@@ -136,33 +139,33 @@ async fn a_stream_that_goes_quiet_after_a_burst_lets_go_of_its_buffers() {
         return;
     }
     // 1 MiB each way grows both pumps' reads to their largest (256 KiB, in 512 KiB blocks).
-    const STREAMS: usize = 16;
+    const STREAMS: usize = 32;
     const BURST: usize = 1 << 20;
     let (_server, _agent, open) = fleet(BURST).await;
-    // The warm-up streams also grow the tunnels' own read and write buffers, which are per
-    // tunnel and stay.
-    let o = open.clone();
-    let warm = tokio::task::spawn_blocking(move || o(4)).await.unwrap();
-    tokio::time::sleep(tether::pump::QUIET_AFTER * 2).await;
+    // No warm-up: what the bursts grow in the tunnels (their read blocks and write batches,
+    // per tunnel, at most a few MiB) counts against the streams here, within the bound.
+    settle().await;
     let before = allocated();
     let held = tokio::task::spawn_blocking(move || open(STREAMS))
         .await
         .unwrap();
     // Once quiet for QUIET_AFTER, each stream is back under the idle bound; bounded wait.
-    let mut per_stream = usize::MAX;
+    // Signed: the tunnels' buffers may have shrunk by more than the streams hold.
+    let n = isize::try_from(held.len()).unwrap();
+    let mut per_stream = isize::MAX;
     for _ in 0..100 {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        per_stream = allocated().saturating_sub(before) / held.len();
-        if per_stream <= BOUND_AFTER_BURST {
+        per_stream = (isize::try_from(allocated()).unwrap() - isize::try_from(before).unwrap()) / n;
+        if per_stream <= BOUND_AFTER_BURST as isize {
             break;
         }
     }
     eprintln!("heap per stream quiet after a burst, server and agent: {per_stream} bytes");
     assert!(
-        per_stream <= BOUND_AFTER_BURST,
+        per_stream <= BOUND_AFTER_BURST as isize,
         "a stream quiet after a burst holds {per_stream} bytes of heap, over the {BOUND_AFTER_BURST}-byte bound"
     );
-    drop((warm, held));
+    drop(held);
 }
 
 /// Lets every task run past what it does after the last byte (bounded: 50 rounds).
