@@ -25,7 +25,16 @@ fn grpc_config(pki: &Pki, tag: &str) -> (ServerConfig, PathBuf) {
 }
 
 async fn grpc_server_and_agent(pki: &Pki, tag: &str) -> (Server, Agent, PathBuf) {
-    let (cfg, path) = grpc_config(pki, tag);
+    grpc_server_and_agent_limited(pki, tag, GrpcLimits::default()).await
+}
+
+async fn grpc_server_and_agent_limited(
+    pki: &Pki,
+    tag: &str,
+    limits: GrpcLimits,
+) -> (Server, Agent, PathBuf) {
+    let (mut cfg, path) = grpc_config(pki, tag);
+    cfg.grpc_limits = limits;
     let server = Server::start(cfg).await.unwrap();
     let agent = Agent::start(agent_config(pki, server.agent_addr, "agent-1"));
     assert!(server.wait_agents(1, WAIT).await, "the agent connected");
@@ -334,15 +343,12 @@ async fn a_hundred_calls_at_once_on_one_channel() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_over_the_limit_ends_its_call_and_frees_its_budget() {
     let pki = Pki::new();
-    let (mut cfg, path) = grpc_config(&pki, "grpc-limit");
-    cfg.grpc_limits = GrpcLimits {
+    let limits = GrpcLimits {
         max_message: 64 * 1024,
         budget: 256 * 1024,
         ..GrpcLimits::default()
     };
-    let server = Server::start(cfg).await.unwrap();
-    let _agent = Agent::start(agent_config(&pki, server.agent_addr, "agent-1"));
-    assert!(server.wait_agents(1, WAIT).await);
+    let (_server, _agent, path) = grpc_server_and_agent_limited(&pki, "grpc-limit", limits).await;
     let echo = echo_backend().await;
     let client = GrpcClient::connect(&path, AuthorityStyle::PercentEncoded)
         .await
@@ -367,16 +373,14 @@ async fn a_message_over_the_limit_ends_its_call_and_frees_its_budget() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_that_stops_arriving_loses_its_call_and_frees_its_budget() {
     let pki = Pki::new();
-    let (mut cfg, path) = grpc_config(&pki, "grpc-deadline");
     // The budget holds one message: while the silent call holds it, no other can arrive.
-    cfg.grpc_limits = GrpcLimits {
+    let limits = GrpcLimits {
         max_message: 64 * 1024,
         budget: 64 * 1024,
         message_deadline: Duration::from_millis(300),
     };
-    let server = Server::start(cfg).await.unwrap();
-    let _agent = Agent::start(agent_config(&pki, server.agent_addr, "agent-1"));
-    assert!(server.wait_agents(1, WAIT).await);
+    let (_server, _agent, path) =
+        grpc_server_and_agent_limited(&pki, "grpc-deadline", limits).await;
     let echo = echo_backend().await;
     let client = GrpcClient::connect(&path, AuthorityStyle::PercentEncoded)
         .await
