@@ -91,8 +91,11 @@ where
         }
         let mut want = MIN_READ;
         let mut buf = Recycled::new(0, 1);
-        // Armed while a read waits after reads in bigger pieces.
+        // The quiet timer, kept (and reset) while the stream is busy so that a pause costs no
+        // allocation; dropped with the buffers once the stream is idle. Armed while a read
+        // waits after reads in bigger pieces.
         let mut quiet: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+        let mut armed = false;
         loop {
             // At full speed an allocation holds two reads, so one can be sent while the next
             // is read; below it, one.
@@ -106,14 +109,26 @@ where
                 buf.reserve(want, if want == MAX_READ { 2 * want } else { want });
                 let r = std::pin::pin!(rd.read_buf(buf.get())).poll(cx);
                 if r.is_ready() {
-                    quiet = None;
+                    // A timer still registered wakes the task once, harmlessly.
+                    armed = false;
                 } else if want == MIN_READ {
                     buf.release();
+                    quiet = None;
                 } else {
-                    let timer =
-                        quiet.get_or_insert_with(|| Box::pin(tokio::time::sleep(QUIET_AFTER)));
+                    let deadline = tokio::time::Instant::now() + QUIET_AFTER;
+                    let timer = match &mut quiet {
+                        Some(t) => {
+                            if !armed {
+                                t.as_mut().reset(deadline);
+                            }
+                            t
+                        }
+                        None => quiet.insert(Box::pin(tokio::time::sleep_until(deadline))),
+                    };
+                    armed = true;
                     if timer.as_mut().poll(cx).is_ready() {
                         quiet = None;
+                        armed = false;
                         want = MIN_READ;
                         buf.release();
                     }

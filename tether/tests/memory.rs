@@ -168,9 +168,21 @@ async fn a_stream_that_goes_quiet_after_a_burst_lets_go_of_its_buffers() {
     drop(held);
 }
 
-/// Lets every task run past what it does after the last byte (bounded: 50 rounds).
+/// Waits until the tasks are done with what follows the last byte: the heap reads the same
+/// three times running, 20 ms apart (bounded: 500 rounds).
 async fn settle() {
-    for _ in 0..50 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
+    let (mut last, mut same) = (allocated(), 0);
+    for _ in 0..500 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let now = allocated();
+        same = if now.abs_diff(last) < 1024 {
+            same + 1
+        } else {
+            0
+        };
+        last = now;
+        if same == 3 {
+            return;
+        }
     }
 }

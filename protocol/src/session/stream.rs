@@ -87,6 +87,9 @@ pub(crate) struct SendHalf {
     pub(crate) queued: u32,
 }
 
+/// The copy buffer's first allocation after it was drained, at most (larger runs grow it).
+const TAIL_BLOCK: usize = 4096;
+
 /// Bytes that arrived and wait for the application's `recv`, in order.
 ///
 /// Large payloads are kept as the slices they arrived as (no copy); payloads under the
@@ -120,8 +123,10 @@ impl RecvBuf {
         self.len += len32(&payload);
         if len32(&payload) < copy_below {
             if self.tail.capacity() == 0 {
-                // Room for a run of small payloads without regrowing.
-                self.tail.reserve(payload.len().max(copy_below as usize));
+                // Room for a run of small payloads, in a block small enough to come from an
+                // allocator's cache: a drained stream starts one per small payload.
+                self.tail
+                    .reserve(payload.len().max((copy_below as usize).min(TAIL_BLOCK)));
             }
             self.tail.extend_from_slice(&payload);
             return;
