@@ -1,34 +1,129 @@
-//! High availability as Kubernetes runs it: three server replicas with `--server-count 3`
-//! behind one address (a round-robin TCP load balancer, as HAProxy or a Service), agents that
-//! reach all three through it. One replica is killed under load: only the streams it carried
-//! fail, and visibly; dials go on through the other two at once; the agents restore the third
-//! tunnel when it returns.
+//! High availability as Kubernetes runs it: three `tether-server` processes with
+//! `--server-count 3` behind one address (a round-robin TCP load balancer, as HAProxy or a
+//! Service), and `tether-agent` processes that reach all three through it. One replica is
+//! killed (SIGKILL) under load: only the streams it carried fail, and visibly; dials go on
+//! through the other two at once; the agents restore the third tunnel when it returns.
 
 mod common;
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 
 use common::*;
-use tether::agent::Agent;
-use tether::server::{Server, ServerConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-fn replica(pki: &Pki, id: &str, agent_addr: SocketAddr) -> ServerConfig {
-    ServerConfig {
-        server_id: id.into(),
-        server_count: 3,
-        // As the binary sets it: one tunnel per agent per replica, and room for the duplicate
-        // an agent opens (and then closes) when the balancer sends it to a replica it holds.
-        max_tunnels_per_agent: 3,
-        agent_addr,
-        ..server_config(pki)
-    }
+const AGENTS: [&str; 2] = ["agent-1", "agent-2"];
+
+/// The ports one replica listens on; fixed, so a killed replica comes back where the
+/// balancer and its clients expect it.
+#[derive(Clone, Copy)]
+struct Ports {
+    agent: u16,
+    connect: u16,
+    health: u16,
 }
 
-/// An echo stream through `frontend` that has moved one round trip.
-async fn echo_stream(frontend: SocketAddr, backend: SocketAddr) -> TcpStream {
+/// Writes `text` to `dir/name` and gives its path as an argument.
+fn file(dir: &Path, name: &str, text: &str) -> String {
+    std::fs::write(dir.join(name), text).unwrap();
+    dir.join(name).display().to_string()
+}
+
+/// A child's stderr, kept in `dir` for a failing run to be read.
+fn log(dir: &Path, name: &str) -> Stdio {
+    std::fs::File::create(dir.join(format!("{name}.log")))
+        .unwrap()
+        .into()
+}
+
+/// Replica `i` as the binary, with its `--server-id`, `--server-count 3` and the rest defaults
+/// (so `--max-tunnels-per-agent` is 3, as the flag's documentation asks).
+fn replica(dir: &Path, pki: &Pki, i: usize, p: Ports) -> Killed {
+    let (cert, key, ca) = (
+        file(dir, "server.crt", &pki.server.cert),
+        file(dir, "server.key", &pki.server.key),
+        file(dir, "ca.crt", &pki.ca.pem.cert),
+    );
+    let id = format!("server-{i}");
+    Killed(
+        Command::new(env!("CARGO_BIN_EXE_tether-server"))
+            .args(["--cluster-cert", &cert, "--cluster-key", &key])
+            .args(["--cluster-ca-cert", &ca])
+            .args(["--server-id", &id, "--server-count", "3"])
+            .args(["--agent-bind-address", "127.0.0.1"])
+            .args(["--agent-port", &p.agent.to_string()])
+            .args(["--server-bind-address", "127.0.0.1"])
+            .args(["--server-port", &p.connect.to_string()])
+            .args(["--health-bind-address", "127.0.0.1"])
+            .args(["--health-port", &p.health.to_string()])
+            .args(["--proxy-strategies", "default"])
+            .env_remove("RUST_LOG")
+            .stderr(log(dir, &id))
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// Agent `id` as the binary, reaching the servers through `lb`, allowed to dial `backend`.
+fn agent(
+    dir: &Path,
+    pki: &Pki,
+    id: &str,
+    lb: SocketAddr,
+    backend: SocketAddr,
+    health: u16,
+) -> Killed {
+    let leaf = pki.ca.leaf(id, &[id]);
+    let (cert, key, ca) = (
+        file(dir, &format!("{id}.crt"), &leaf.cert),
+        file(dir, &format!("{id}.key"), &leaf.key),
+        file(dir, "ca.crt", &pki.ca.pem.cert),
+    );
+    Killed(
+        Command::new(env!("CARGO_BIN_EXE_tether-agent"))
+            .args(["--ca-cert", &ca, "--agent-cert", &cert, "--agent-key", &key])
+            .args(["--agent-id", id, "--proxy-server-name", "localhost"])
+            .args(["--proxy-server-host", "127.0.0.1"])
+            .args(["--proxy-server-port", &lb.port().to_string()])
+            .args(["--allowed-destinations", &backend.to_string()])
+            .args(["--sync-interval", "100ms", "--sync-interval-cap", "1s"])
+            .args(["--health-server-host", "127.0.0.1"])
+            .args(["--health-server-port", &health.to_string()])
+            .env_remove("RUST_LOG")
+            .stderr(log(dir, id))
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// Waits until every port in `ports` reports `want` for the metric `name`.
+async fn all_read(ports: &[u16], name: &str, want: f64) -> bool {
+    for &port in ports {
+        let seen = eventually_some(WAIT * 2, || async move {
+            (metric(port, name).await? == want).then_some(())
+        })
+        .await;
+        if seen.is_none() {
+            return false;
+        }
+    }
+    true
+}
+
+/// The sum of the metric `name` over `ports`.
+async fn sum(ports: &[u16], name: &str) -> Option<f64> {
+    let mut total = 0.0;
+    for &port in ports {
+        total += metric(port, name).await?;
+    }
+    Some(total)
+}
+
+/// An echo stream through the CONNECT frontend on `port` that has moved one round trip.
+async fn echo_stream(port: u16, backend: SocketAddr) -> TcpStream {
+    let frontend = SocketAddr::from(([127, 0, 0, 1], port));
     let (status, head, mut s) = connect_tcp(frontend, &backend.to_string()).await;
     assert_eq!(status, 200, "{head}");
     s.write_all(b"ping").await.unwrap();
@@ -52,83 +147,100 @@ async fn still_echoes(s: &mut TcpStream) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_replica_killed_under_load_fails_only_its_streams_and_comes_back() {
     let pki = Pki::new();
-    // Fixed agent ports, so the killed replica comes back where the balancer expects it.
-    let ports: Vec<SocketAddr> = (0..3)
-        .map(|_| {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
+    let dir: PathBuf = tempdir("ha");
+    let ports: Vec<Ports> = (0..3)
+        .map(|_| Ports {
+            agent: free_port(),
+            connect: free_port(),
+            health: free_port(),
         })
         .collect();
-    let mut servers = Vec::new();
-    for (i, addr) in ports.iter().enumerate() {
-        servers.push(Some(
-            Server::start(replica(&pki, &format!("server-{i}"), *addr))
-                .await
-                .unwrap(),
-        ));
-    }
-    let lb = balancer(ports.clone()).await;
-    let agents: Vec<Agent> = ["agent-1", "agent-2"]
-        .iter()
-        .map(|id| Agent::start(agent_config(&pki, lb.addr, id)))
+    let mut servers: Vec<Option<Killed>> = (0..3)
+        .map(|i| Some(replica(&dir, &pki, i, ports[i])))
         .collect();
-    // Through one address, every agent finds all three replicas.
-    for s in servers.iter().flatten() {
-        assert!(s.wait_agents(2, WAIT * 2).await, "a replica lacks an agent");
-    }
-    for a in &agents {
-        assert!(a.wait_connected(3, WAIT).await);
-    }
+    let lb = balancer(
+        ports
+            .iter()
+            .map(|p| SocketAddr::from(([127, 0, 0, 1], p.agent)))
+            .collect(),
+    )
+    .await;
     let backend = echo_backend().await;
-    let frontends: Vec<SocketAddr> = servers
+    let agent_health: Vec<u16> = AGENTS.iter().map(|_| free_port()).collect();
+    let _agents: Vec<Killed> = AGENTS
         .iter()
-        .flatten()
-        .map(|s| s.connect_addr.unwrap())
+        .zip(&agent_health)
+        .map(|(id, &h)| agent(&dir, &pki, id, lb.addr, backend, h))
         .collect();
+    let server_health: Vec<u16> = ports.iter().map(|p| p.health).collect();
+    let logs = dir.display();
+    // Through one address, every agent finds all three replicas.
+    assert!(
+        all_read(&server_health, "tether_agents", 2.0).await,
+        "a replica lacks an agent (logs in {logs})"
+    );
+    assert!(
+        all_read(&agent_health, "tether_agent_tunnels", 3.0).await,
+        "an agent lacks a replica (logs in {logs})"
+    );
     // Load: four open streams through each replica (as each kube-apiserver uses its own).
     let mut streams: Vec<(usize, TcpStream)> = Vec::new();
-    for (i, f) in frontends.iter().enumerate() {
+    for (i, p) in ports.iter().enumerate() {
         for _ in 0..4 {
-            streams.push((i, echo_stream(*f, backend).await));
+            streams.push((i, echo_stream(p.connect, backend).await));
         }
     }
-    // Replica 1 dies.
-    servers[1].take().unwrap().shutdown(Duration::ZERO).await;
+    assert_eq!(
+        sum(&agent_health, "tether_agent_endpoint_connections").await,
+        Some(12.0)
+    );
+    // Replica 1's process dies, with no drain and no GOAWAY: the kernel closes its sockets.
+    drop(servers[1].take());
     // Its streams fail, visibly (an error or a reset, not an echo); the others carry on.
     for (i, s) in &mut streams {
         let echoed = still_echoes(s).await;
         assert_eq!(echoed, *i != 1, "a stream through replica {i}");
     }
     // New dials through the two left succeed at once, with no wait for a reconnect.
-    for f in [frontends[0], frontends[2]] {
+    for p in [ports[0], ports[2]] {
         for _ in 0..10 {
-            let mut s = echo_stream(f, backend).await;
+            let mut s = echo_stream(p.connect, backend).await;
             assert!(still_echoes(&mut s).await);
         }
     }
-    for a in &agents {
-        assert!(a.wait_connected(2, WAIT).await);
-    }
-    // The replica returns on its port; the agents find it through the balancer again.
-    servers[1] = Some(
-        Server::start(replica(&pki, "server-1", ports[1]))
-            .await
-            .unwrap(),
+    // The agents notice the lost tunnel and let go of the connections it carried (the four
+    // of replica 1; the eight others are still open here), and nothing else.
+    assert!(
+        all_read(&agent_health, "tether_agent_tunnels", 2.0).await,
+        "an agent still counts the dead replica (logs in {logs})"
+    );
+    let open = eventually_some(WAIT, || async {
+        let n = sum(&agent_health, "tether_agent_endpoint_connections").await?;
+        (n == 8.0).then_some(n)
+    })
+    .await;
+    assert_eq!(
+        open,
+        Some(8.0),
+        "the dead replica's streams linger at the agents"
+    );
+    // The replica returns on its ports; the agents find it through the balancer again.
+    servers[1] = Some(replica(&dir, &pki, 1, ports[1]));
+    assert!(
+        all_read(&[ports[1].health], "tether_agents", 2.0).await,
+        "the agents did not come back to the restarted replica (logs in {logs})"
     );
     assert!(
-        servers[1].as_ref().unwrap().wait_agents(2, WAIT * 2).await,
-        "the agents did not come back to the restarted replica"
+        all_read(&agent_health, "tether_agent_tunnels", 3.0).await,
+        "an agent did not restore its third tunnel (logs in {logs})"
     );
-    for a in &agents {
-        assert!(a.wait_connected(3, WAIT).await);
-    }
-    let back = servers[1].as_ref().unwrap().connect_addr.unwrap();
-    let mut s = echo_stream(back, backend).await;
+    let mut s = echo_stream(ports[1].connect, backend).await;
     assert!(still_echoes(&mut s).await);
     // Each replica settles at exactly one tunnel per agent: no duplicates piled up.
-    for s in servers.iter().flatten() {
-        assert!(eventually(WAIT, || s.agents() == 2).await, "{}", s.agents());
-    }
+    assert!(
+        all_read(&server_health, "tether_agents", 2.0).await,
+        "a replica holds a duplicate tunnel (logs in {logs})"
+    );
+    drop(servers);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -415,16 +415,6 @@ async fn the_agent_serves_health_readiness_and_metrics_of_its_own() {
     );
 }
 
-/// A child process killed when dropped.
-struct Killed(std::process::Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Reads `child`'s stderr until a line satisfies `want` (at most `limit`), returning it.
 async fn line_where(
     child: &mut Killed,

@@ -362,3 +362,41 @@ pub fn syn_sent_to(port: u16) -> usize {
         .map(|t| t.lines().filter(|l| l.contains(&needle)).count())
         .sum()
 }
+
+/// A child process killed (SIGKILL) when dropped.
+pub struct Killed(pub std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A loopback port free a moment ago (for a process that must come back on the same one).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `GET path` from an HTTP server on a loopback port; `None` if nothing answers within `WAIT`.
+pub async fn http_get(port: u16, path: &str) -> Option<String> {
+    let get = async {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .ok()?;
+        String::from_utf8(read_to_end(&mut s).await.ok()?).ok()
+    };
+    tokio::time::timeout(WAIT, get).await.ok()?
+}
+
+/// The value of an unlabelled metric `name` on a loopback `/metrics` endpoint.
+pub async fn metric(port: u16, name: &str) -> Option<f64> {
+    let text = http_get(port, "/metrics").await?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
