@@ -81,6 +81,45 @@ impl Recycled {
     }
 }
 
+/// When a tunnel's reader (and its read-ahead beneath TLS) lets go of its buffers: a read that
+/// waits with no big read in the last [`crate::pump::QUIET_AFTER`] lets go at once; one that
+/// waits sooner after a big read lets go once that time is up. A busy connection keeps its
+/// buffers between reads (reused, not faulted in afresh); an idle one holds none. The timer
+/// is armed once and moved only when it fires early, so a busy connection pays no timer
+/// update per read.
+#[derive(Debug, Default)]
+pub(crate) struct Quiet {
+    busy_until: Option<tokio::time::Instant>,
+    timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Quiet {
+    /// A big read: buffers stay for [`crate::pump::QUIET_AFTER`] more.
+    pub(crate) fn busy(&mut self) {
+        self.busy_until = Some(tokio::time::Instant::now() + crate::pump::QUIET_AFTER);
+    }
+
+    /// A read waits: whether to let go of the buffers now; if not, `cx` is woken when it is
+    /// time to ask again.
+    pub(crate) fn poll_idle(&mut self, cx: &mut std::task::Context<'_>) -> bool {
+        use std::future::Future;
+        let Some(until) = self.busy_until.filter(|&t| t > tokio::time::Instant::now()) else {
+            self.busy_until = None;
+            self.timer = None;
+            return true;
+        };
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
+        if timer.as_mut().poll(cx).is_ready() {
+            // It fired at an earlier deadline: big reads came since.
+            timer.as_mut().reset(until);
+            let _ = timer.as_mut().poll(cx);
+        }
+        false
+    }
+}
+
 /// A list of `Bytes` written with one vectored write (`AsyncWriteExt::write_all_buf`).
 #[derive(Debug, Default)]
 pub(crate) struct Chunks {

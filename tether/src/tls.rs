@@ -1,8 +1,14 @@
 //! rustls configurations from PEM (files or bytes), with the aws-lc-rs provider.
 
+use std::future::Future;
 use std::io;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
@@ -39,14 +45,110 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// default, 64 KiB, splits each of the writer's batches (up to 512 KiB) into eight writes.
 pub const TUNNEL_SEND_BUFFER: usize = 1024 * 1024;
 
-/// Bytes a tunnel's TCP connection reads at once, beneath TLS.
+/// Bytes a busy tunnel's TCP connection reads at once, beneath TLS.
 const TUNNEL_READ_BUFFER: usize = 128 * 1024;
+/// A read shorter than this is a quiet tunnel's (keepalives, a few dials).
+const QUIET_READ: usize = 4096;
 
-/// A tunnel's TCP connection, read in large pieces: rustls reads its records 4 KiB at a time,
-/// which on a busy tunnel is four `recv` calls per 16 KiB record. Reading ahead into one
-/// buffer turns those into one call per 128 KiB, for one copy of cache-hot bytes.
-pub fn tunnel_transport<IO: tokio::io::AsyncRead>(io: IO) -> tokio::io::BufReader<IO> {
-    tokio::io::BufReader::with_capacity(TUNNEL_READ_BUFFER, io)
+/// A tunnel's TCP connection, read in large pieces while it is busy: rustls reads its records
+/// 4 KiB at a time, which on a busy tunnel is four `recv` calls per 16 KiB record. Reading
+/// ahead into one buffer turns those into one call per 128 KiB, for one copy of cache-hot
+/// bytes.
+pub fn tunnel_transport<IO: AsyncRead + Unpin>(io: IO) -> ReadAhead<IO> {
+    ReadAhead {
+        io,
+        buf: BytesMut::new(),
+        busy: false,
+        idle: crate::buffer::Quiet::default(),
+    }
+}
+
+/// [`tunnel_transport`]: reads ahead only while the connection is busy, and holds a buffer
+/// only while it holds unread bytes. A quiet connection's reads go straight into the
+/// caller's buffer; one that fills it turns the read-ahead on; a read ahead shorter than
+/// 4 KiB turns it off again. A read that has to wait lets the buffer go, at once or a second
+/// after the last big read (`buffer::Quiet`, as the tunnel's reader). So thousands of
+/// idle tunnels hold no read-ahead buffer, and a tunnel that carried a transfer does not keep
+/// 128 KiB of touched pages for the rest of its life. Writes pass through.
+#[derive(Debug)]
+pub struct ReadAhead<IO> {
+    io: IO,
+    buf: BytesMut,
+    busy: bool,
+    idle: crate::buffer::Quiet,
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for ReadAhead<IO> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let me = self.get_mut();
+        if me.buf.is_empty() {
+            let asked = out.remaining();
+            if !me.busy || asked >= TUNNEL_READ_BUFFER {
+                let before = out.filled().len();
+                ready!(Pin::new(&mut me.io).poll_read(cx, out))?;
+                let n = out.filled().len() - before;
+                me.busy = n > 0 && n == asked;
+                if me.busy {
+                    me.idle.busy();
+                }
+                return Poll::Ready(Ok(()));
+            }
+            me.buf.reserve(TUNNEL_READ_BUFFER);
+            let Poll::Ready(n) = std::pin::pin!(me.io.read_buf(&mut me.buf)).poll(cx)? else {
+                if me.idle.poll_idle(cx) {
+                    // Nothing was read into it.
+                    me.buf = BytesMut::new();
+                }
+                return Poll::Pending;
+            };
+            if n < QUIET_READ {
+                me.busy = false;
+            } else {
+                me.idle.busy();
+            }
+        }
+        let k = out.remaining().min(me.buf.len());
+        out.put_slice(&me.buf[..k]);
+        me.buf.advance(k);
+        if me.buf.is_empty() && !me.busy {
+            me.buf = BytesMut::new();
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for ReadAhead<IO> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
 }
 
 fn invalid(what: &str, e: impl std::fmt::Display) -> io::Error {

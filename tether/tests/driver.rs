@@ -1,78 +1,15 @@
 //! The tunnel driver over an in-memory transport: two `Tunnel`s joined by `tokio::io::duplex`,
 //! no TLS, so each test is about the driver alone. Every wait is bounded.
 
+mod common;
+
 use std::time::Instant;
 
-use tether::TetherStream;
-use tether::tunnel::{Handshake, Incoming, Start, Tunnel};
+use common::{WAIT, tunnel_config as config, tunnel_pair as pair, tunnel_stream as connected};
+use tether::tunnel::{Handshake, Start, Tunnel};
 use tether_proto::testing::{test_agent_identity, test_server_identity};
 use tether_proto::{CloseReason, Config, ErrorCode, Session, Time};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::mpsc;
-
-const WAIT: std::time::Duration = std::time::Duration::from_secs(10);
-
-fn config() -> Config {
-    Config {
-        keepalive_interval_ms: 0,
-        ..Config::default()
-    }
-}
-
-/// A server tunnel and an agent tunnel joined in memory, handshake done; the agent's dials go
-/// to the returned receiver.
-async fn pair() -> (Tunnel, Tunnel, mpsc::UnboundedReceiver<Incoming>) {
-    let (a, b) = tokio::io::duplex(1 << 20);
-    let epoch = Instant::now();
-    let server = Session::server(config(), test_server_identity(), Time::from_millis(0)).unwrap();
-    let agent = Session::agent(config(), test_agent_identity(), Time::from_millis(0)).unwrap();
-    let (tx, rx) = mpsc::unbounded_channel();
-    let (s, s_hs) = Tunnel::spawn(
-        a,
-        server,
-        Start {
-            incoming: None,
-            policy: None,
-            epoch,
-            label: "server".into(),
-            stats: None,
-        },
-    );
-    let (g, g_hs) = Tunnel::spawn(
-        b,
-        agent,
-        Start {
-            incoming: Some(tx),
-            policy: None,
-            epoch,
-            label: "agent".into(),
-            stats: None,
-        },
-    );
-    assert!(matches!(s_hs.done().await, Ok(Handshake::Hello(_))));
-    assert!(matches!(g_hs.done().await, Ok(Handshake::Welcome(_))));
-    (s, g, rx)
-}
-
-/// The server dials through the agent and the agent's application accepts: the agent's end
-/// (`near`) and the server's end (`far`) of one stream.
-async fn connected(
-    server: &Tunnel,
-    dials: &mut mpsc::UnboundedReceiver<Incoming>,
-) -> (TetherStream, TetherStream) {
-    let server = server.clone();
-    let dialing = tokio::spawn(async move { server.dial("dest", 80, WAIT).await });
-    let incoming = tokio::time::timeout(WAIT, dials.recv())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(
-        (incoming.dial().host.as_str(), incoming.dial().port),
-        ("dest", 80)
-    );
-    let near = incoming.accept().unwrap();
-    (near, dialing.await.unwrap().unwrap())
-}
 
 #[tokio::test]
 async fn a_dial_accepted_through_the_driver_carries_bytes_both_ways_with_half_close() {

@@ -12,6 +12,7 @@ use std::io::{Read, Write};
 use std::time::Duration;
 
 use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
@@ -166,6 +167,169 @@ async fn a_stream_that_goes_quiet_after_a_burst_lets_go_of_its_buffers() {
         "a stream quiet after a burst holds {per_stream} bytes of heap, over the {BOUND_AFTER_BURST}-byte bound"
     );
     drop(held);
+}
+
+/// The heap an idle tunnel may hold, server end and agent end together, with the library
+/// agent that holds it: at each end the TLS connection (rustls's state and its 4 KiB record
+/// buffer), the session and the tunnel's two tasks, and no read buffer beneath TLS (128 KiB
+/// each) nor read block above it (512 KiB each). Measured in a debug build: 86 KiB, of which
+/// 27 KiB is the agent instance itself (its TLS client configuration, metrics and tasks; as
+/// much with no tunnel at all); 348 KiB when the 128 KiB read-ahead buffers were kept for life.
+const TUNNEL_BOUND: usize = 96 * 1024;
+
+/// Agents `ids`, each with its own tunnel to `server` and its own address (`ipv4=127.3.0.i`,
+/// routed by destHost), all connected; each carries one stream that moves `burst` bytes from
+/// a backend on its address and ends, so both ends' readers have read.
+async fn tunnels(
+    pki: &Pki,
+    server: &tether::Server,
+    ids: std::ops::Range<usize>,
+    burst: usize,
+) -> Vec<tether::Agent> {
+    let mut agents = Vec::new();
+    let base = server.agents();
+    for i in ids {
+        let ip = std::net::Ipv4Addr::new(127, 3, 0, u8::try_from(i + 1).unwrap());
+        let backend = std::net::TcpListener::bind((ip, 0)).unwrap();
+        let target = backend.local_addr().unwrap();
+        // Serves one connection, then ends.
+        std::thread::spawn(move || {
+            if let Ok((mut s, _)) = backend.accept() {
+                let _ = s.write_all(&vec![1u8; burst]);
+            }
+        });
+        let mut cfg = agent_config(pki, server.agent_addr, &format!("agent-{i}"));
+        cfg.identifiers = vec![tether_proto::frame::Identifier::Ipv4(ip)];
+        agents.push(tether::Agent::start(cfg));
+        assert!(server.wait_agents(base + agents.len(), WAIT).await);
+        let (status, head, mut s) =
+            connect_tcp(server.connect_addr.unwrap(), &target.to_string()).await;
+        assert_eq!(status, 200, "{head}");
+        assert_eq!(read_to_end(&mut s).await.unwrap().len(), burst);
+    }
+    agents
+}
+
+/// A server with the CONNECT frontend on TCP, routing by destHost only.
+async fn tunnel_server(pki: &Pki) -> tether::Server {
+    let mut cfg = server_config(pki);
+    cfg.connect_addr = Some("127.0.0.1:0".parse().unwrap());
+    cfg.strategies = vec![tether::server::Strategy::DestHost];
+    tether::Server::start(cfg).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_tunnel_holds_no_read_block() {
+    if in_child("an_idle_tunnel_holds_no_read_block") {
+        return;
+    }
+    const TUNNELS: usize = 40;
+    let pki = Pki::new();
+    let server = tunnel_server(&pki).await;
+    let warm = tunnels(&pki, &server, 0..4, 100).await;
+    settle().await;
+    let before = allocated();
+    let held = tunnels(&pki, &server, 4..4 + TUNNELS, 100).await;
+    settle().await;
+    let per_tunnel = allocated().saturating_sub(before) / TUNNELS;
+    eprintln!("heap per idle tunnel, server and agent: {per_tunnel} bytes");
+    assert!(
+        per_tunnel <= TUNNEL_BOUND,
+        "an idle tunnel holds {per_tunnel} bytes of heap, over the {TUNNEL_BOUND}-byte bound"
+    );
+    drop((warm, held));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_quiet_after_a_burst_lets_go_of_its_read_buffers() {
+    if in_child("a_tunnel_quiet_after_a_burst_lets_go_of_its_read_buffers") {
+        return;
+    }
+    // 1 MiB through each tunnel grows the server's reader to its 512 KiB blocks and its
+    // read-ahead beneath TLS to 128 KiB. The read-ahead lets go of its buffer as soon as a
+    // read waits, the reader of its blocks once a read has waited `pump::QUIET_AFTER` (1 s)
+    // after the last big one. No keepalives: no later read must be needed for either.
+    const TUNNELS: usize = 8;
+    let pki = Pki::new();
+    let server = tunnel_server(&pki).await;
+    let warm = tunnels(&pki, &server, 0..2, 100).await;
+    settle().await;
+    let before = allocated();
+    let held = tunnels(&pki, &server, 2..2 + TUNNELS, 1 << 20).await;
+    // Within about a second, each tunnel is back under the idle bound; bounded.
+    let n = isize::try_from(TUNNELS).unwrap();
+    let mut per_tunnel = isize::MAX;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        per_tunnel = (isize::try_from(allocated()).unwrap() - isize::try_from(before).unwrap()) / n;
+        if per_tunnel <= TUNNEL_BOUND as isize {
+            break;
+        }
+    }
+    eprintln!("heap per tunnel quiet after a burst, server and agent: {per_tunnel} bytes");
+    assert!(
+        per_tunnel <= TUNNEL_BOUND as isize,
+        "a tunnel quiet after a burst holds {per_tunnel} bytes of heap, over the {TUNNEL_BOUND}-byte bound"
+    );
+    drop((warm, held));
+}
+
+/// The heap a tunnel pair (both ends, no TLS, over loopback TCP) may hold once quiet after a
+/// burst: the two sessions and their tasks, and neither reader's 512 KiB block.
+const PAIR_BOUND: usize = 64 * 1024;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_reader_lets_go_of_its_blocks_a_second_after_its_last_big_read() {
+    if in_child("a_tunnel_reader_lets_go_of_its_blocks_a_second_after_its_last_big_read") {
+        return;
+    }
+    // 1 MiB from the server's end of a stream to the agent's application, which reads it all;
+    // then nothing more crosses (no keepalives), so nothing but the reader's own timer can
+    // free the agent's block: its last read was a big one.
+    async fn burst() -> impl Sized {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (a, b) = tokio::join!(
+            l.accept(),
+            tokio::net::TcpStream::connect(l.local_addr().unwrap())
+        );
+        let (server, agent, mut dials) = tunnel_pair_on(a.unwrap().0, b.unwrap()).await;
+        let (mut near, mut far) = tunnel_stream(&server, &mut dials).await;
+        let data = vec![1u8; 1 << 20];
+        let mut got = vec![0u8; data.len()];
+        let (w, r) = tokio::join!(
+            async { far.write_all(&data).await },
+            tokio::time::timeout(WAIT, near.read_exact(&mut got))
+        );
+        w.unwrap();
+        r.unwrap().unwrap();
+        (server, agent, dials, near, far)
+    }
+    const PAIRS: usize = 8;
+    let warm = burst().await;
+    // Past the warm pair's own quiet time.
+    tokio::time::sleep(tether::pump::QUIET_AFTER * 2).await;
+    settle().await;
+    let before = allocated();
+    let mut held = Vec::new();
+    for _ in 0..PAIRS {
+        held.push(burst().await);
+    }
+    // `pump::QUIET_AFTER` (1 s) after the last big read, each pair is back under the bound.
+    let n = isize::try_from(PAIRS).unwrap();
+    let mut per_pair = isize::MAX;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        per_pair = (isize::try_from(allocated()).unwrap() - isize::try_from(before).unwrap()) / n;
+        if per_pair <= PAIR_BOUND as isize {
+            break;
+        }
+    }
+    eprintln!("heap per tunnel pair quiet after a burst: {per_pair} bytes");
+    assert!(
+        per_pair <= PAIR_BOUND as isize,
+        "a tunnel pair quiet after a burst holds {per_pair} bytes of heap, over the {PAIR_BOUND}-byte bound"
+    );
+    drop((warm, held));
 }
 
 /// Waits until the tasks are done with what follows the last byte: the heap reads the same

@@ -1,6 +1,7 @@
 //! The tunnel's two tasks: the reader feeds the session what the transport has; the writer
 //! fires timers and writes what the session has ready, vectored.
 
+use std::future::Future;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -8,7 +9,7 @@ use tether_proto::{Frame, Time};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::Tunnel;
-use crate::buffer::{Chunks, Recycled};
+use crate::buffer::{Chunks, Quiet, Recycled};
 
 /// Free space the reader wants before each read, and the size of its allocations: DATA
 /// payloads are slices of them, so one is reused once every payload read into it is gone.
@@ -16,7 +17,8 @@ const READ_MIN: usize = 64 * 1024;
 pub(super) const READ_BLOCK: usize = 512 * 1024;
 /// Older read allocations the reader keeps for reuse.
 const READ_SPARES: usize = 2;
-/// A read shorter than this lets the reader's spare allocations go.
+/// A read shorter than this is a quiet tunnel's (keepalives, a few dials, window updates):
+/// the reader then lets its spare allocations go, and allocates next a buffer of this size.
 const QUIET_READ: usize = 4096;
 /// Bytes of frames gathered into one vectored write, at most.
 const WRITE_BATCH: usize = 512 * 1024;
@@ -25,6 +27,14 @@ const ZERO_COPY_MIN: usize = 2048;
 
 pub(super) async fn reader<R: AsyncRead + Unpin>(tunnel: Tunnel, mut r: R) {
     let mut buf = Recycled::new(0, READ_SPARES);
+    // Whether the last read was small: a buffer allocated next is then 4 KiB, not a block.
+    let mut quiet = true;
+    // A busy tunnel reads into 512 KiB blocks and keeps them (and its spares) between reads,
+    // so they are reused instead of faulted in afresh; a quiet one holds none while it waits
+    // (`Quiet`): thousands of idle tunnels hold no read buffer, no block fills page by page
+    // with keepalives over the hours, and a tunnel that stopped after a burst lets go of its
+    // block a second later.
+    let mut idle = Quiet::default();
     loop {
         if !buf.get().is_empty() {
             let done = tunnel.drive(|sh, now| {
@@ -35,16 +45,34 @@ pub(super) async fn reader<R: AsyncRead + Unpin>(tunnel: Tunnel, mut r: R) {
                 return;
             }
         }
-        buf.reserve(READ_MIN, READ_BLOCK);
-        match r.read_buf(buf.get()).await {
+        let read = std::future::poll_fn(|cx| {
+            if quiet {
+                buf.reserve(QUIET_READ, QUIET_READ);
+            } else {
+                buf.reserve(READ_MIN, READ_BLOCK);
+            }
+            let r = std::pin::pin!(r.read_buf(buf.get())).poll(cx);
+            if r.is_pending() && idle.poll_idle(cx) {
+                // Nothing was read into the buffer (a pending read leaves it alone); a
+                // partial frame keeps it. The next poll takes a fresh, small one.
+                buf.release();
+                quiet = true;
+            }
+            r
+        });
+        match read.await {
             Ok(0) | Err(_) => {
                 tunnel.drive(|sh, _| sh.session.handle_transport_closed());
                 return;
             }
-            // A small read is a quiet tunnel (keepalives, a few dials): it keeps no spare
-            // 512 KiB blocks, so thousands of idle tunnels on a server hold one block each.
-            Ok(n) if n < QUIET_READ => buf.shed(),
-            Ok(_) => {}
+            Ok(n) => {
+                quiet = n < QUIET_READ;
+                if quiet {
+                    buf.shed();
+                } else {
+                    idle.busy();
+                }
+            }
         }
     }
 }
