@@ -433,6 +433,70 @@ async fn line_where(
     tokio::time::timeout(limit, found).await.ok()?.ok()?
 }
 
+/// Names of `pid`'s threads.
+fn thread_names(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+                .map(|n| n.trim().to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn both_binaries_have_the_allocator_return_freed_memory_in_the_background() {
+    let pki = Pki::new();
+    let dir = tempdir("purge");
+    let w = |n: &str, t: &str| {
+        std::fs::write(dir.join(n), t).unwrap();
+        dir.join(n).display().to_string()
+    };
+    let (sc, sk, ca) = (
+        w("s.crt", &pki.server.cert),
+        w("s.key", &pki.server.key),
+        w("ca.crt", &pki.ca.pem.cert),
+    );
+    let port = free_port().to_string();
+    let server = Killed(
+        std::process::Command::new(env!("CARGO_BIN_EXE_tether-server"))
+            .args([
+                "--cluster-cert",
+                &sc,
+                "--cluster-key",
+                &sk,
+                "--cluster-ca-cert",
+                &ca,
+            ])
+            .args(["--agent-bind-address", "127.0.0.1", "--agent-port", &port])
+            .args(["--server-port", "0", "--health-port", "0"])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let agent = Killed(
+        std::process::Command::new(env!("CARGO_BIN_EXE_tether-agent"))
+            .args(["--ca-cert", &ca, "--proxy-server-port", &port])
+            .args(["--agent-id", "node-1", "--proxy-server-name", "localhost"])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // jemalloc names its purging threads; they start with the process's first allocations.
+    for (name, p) in [("tether-server", &server), ("tether-agent", &agent)] {
+        let pid = p.0.id();
+        assert!(
+            eventually(WAIT, || thread_names(pid)
+                .iter()
+                .any(|n| n.starts_with("jemalloc_bg_thd")))
+            .await,
+            "{name} has no allocator background thread: {:?}",
+            thread_names(pid)
+        );
+    }
+}
+
 #[tokio::test]
 async fn json_logs_carry_the_tunnel_span_with_the_peer_and_the_agent_id() {
     let pki = Pki::new();

@@ -509,6 +509,7 @@ pub fn main() -> Result<(), String> {
         tracing::info!("{n}");
     }
     super::raise_fd_limit();
+    super::purge_in_background();
     let rt = super::runtime(a.worker_threads).map_err(|e| format!("tokio runtime: {e}"))?;
     rt.block_on(async {
         let running = a.start().await?;
