@@ -4,9 +4,10 @@
 //! backend listening on its own loopback address. For each N it measures the server's memory
 //! per idle tunnel, its CPU per idle tunnel per second (keepalives), the dial rate and
 //! latency through the CONNECT frontend (Unix socket) with `destHost` routing to agents
-//! chosen at random, and the time for all N to come back after the server is killed and
-//! restarted (the reconnect storm, paced by `--agent-accept-rate`). Prints markdown and
-//! writes SVG plots (docs/BENCHMARKS.md).
+//! chosen at random, the server's memory per tunnel again once every tunnel has carried a
+//! 1 MiB download and gone idle, and the time for all N to come back after the server is
+//! killed and restarted (the reconnect storm, paced by `--agent-accept-rate`). Prints
+//! markdown and writes SVG plots (docs/BENCHMARKS.md).
 //!
 //! Then, at the largest N, it holds many idle streams at once, through the gRPC frontend (many
 //! calls on a few channels) and through CONNECT (one connection each), and reports the
@@ -16,7 +17,11 @@
 //! open file limit, and the agents' memory is theirs alone.
 //!
 //! `cargo run -p tether-bench --release --bin fleet [-- --agents 1,10,100,1000,5000]
-//! [--streams 100000] [--streams-only] [--plots DIR] [--quick]`
+//! [--streams 100000] [--streams-only] [--plots DIR] [--perf DIR] [--quick]`
+//!
+//! `--perf DIR` profiles each N's first dial round with `perf record` (the server process and
+//! this one), writing `fleet-{server,runner}-N.{data,txt}` there, and prints each round's CPU
+//! per dial at both.
 #![allow(clippy::print_stdout)]
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -190,6 +195,41 @@ async fn connect(socket: &Path, target: SocketAddr) -> std::io::Result<UnixStrea
     Ok(s)
 }
 
+/// Bytes each agent's tunnel carries in the "used" measurement.
+const USED_BYTES: u64 = 1 << 20;
+
+/// A download of [`USED_BYTES`] through every one of the `n` agents, 16 at a time: each
+/// tunnel has then carried a transfer, as a node's tunnel has once any `kubectl logs` went
+/// through it.
+async fn use_every_tunnel(socket: &Path, n: usize, backend_port: u16) -> Result<(), Error> {
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let (socket, next) = (socket.to_path_buf(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= n {
+                    return Ok::<_, std::io::Error>(());
+                }
+                let mut s = connect(&socket, SocketAddr::from((ip_of(i), backend_port))).await?;
+                let mut cmd = [0u8; 9];
+                cmd[0] = b'D';
+                cmd[1..].copy_from_slice(&USED_BYTES.to_be_bytes());
+                s.write_all(&cmd).await?;
+                let got = tokio::io::copy(&mut s, &mut tokio::io::sink()).await?;
+                if got != USED_BYTES {
+                    return Err(std::io::Error::other(format!("agent {i}: {got} bytes")));
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(())
+}
+
 /// `count` dials, `concurrency` at a time, each to an agent chosen at random, timed from the
 /// connection to the first echoed byte; returns the sorted latencies and the dials per second.
 async fn dials(
@@ -226,12 +266,53 @@ async fn dials(
     Ok((all, rate))
 }
 
+/// `perf record` (cpu-clock samples, user space) on one process until stopped: where a dial
+/// round's CPU goes, for `--perf DIR`.
+struct Perf {
+    child: std::process::Child,
+    out: PathBuf,
+}
+
+impl Perf {
+    fn start(pid: u32, out: PathBuf) -> Option<Perf> {
+        let child = Command::new("perf")
+            .args(["record", "-q", "-e", "cpu-clock", "-F", "1999", "-p"])
+            .arg(pid.to_string())
+            .arg("-o")
+            .arg(&out)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| eprintln!("perf record: {e}"))
+            .ok()?;
+        Some(Perf { child, out })
+    }
+
+    /// Stops the recording (SIGINT, so perf writes its file) and writes the flat profile
+    /// beside it (`.txt`): samples and the symbols above 0.5 %.
+    fn stop(mut self) -> Result<(), Error> {
+        let _ = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        self.child.wait()?;
+        let report = Command::new("perf")
+            .args(["report", "--stdio", "--no-children", "--sort", "symbol"])
+            .args(["--percent-limit", "0.5", "-i"])
+            .arg(&self.out)
+            .stderr(Stdio::null())
+            .output()?;
+        std::fs::write(self.out.with_extension("txt"), report.stdout)?;
+        Ok(())
+    }
+}
+
 struct Row {
     n: usize,
     connect_s: f64,
     rss_mib: f64,
     per_tunnel_kib: f64,
     per_tunnel_fresh_kib: f64,
+    per_tunnel_used_kib: f64,
     cpu_us_per_tunnel_s: f64,
     dial_rate: f64,
     cpu_us_per_dial: f64,
@@ -504,6 +585,10 @@ async fn main() -> Result<(), Error> {
         .transpose()?
         .unwrap_or(if quick { 2000 } else { 100_000 });
     let plots = arg("--plots").map(PathBuf::from).filter(|_| !streams_only);
+    let perf_dir = arg("--perf").map(PathBuf::from);
+    if let Some(d) = &perf_dir {
+        std::fs::create_dir_all(d)?;
+    }
     // The fleet's sockets are in this process and its children, which inherit the limit:
     // raise the hard limit where allowed (root), else the soft one to the hard.
     let want = std::fs::read_to_string("/proc/sys/fs/nr_open")
@@ -549,7 +634,7 @@ async fn main() -> Result<(), Error> {
         backend_on(l);
     }
     println!(
-        "| agents | all connected after start | server RSS | RSS per tunnel (2 s after / settled) | CPU per idle tunnel | dials/s | dial p50 | dial p99 | server CPU per dial | back after a restart | most agents back in 1 s |"
+        "| agents | all connected after start | server RSS | RSS per tunnel (2 s after / settled / after 1 MiB through each) | CPU per idle tunnel | dials/s | dial p50 | dial p99 | server CPU per dial | back after a restart | most agents back in 1 s |"
     );
     println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for &n in sizes.iter().filter(|_| !streams_only) {
@@ -578,7 +663,23 @@ async fn main() -> Result<(), Error> {
         let settled = rss_kib(server.pid())?;
         // The best of two rounds: the machine is shared.
         let mut best: Option<(Vec<Duration>, f64, f64)> = None;
-        for _ in 0..2 {
+        for round in 0..2 {
+            // The first round profiled, if asked: the server and this runner (the agents,
+            // the dialling client and the backends).
+            let perf: Vec<Perf> = match &perf_dir {
+                Some(d) if round == 0 => [("server", server.pid()), ("runner", std::process::id())]
+                    .into_iter()
+                    .filter_map(|(who, pid)| {
+                        Perf::start(pid, d.join(format!("fleet-{who}-{n}.data")))
+                    })
+                    .collect(),
+                _ => Vec::new(),
+            };
+            if !perf.is_empty() {
+                // perf attaches after it starts.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            let runner_cpu = cpu_seconds(std::process::id())?;
             let cpu = cpu_seconds(server.pid())?;
             let (lat, rate) = dials(
                 &setup.socket,
@@ -593,11 +694,34 @@ async fn main() -> Result<(), Error> {
             // Less the keepalives of n idle tunnels over the round, measured just before.
             let keepalives = (c1 - c0) / idle as f64 * (lat.len() as f64 / rate);
             let cpu = ((cpu_seconds(server.pid())? - cpu - keepalives) / lat.len() as f64).max(0.0);
+            let runner_cpu = (cpu_seconds(std::process::id())? - runner_cpu) / lat.len() as f64;
+            for p in perf {
+                p.stop()?;
+            }
+            if perf_dir.is_some() {
+                eprintln!(
+                    "{n} agents, round {round}: {rate:.0} dials/s, server CPU {:.0} µs/dial, runner CPU {:.0} µs/dial",
+                    cpu * 1e6,
+                    runner_cpu * 1e6
+                );
+            }
             if best.as_ref().is_none_or(|b| rate > b.1) {
                 best = Some((lat, rate, cpu));
             }
         }
         let (lat, rate, cpu_per_dial) = best.expect("two rounds ran");
+        // Every tunnel carries a transfer, then all idle past the allocator's decay and the
+        // tunnels' quiet time: what a used tunnel keeps.
+        use_every_tunnel(&setup.socket, n, setup.backend_port).await?;
+        tokio::time::sleep(Duration::from_secs(if quick { 5 } else { 12 })).await;
+        let used = rss_kib(server.pid())?;
+        eprintln!(
+            "{n} agents, after use: RSS {used} KiB, of which lazily freed {} KiB",
+            tether_bench::procs::proc_kib(
+                &format!("/proc/{}/smaps_rollup", server.pid()),
+                "LazyFree"
+            )?
+        );
         // The reconnect storm: the server dies and comes back on the same ports.
         drop(server);
         server = setup.start_server()?;
@@ -610,6 +734,7 @@ async fn main() -> Result<(), Error> {
             rss_mib: settled as f64 / 1024.0,
             per_tunnel_kib: settled.saturating_sub(base) as f64 / n as f64,
             per_tunnel_fresh_kib: rss.saturating_sub(base) as f64 / n as f64,
+            per_tunnel_used_kib: used.saturating_sub(base) as f64 / n as f64,
             cpu_us_per_tunnel_s: (c1 - c0) / idle as f64 / n as f64 * 1e6,
             dial_rate: rate,
             cpu_us_per_dial: cpu_per_dial * 1e6,
@@ -619,12 +744,13 @@ async fn main() -> Result<(), Error> {
             storm_peak: peak,
         };
         println!(
-            "| {} | {:.1} s | {:.1} MiB | {:.1} / {:.1} KiB | {:.1} µs/s | {:.0} | {:.0} µs | {:.0} µs | {:.0} µs | {:.1} s | {:.0} |",
+            "| {} | {:.1} s | {:.1} MiB | {:.1} / {:.1} / {:.1} KiB | {:.1} µs/s | {:.0} | {:.0} µs | {:.0} µs | {:.0} µs | {:.1} s | {:.0} |",
             row.n,
             row.connect_s,
             row.rss_mib,
             row.per_tunnel_fresh_kib,
             row.per_tunnel_kib,
+            row.per_tunnel_used_kib,
             row.cpu_us_per_tunnel_s,
             row.dial_rate,
             row.p50_us,
@@ -649,7 +775,13 @@ async fn main() -> Result<(), Error> {
             &out.join("fleet-memory.svg"),
             "Server memory per idle agent tunnel",
             "KiB per tunnel",
-            &[("RSS growth / agents", pts(&|r| r.per_tunnel_kib))],
+            &[
+                ("idle", pts(&|r| r.per_tunnel_kib)),
+                (
+                    "idle after 1 MiB through each",
+                    pts(&|r| r.per_tunnel_used_kib),
+                ),
+            ],
         )?;
         svg(
             &out.join("fleet-dial.svg"),
