@@ -15,28 +15,27 @@ use bytes::{Buf, Bytes, BytesMut};
 #[derive(Debug)]
 pub(crate) struct Recycled {
     buf: BytesMut,
-    spares: Vec<BytesMut>,
+    /// The size `buf` was allocated with; 0 for an empty placeholder that owns no allocation
+    /// (new, or released), which never takes a spare's place.
+    size: usize,
+    /// Older allocations, with their sizes.
+    spares: Vec<(BytesMut, usize)>,
     max_spares: usize,
-    /// `buf` is an empty placeholder that owns no allocation (new, or released): it must
-    /// not take a spare's place when it is replaced.
-    placeholder: bool,
 }
 
 impl Recycled {
     /// An empty buffer of `capacity` bytes that keeps at most `max_spares` older allocations.
     pub(crate) fn new(capacity: usize, max_spares: usize) -> Recycled {
-        let mut r = Recycled::from(BytesMut::with_capacity(capacity), max_spares);
-        r.placeholder = capacity == 0;
-        r
+        Recycled::from(BytesMut::with_capacity(capacity), max_spares)
     }
 
     /// Wraps `buf` (which may already hold bytes).
     pub(crate) fn from(buf: BytesMut, max_spares: usize) -> Recycled {
         Recycled {
+            size: buf.capacity(),
             buf,
             spares: Vec::new(),
             max_spares,
-            placeholder: false,
         }
     }
 
@@ -46,22 +45,24 @@ impl Recycled {
     }
 
     /// Makes room for at least `want` more bytes, keeping what the buffer holds. A new
-    /// allocation, when one is needed, has at least `block` bytes.
+    /// allocation, when one is needed, has at least `block` bytes; the one it replaces is
+    /// kept as a spare only if it was that big too (a small one could never serve again).
     pub(crate) fn reserve(&mut self, want: usize, block: usize) {
         if self.buf.capacity() - self.buf.len() >= want || self.buf.try_reclaim(want) {
             return;
         }
         let need = want + self.buf.len();
-        let reusable = self.spares.iter_mut().position(|s| s.try_reclaim(need));
-        let mut next = match reusable {
+        let reusable = self.spares.iter_mut().position(|s| s.0.try_reclaim(need));
+        let (mut next, size) = match reusable {
             Some(i) => self.spares.swap_remove(i),
-            None => BytesMut::with_capacity(need.max(block)),
+            None => (BytesMut::with_capacity(need.max(block)), need.max(block)),
         };
         next.extend_from_slice(&self.buf);
         let mut old = std::mem::replace(&mut self.buf, next);
-        if !std::mem::replace(&mut self.placeholder, false) && self.spares.len() < self.max_spares {
+        let old_size = std::mem::replace(&mut self.size, size);
+        if old_size > 0 && old_size >= block && self.spares.len() < self.max_spares {
             old.clear();
-            self.spares.push(old);
+            self.spares.push((old, old_size));
         }
     }
 
@@ -75,8 +76,8 @@ impl Recycled {
     pub(crate) fn release(&mut self) {
         if self.buf.is_empty() {
             self.buf = BytesMut::new();
+            self.size = 0;
             self.spares.clear();
-            self.placeholder = true;
         }
     }
 }
@@ -258,8 +259,62 @@ mod tests {
         // The first block was kept as the spare (not the empty placeholder), so it can be
         // taken back now that nothing refers to it.
         assert_eq!(r.spares.len(), 1);
-        assert!(r.spares[0].try_reclaim(16), "the spare is the first block");
+        assert!(
+            r.spares[0].0.try_reclaim(16),
+            "the spare is the first block"
+        );
         drop(second);
+    }
+
+    #[test]
+    fn a_small_buffer_is_not_kept_as_a_spare_for_bigger_blocks() {
+        let mut r = Recycled::new(0, 2);
+        // A quiet read's 4 KiB buffer, then a burst that needs 512 KiB blocks.
+        r.reserve(4096, 4096);
+        r.get().extend_from_slice(&[0; 4096]);
+        let small = r.get().split().freeze();
+        r.reserve(65536, 524_288);
+        assert!(r.spares.is_empty(), "the 4 KiB buffer took a spare's slot");
+        r.get().extend_from_slice(&[1; 524_288]);
+        let big = r.get().split().freeze();
+        r.reserve(65536, 524_288);
+        assert_eq!(r.spares.len(), 1, "the block is kept");
+        assert_eq!(r.spares[0].1, 524_288);
+        drop((small, big));
+    }
+
+    /// A waker that counts its wakes.
+    struct Count(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Count {
+        fn wake(self: std::sync::Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiting_reader_lets_go_at_once_when_quiet_and_a_second_after_its_last_big_read() {
+        let count = std::sync::Arc::new(Count(std::sync::atomic::AtomicUsize::new(0)));
+        let waker = std::task::Waker::from(count.clone());
+        let mut cx = std::task::Context::from_waker(&waker);
+        let wakes = || count.0.load(std::sync::atomic::Ordering::SeqCst);
+        let mut q = Quiet::default();
+        assert!(q.poll_idle(&mut cx), "no big read: at once");
+        q.busy();
+        assert!(!q.poll_idle(&mut cx));
+        tokio::time::advance(crate::pump::QUIET_AFTER / 2).await;
+        // Another big read moves the deadline without touching the timer.
+        q.busy();
+        assert!(!q.poll_idle(&mut cx));
+        tokio::time::advance(crate::pump::QUIET_AFTER * 3 / 4).await;
+        // The timer fired at the first deadline: the reader is woken, asks, and must wait on.
+        assert_eq!(wakes(), 1);
+        assert!(!q.poll_idle(&mut cx));
+        tokio::time::advance(crate::pump::QUIET_AFTER / 2).await;
+        // Woken again at the second deadline, with nothing to wait for any more.
+        assert_eq!(wakes(), 2);
+        assert!(q.poll_idle(&mut cx));
+        assert!(q.timer.is_none(), "an idle reader holds no timer");
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::io;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
@@ -63,19 +63,30 @@ pub fn tunnel_transport<IO: AsyncRead + Unpin>(io: IO) -> ReadAhead<IO> {
     }
 }
 
-/// [`tunnel_transport`]: reads ahead only while the connection is busy, and holds a buffer
-/// only while it holds unread bytes. A quiet connection's reads go straight into the
-/// caller's buffer; one that fills it turns the read-ahead on; a read ahead shorter than
-/// 4 KiB turns it off again. A read that has to wait lets the buffer go, at once or a second
-/// after the last big read (`buffer::Quiet`, as the tunnel's reader). So thousands of
-/// idle tunnels hold no read-ahead buffer, and a tunnel that carried a transfer does not keep
-/// 128 KiB of touched pages for the rest of its life. Writes pass through.
+/// [`tunnel_transport`]: reads ahead only while the connection is busy, and holds no buffer
+/// once it is idle. A quiet connection's reads go straight into the caller's buffer; one
+/// that fills it turns the read-ahead on; a read ahead shorter than 4 KiB turns it off again.
+/// A read that has to wait lets the buffer go at once if no read of 4 KiB or more came in
+/// the last second, else when that second is up (`buffer::Quiet`, as the tunnel's reader):
+/// a busy tunnel keeps and reuses its buffer, thousands of idle tunnels hold none, and a
+/// tunnel that carried a transfer does not keep 128 KiB of touched pages for the rest of its
+/// life. Writes pass through.
 #[derive(Debug)]
 pub struct ReadAhead<IO> {
     io: IO,
     buf: BytesMut,
     busy: bool,
     idle: crate::buffer::Quiet,
+}
+
+impl<IO> ReadAhead<IO> {
+    /// A read waits: lets the (empty) buffer go if the connection has gone quiet.
+    fn wait(&mut self, cx: &mut Context<'_>) {
+        if self.buf.capacity() > 0 && self.idle.poll_idle(cx) {
+            self.buf = BytesMut::new();
+            self.busy = false;
+        }
+    }
 }
 
 impl<IO: AsyncRead + Unpin> AsyncRead for ReadAhead<IO> {
@@ -89,7 +100,10 @@ impl<IO: AsyncRead + Unpin> AsyncRead for ReadAhead<IO> {
             let asked = out.remaining();
             if !me.busy || asked >= TUNNEL_READ_BUFFER {
                 let before = out.filled().len();
-                ready!(Pin::new(&mut me.io).poll_read(cx, out))?;
+                if Pin::new(&mut me.io).poll_read(cx, out)?.is_pending() {
+                    me.wait(cx);
+                    return Poll::Pending;
+                }
                 let n = out.filled().len() - before;
                 me.busy = n > 0 && n == asked;
                 if me.busy {
@@ -97,12 +111,10 @@ impl<IO: AsyncRead + Unpin> AsyncRead for ReadAhead<IO> {
                 }
                 return Poll::Ready(Ok(()));
             }
+            // Reclaims the drained buffer in place; allocates only when it was let go.
             me.buf.reserve(TUNNEL_READ_BUFFER);
             let Poll::Ready(n) = std::pin::pin!(me.io.read_buf(&mut me.buf)).poll(cx)? else {
-                if me.idle.poll_idle(cx) {
-                    // Nothing was read into it.
-                    me.buf = BytesMut::new();
-                }
+                me.wait(cx);
                 return Poll::Pending;
             };
             if n < QUIET_READ {
@@ -114,9 +126,6 @@ impl<IO: AsyncRead + Unpin> AsyncRead for ReadAhead<IO> {
         let k = out.remaining().min(me.buf.len());
         out.put_slice(&me.buf[..k]);
         me.buf.advance(k);
-        if me.buf.is_empty() && !me.busy {
-            me.buf = BytesMut::new();
-        }
         Poll::Ready(Ok(()))
     }
 }
@@ -387,6 +396,70 @@ pub mod testpki {
 mod tests {
     use super::testpki::Ca;
     use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    /// One `poll_read` of `ra` into `out` (as rustls asks: 4 KiB), with a waker that does
+    /// nothing: `Some(bytes read)` or `None` if it waits.
+    fn poll_once<IO: AsyncRead + Unpin>(ra: &mut ReadAhead<IO>, out: &mut [u8]) -> Option<usize> {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut rb = ReadBuf::new(out);
+        match Pin::new(ra).poll_read(&mut cx, &mut rb) {
+            Poll::Ready(r) => {
+                r.unwrap();
+                Some(rb.filled().len())
+            }
+            Poll::Pending => None,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_read_ahead_keeps_every_byte_in_order_and_lets_its_buffer_go_once_idle() {
+        let (mut w, r) = tokio::io::duplex(1 << 20);
+        let mut ra = tunnel_transport(r);
+        let data: Vec<u8> = (0..600_000u32).map(|i| (i % 251) as u8).collect();
+        w.write_all(&data).await.unwrap();
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while got.len() < data.len() {
+            let n = poll_once(&mut ra, &mut chunk).expect("bytes are waiting");
+            got.extend_from_slice(&chunk[..n]);
+        }
+        assert_eq!(got, data, "every byte, in order");
+        assert!(
+            ra.busy && ra.buf.capacity() > 0,
+            "a busy connection reads ahead"
+        );
+        // A read that waits within a second of the last big read keeps the buffer for reuse.
+        assert_eq!(poll_once(&mut ra, &mut chunk), None);
+        assert!(ra.buf.capacity() > 0);
+        // Past that second, the waiting read lets it go.
+        tokio::time::advance(crate::pump::QUIET_AFTER).await;
+        assert_eq!(poll_once(&mut ra, &mut chunk), None);
+        assert_eq!(ra.buf.capacity(), 0, "an idle connection holds no buffer");
+        assert!(!ra.busy);
+        // A quiet connection reads straight into the caller's buffer, then sees the end.
+        w.write_all(b"tail").await.unwrap();
+        drop(w);
+        assert_eq!(poll_once(&mut ra, &mut chunk), Some(4));
+        assert_eq!(&chunk[..4], b"tail");
+        assert_eq!(ra.buf.capacity(), 0);
+        assert_eq!(poll_once(&mut ra, &mut chunk), Some(0), "the end");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_connection_never_takes_a_read_ahead_buffer() {
+        let (mut w, r) = tokio::io::duplex(1 << 20);
+        let mut ra = tunnel_transport(r);
+        let mut chunk = [0u8; 4096];
+        for i in 0..100u8 {
+            // Keepalive-sized reads, with waits between them.
+            w.write_all(&[i; 30]).await.unwrap();
+            assert_eq!(poll_once(&mut ra, &mut chunk), Some(30));
+            assert_eq!(chunk[0], i);
+            assert_eq!(poll_once(&mut ra, &mut chunk), None);
+            assert_eq!(ra.buf.capacity(), 0);
+        }
+    }
 
     #[test]
     fn tunnels_negotiate_aes_128_gcm() {

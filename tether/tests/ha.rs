@@ -150,9 +150,9 @@ async fn one_replica_killed_under_load_fails_only_its_streams_and_comes_back() {
     let dir: PathBuf = tempdir("ha");
     let ports: Vec<Ports> = (0..3)
         .map(|_| Ports {
-            agent: free_port(),
-            connect: free_port(),
-            health: free_port(),
+            agent: fixed_port(),
+            connect: fixed_port(),
+            health: fixed_port(),
         })
         .collect();
     let mut servers: Vec<Option<Killed>> = (0..3)
@@ -166,7 +166,7 @@ async fn one_replica_killed_under_load_fails_only_its_streams_and_comes_back() {
     )
     .await;
     let backend = echo_backend().await;
-    let agent_health: Vec<u16> = AGENTS.iter().map(|_| free_port()).collect();
+    let agent_health: Vec<u16> = AGENTS.iter().map(|_| fixed_port()).collect();
     let _agents: Vec<Killed> = AGENTS
         .iter()
         .zip(&agent_health)

@@ -227,9 +227,13 @@ async fn an_idle_tunnel_holds_no_read_block() {
     let pki = Pki::new();
     let server = tunnel_server(&pki).await;
     let warm = tunnels(&pki, &server, 0..4, 100).await;
+    tokio::time::sleep(tether::pump::QUIET_AFTER * 2).await;
     settle().await;
     let before = allocated();
     let held = tunnels(&pki, &server, 4..4 + TUNNELS, 100).await;
+    // Past the readers' quiet time: a handshake read that filled 4 KiB would keep its
+    // read-ahead for that long.
+    tokio::time::sleep(tether::pump::QUIET_AFTER * 2).await;
     settle().await;
     let per_tunnel = allocated().saturating_sub(before) / TUNNELS;
     eprintln!("heap per idle tunnel, server and agent: {per_tunnel} bytes");
@@ -246,13 +250,14 @@ async fn a_tunnel_quiet_after_a_burst_lets_go_of_its_read_buffers() {
         return;
     }
     // 1 MiB through each tunnel grows the server's reader to its 512 KiB blocks and its
-    // read-ahead beneath TLS to 128 KiB. The read-ahead lets go of its buffer as soon as a
-    // read waits, the reader of its blocks once a read has waited `pump::QUIET_AFTER` (1 s)
-    // after the last big one. No keepalives: no later read must be needed for either.
+    // read-ahead beneath TLS to 128 KiB. Both let go of them once a read has waited
+    // `pump::QUIET_AFTER` (1 s) after the last big one. No keepalives: no later read must
+    // be needed for either.
     const TUNNELS: usize = 8;
     let pki = Pki::new();
     let server = tunnel_server(&pki).await;
     let warm = tunnels(&pki, &server, 0..2, 100).await;
+    tokio::time::sleep(tether::pump::QUIET_AFTER * 2).await;
     settle().await;
     let before = allocated();
     let held = tunnels(&pki, &server, 2..2 + TUNNELS, 1 << 20).await;

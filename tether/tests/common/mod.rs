@@ -378,13 +378,28 @@ impl Drop for Killed {
     }
 }
 
-/// A loopback port free a moment ago (for a process that must come back on the same one).
+/// A loopback port free a moment ago.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// A loopback port free now and below the kernel's range for outgoing connections, so that
+/// none of the test's own connections takes it while a process that must come back on it
+/// (a killed replica) is down. Bounded: 1,000 tries.
+pub fn fixed_port() -> u16 {
+    let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    let floor = 10_000.min(low / 2);
+    (0..1000)
+        .map(|_| rand::random_range(floor..low))
+        .find(|&p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
+        .expect("a free port below the ephemeral range")
 }
 
 /// `GET path` from an HTTP server on a loopback port; `None` if nothing answers within `WAIT`.
