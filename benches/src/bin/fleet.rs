@@ -288,21 +288,66 @@ impl Perf {
         Some(Perf { child, out })
     }
 
-    /// Stops the recording (SIGINT, so perf writes its file) and writes the flat profile
-    /// beside it (`.txt`): samples and the symbols above 0.5 %.
-    fn stop(mut self) -> Result<(), Error> {
+    /// Stops the recording (SIGINT, so perf writes its file), writes the flat profile beside
+    /// it (`.txt`) and returns the share of the samples in each of [`AREAS`].
+    fn stop(mut self) -> Result<Vec<f64>, Error> {
         let _ = Command::new("kill")
             .args(["-INT", &self.child.id().to_string()])
             .status();
         self.child.wait()?;
         let report = Command::new("perf")
             .args(["report", "--stdio", "--no-children", "--sort", "symbol"])
-            .args(["--percent-limit", "0.5", "-i"])
+            .args(["--percent-limit", "0", "-i"])
             .arg(&self.out)
             .stderr(Stdio::null())
             .output()?;
-        std::fs::write(self.out.with_extension("txt"), report.stdout)?;
-        Ok(())
+        let text = String::from_utf8_lossy(&report.stdout);
+        std::fs::write(self.out.with_extension("txt"), text.as_bytes())?;
+        let mut shares = vec![0.0; AREAS.len()];
+        // Lines such as `    12.34%  [k] finish_task_switch`.
+        for line in text.lines() {
+            let mut words = line.split_whitespace();
+            let (Some(pct), Some(kind)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Some(pct) = pct.strip_suffix('%').and_then(|p| p.parse::<f64>().ok()) else {
+                continue;
+            };
+            let symbol: String = words.collect::<Vec<_>>().join(" ");
+            shares[area(kind, &symbol)] += pct;
+        }
+        Ok(shares)
+    }
+}
+
+/// Where a profile's samples fall, for `--perf`.
+const AREAS: [&str; 7] = [
+    "kernel",
+    "TLS (rustls, aws-lc)",
+    "tokio",
+    "tether",
+    "tracing",
+    "allocator",
+    "other",
+];
+
+/// The index in [`AREAS`] of a sample in `symbol` (`kind` is perf's `[k]` or `[.]`).
+fn area(kind: &str, symbol: &str) -> usize {
+    let has = |s: &str| symbol.contains(s);
+    if kind == "[k]" {
+        0
+    } else if has("aws_lc") || has("rustls") {
+        1
+    } else if has("tracing") {
+        4
+    } else if has("rjem") || has("jemalloc") || has("malloc") {
+        5
+    } else if has("tokio::") {
+        2
+    } else if has("tether") {
+        3
+    } else {
+        6
     }
 }
 
@@ -557,6 +602,8 @@ async fn hold_streams(setup: &Setup, n: usize, count: usize, grpc: bool) -> Resu
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<(), Error> {
+    // As the binaries do, so the agents' memory here is what tether-agent's would be.
+    tether::cli::purge_in_background();
     let args: Vec<String> = std::env::args().collect();
     let arg = |name: &str| {
         args.iter()
@@ -695,8 +742,14 @@ async fn main() -> Result<(), Error> {
             let keepalives = (c1 - c0) / idle as f64 * (lat.len() as f64 / rate);
             let cpu = ((cpu_seconds(server.pid())? - cpu - keepalives) / lat.len() as f64).max(0.0);
             let runner_cpu = (cpu_seconds(std::process::id())? - runner_cpu) / lat.len() as f64;
-            for p in perf {
-                p.stop()?;
+            for (who, p) in ["server", "runner"].into_iter().zip(perf) {
+                let shares = p.stop()?;
+                let row: Vec<String> = AREAS
+                    .iter()
+                    .zip(&shares)
+                    .map(|(a, v)| format!("{a} {v:.1} %"))
+                    .collect();
+                eprintln!("{n} agents, {who} profile: {}", row.join(", "));
             }
             if perf_dir.is_some() {
                 eprintln!(
@@ -771,15 +824,23 @@ async fn main() -> Result<(), Error> {
         std::fs::create_dir_all(&out)?;
         let pts =
             |f: &dyn Fn(&Row) -> f64| rows.iter().map(|r| (r.n as f64, f(r))).collect::<Vec<_>>();
+        // From 1,000 agents on: below that the fixed costs, spread over few tunnels, are most
+        // of the figure.
+        let at_scale = |f: &dyn Fn(&Row) -> f64| {
+            rows.iter()
+                .filter(|r| r.n >= 1000)
+                .map(|r| (r.n as f64, f(r)))
+                .collect::<Vec<_>>()
+        };
         svg(
             &out.join("fleet-memory.svg"),
-            "Server memory per idle agent tunnel",
+            "Server memory per agent tunnel, idle and used",
             "KiB per tunnel",
             &[
-                ("idle", pts(&|r| r.per_tunnel_kib)),
+                ("idle", at_scale(&|r| r.per_tunnel_kib)),
                 (
                     "idle after 1 MiB through each",
-                    pts(&|r| r.per_tunnel_used_kib),
+                    at_scale(&|r| r.per_tunnel_used_kib),
                 ),
             ],
         )?;
