@@ -151,21 +151,13 @@ async fn a_stream_that_goes_quiet_after_a_burst_lets_go_of_its_buffers() {
         .await
         .unwrap();
     // Once quiet for QUIET_AFTER, each stream is back under the idle bound; bounded wait.
-    // Signed: the tunnels' buffers may have shrunk by more than the streams hold.
-    let n = isize::try_from(held.len()).unwrap();
-    let mut per_stream = isize::MAX;
-    for _ in 0..100 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        per_stream = (isize::try_from(allocated()).unwrap() - isize::try_from(before).unwrap()) / n;
-        if per_stream <= BOUND_AFTER_BURST as isize {
-            break;
-        }
-    }
-    eprintln!("heap per stream quiet after a burst, server and agent: {per_stream} bytes");
-    assert!(
-        per_stream <= BOUND_AFTER_BURST as isize,
-        "a stream quiet after a burst holds {per_stream} bytes of heap, over the {BOUND_AFTER_BURST}-byte bound"
-    );
+    quiet_within(
+        before,
+        held.len(),
+        BOUND_AFTER_BURST,
+        "a stream quiet after a burst, server and agent",
+    )
+    .await;
     drop(held);
 }
 
@@ -262,20 +254,13 @@ async fn a_tunnel_quiet_after_a_burst_lets_go_of_its_read_buffers() {
     let before = allocated();
     let held = tunnels(&pki, &server, 2..2 + TUNNELS, 1 << 20).await;
     // Within about a second, each tunnel is back under the idle bound; bounded.
-    let n = isize::try_from(TUNNELS).unwrap();
-    let mut per_tunnel = isize::MAX;
-    for _ in 0..100 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        per_tunnel = (isize::try_from(allocated()).unwrap() - isize::try_from(before).unwrap()) / n;
-        if per_tunnel <= TUNNEL_BOUND as isize {
-            break;
-        }
-    }
-    eprintln!("heap per tunnel quiet after a burst, server and agent: {per_tunnel} bytes");
-    assert!(
-        per_tunnel <= TUNNEL_BOUND as isize,
-        "a tunnel quiet after a burst holds {per_tunnel} bytes of heap, over the {TUNNEL_BOUND}-byte bound"
-    );
+    quiet_within(
+        before,
+        TUNNELS,
+        TUNNEL_BOUND,
+        "a tunnel quiet after a burst, server and agent",
+    )
+    .await;
     drop((warm, held));
 }
 
@@ -320,21 +305,37 @@ async fn a_tunnel_reader_lets_go_of_its_blocks_a_second_after_its_last_big_read(
         held.push(burst().await);
     }
     // `pump::QUIET_AFTER` (1 s) after the last big read, each pair is back under the bound.
-    let n = isize::try_from(PAIRS).unwrap();
-    let mut per_pair = isize::MAX;
-    for _ in 0..50 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        per_pair = (isize::try_from(allocated()).unwrap() - isize::try_from(before).unwrap()) / n;
-        if per_pair <= PAIR_BOUND as isize {
+    quiet_within(
+        before,
+        PAIRS,
+        PAIR_BOUND,
+        "a tunnel pair quiet after a burst",
+    )
+    .await;
+    drop((warm, held));
+}
+
+/// Waits (every 100 ms, at most 10 s) until the heap grown since `before`, over `n` items,
+/// is within `bound` bytes each, and fails the test if it never is. Signed: what the items
+/// share (the tunnels' buffers) may have shrunk by more than they hold.
+async fn quiet_within(before: usize, n: usize, bound: usize, what: &str) {
+    let per = || {
+        (isize::try_from(allocated()).unwrap() - isize::try_from(before).unwrap())
+            / isize::try_from(n).unwrap()
+    };
+    let mut each = per();
+    for _ in 0..100 {
+        if each <= bound as isize {
             break;
         }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        each = per();
     }
-    eprintln!("heap per tunnel pair quiet after a burst: {per_pair} bytes");
+    eprintln!("heap held by {what}: {each} bytes");
     assert!(
-        per_pair <= PAIR_BOUND as isize,
-        "a tunnel pair quiet after a burst holds {per_pair} bytes of heap, over the {PAIR_BOUND}-byte bound"
+        each <= bound as isize,
+        "{what} holds {each} bytes of heap, over the {bound}-byte bound"
     );
-    drop((warm, held));
 }
 
 /// Waits until the tasks are done with what follows the last byte: the heap reads the same

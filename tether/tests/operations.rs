@@ -445,39 +445,55 @@ fn thread_names(pid: u32) -> Vec<String> {
         .unwrap_or_default()
 }
 
-#[tokio::test]
-async fn both_binaries_have_the_allocator_return_freed_memory_in_the_background() {
-    let pki = Pki::new();
-    let dir = tempdir("purge");
+/// The test PKI's server certificate, key and CA written into `dir`, as paths.
+fn server_files(pki: &Pki, dir: &Path) -> (String, String, String) {
     let w = |n: &str, t: &str| {
         std::fs::write(dir.join(n), t).unwrap();
         dir.join(n).display().to_string()
     };
-    let (sc, sk, ca) = (
+    (
         w("s.crt", &pki.server.cert),
         w("s.key", &pki.server.key),
         w("ca.crt", &pki.ca.pem.cert),
-    );
+    )
+}
+
+/// `tether-server` with `files` and agents on 127.0.0.1:`agent_port`, CONNECT and health off.
+fn server_binary(files: &(String, String, String), agent_port: &str) -> std::process::Command {
+    let (sc, sk, ca) = files;
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_tether-server"));
+    c.args([
+        "--cluster-cert",
+        sc,
+        "--cluster-key",
+        sk,
+        "--cluster-ca-cert",
+        ca,
+    ])
+    .args([
+        "--agent-bind-address",
+        "127.0.0.1",
+        "--agent-port",
+        agent_port,
+    ])
+    .args(["--server-port", "0", "--health-port", "0"]);
+    c
+}
+
+#[tokio::test]
+async fn both_binaries_have_the_allocator_return_freed_memory_in_the_background() {
+    let pki = Pki::new();
+    let files = server_files(&pki, &tempdir("purge"));
     let port = free_port().to_string();
     let server = Killed(
-        std::process::Command::new(env!("CARGO_BIN_EXE_tether-server"))
-            .args([
-                "--cluster-cert",
-                &sc,
-                "--cluster-key",
-                &sk,
-                "--cluster-ca-cert",
-                &ca,
-            ])
-            .args(["--agent-bind-address", "127.0.0.1", "--agent-port", &port])
-            .args(["--server-port", "0", "--health-port", "0"])
+        server_binary(&files, &port)
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap(),
     );
     let agent = Killed(
         std::process::Command::new(env!("CARGO_BIN_EXE_tether-agent"))
-            .args(["--ca-cert", &ca, "--proxy-server-port", &port])
+            .args(["--ca-cert", &files.2, "--proxy-server-port", &port])
             .args(["--agent-id", "node-1", "--proxy-server-name", "localhost"])
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -501,42 +517,18 @@ async fn both_binaries_have_the_allocator_return_freed_memory_in_the_background(
 async fn json_logs_carry_the_tunnel_span_with_the_peer_and_the_agent_id() {
     let pki = Pki::new();
     let dir = tempdir("json-logs");
+    let files = server_files(&pki, &dir);
+    let ca = files.2.clone();
+    let agent_cert = pki.ca.leaf("node-7", &["node-7"]);
     let w = |n: &str, t: &str| {
         std::fs::write(dir.join(n), t).unwrap();
         dir.join(n).display().to_string()
     };
-    let agent_cert = pki.ca.leaf("node-7", &["node-7"]);
-    let (sc, sk, ca) = (
-        w("s.crt", &pki.server.cert),
-        w("s.key", &pki.server.key),
-        w("ca.crt", &pki.ca.pem.cert),
-    );
     let (ac, ak) = (w("a.crt", &agent_cert.cert), w("a.key", &agent_cert.key));
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-        .to_string();
+    let port = free_port().to_string();
     let mut server = Killed(
-        std::process::Command::new(env!("CARGO_BIN_EXE_tether-server"))
-            .args([
-                "--cluster-cert",
-                &sc,
-                "--cluster-key",
-                &sk,
-                "--cluster-ca-cert",
-                &ca,
-            ])
-            .args(["--agent-bind-address", "127.0.0.1", "--agent-port", &port])
-            .args([
-                "--server-port",
-                "0",
-                "--health-port",
-                "0",
-                "--log-format",
-                "json",
-            ])
+        server_binary(&files, &port)
+            .args(["--log-format", "json"])
             .env_remove("RUST_LOG")
             .stderr(std::process::Stdio::piped())
             .spawn()
