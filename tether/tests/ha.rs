@@ -38,19 +38,33 @@ fn log(dir: &Path, name: &str) -> Stdio {
         .into()
 }
 
+/// The files every process reads, written once before the first starts: a file rewritten
+/// while a started process reads it is an empty file to that process.
+struct Files {
+    server_cert: String,
+    server_key: String,
+    ca: String,
+}
+
+impl Files {
+    fn new(dir: &Path, pki: &Pki) -> Files {
+        Files {
+            server_cert: file(dir, "server.crt", &pki.server.cert),
+            server_key: file(dir, "server.key", &pki.server.key),
+            ca: file(dir, "ca.crt", &pki.ca.pem.cert),
+        }
+    }
+}
+
 /// Replica `i` as the binary, with its `--server-id`, `--server-count 3` and the rest defaults
 /// (so `--max-tunnels-per-agent` is 3, as the flag's documentation asks).
-fn replica(dir: &Path, pki: &Pki, i: usize, p: Ports) -> Killed {
-    let (cert, key, ca) = (
-        file(dir, "server.crt", &pki.server.cert),
-        file(dir, "server.key", &pki.server.key),
-        file(dir, "ca.crt", &pki.ca.pem.cert),
-    );
+fn replica(dir: &Path, f: &Files, i: usize, p: Ports) -> Killed {
+    let (cert, key, ca) = (&f.server_cert, &f.server_key, &f.ca);
     let id = format!("server-{i}");
     Killed(
         Command::new(env!("CARGO_BIN_EXE_tether-server"))
-            .args(["--cluster-cert", &cert, "--cluster-key", &key])
-            .args(["--cluster-ca-cert", &ca])
+            .args(["--cluster-cert", cert, "--cluster-key", key])
+            .args(["--cluster-ca-cert", ca])
             .args(["--server-id", &id, "--server-count", "3"])
             .args(["--agent-bind-address", "127.0.0.1"])
             .args(["--agent-port", &p.agent.to_string()])
@@ -70,6 +84,7 @@ fn replica(dir: &Path, pki: &Pki, i: usize, p: Ports) -> Killed {
 fn agent(
     dir: &Path,
     pki: &Pki,
+    f: &Files,
     id: &str,
     lb: SocketAddr,
     backend: SocketAddr,
@@ -79,11 +94,11 @@ fn agent(
     let (cert, key, ca) = (
         file(dir, &format!("{id}.crt"), &leaf.cert),
         file(dir, &format!("{id}.key"), &leaf.key),
-        file(dir, "ca.crt", &pki.ca.pem.cert),
+        &f.ca,
     );
     Killed(
         Command::new(env!("CARGO_BIN_EXE_tether-agent"))
-            .args(["--ca-cert", &ca, "--agent-cert", &cert, "--agent-key", &key])
+            .args(["--ca-cert", ca, "--agent-cert", &cert, "--agent-key", &key])
             .args(["--agent-id", id, "--proxy-server-name", "localhost"])
             .args(["--proxy-server-host", "127.0.0.1"])
             .args(["--proxy-server-port", &lb.port().to_string()])
@@ -148,6 +163,7 @@ async fn still_echoes(s: &mut TcpStream) -> bool {
 async fn one_replica_killed_under_load_fails_only_its_streams_and_comes_back() {
     let pki = Pki::new();
     let dir: PathBuf = tempdir("ha");
+    let files = Files::new(&dir, &pki);
     let ports: Vec<Ports> = (0..3)
         .map(|_| Ports {
             agent: fixed_port(),
@@ -156,7 +172,7 @@ async fn one_replica_killed_under_load_fails_only_its_streams_and_comes_back() {
         })
         .collect();
     let mut servers: Vec<Option<Killed>> = (0..3)
-        .map(|i| Some(replica(&dir, &pki, i, ports[i])))
+        .map(|i| Some(replica(&dir, &files, i, ports[i])))
         .collect();
     let lb = balancer(
         ports
@@ -170,7 +186,7 @@ async fn one_replica_killed_under_load_fails_only_its_streams_and_comes_back() {
     let _agents: Vec<Killed> = AGENTS
         .iter()
         .zip(&agent_health)
-        .map(|(id, &h)| agent(&dir, &pki, id, lb.addr, backend, h))
+        .map(|(id, &h)| agent(&dir, &pki, &files, id, lb.addr, backend, h))
         .collect();
     let server_health: Vec<u16> = ports.iter().map(|p| p.health).collect();
     let logs = dir.display();
@@ -225,7 +241,7 @@ async fn one_replica_killed_under_load_fails_only_its_streams_and_comes_back() {
         "the dead replica's streams linger at the agents"
     );
     // The replica returns on its ports; the agents find it through the balancer again.
-    servers[1] = Some(replica(&dir, &pki, 1, ports[1]));
+    servers[1] = Some(replica(&dir, &files, 1, ports[1]));
     assert!(
         all_read(&[ports[1].health], "tether_agents", 2.0).await,
         "the agents did not come back to the restarted replica (logs in {logs})"
