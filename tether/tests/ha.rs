@@ -1,6 +1,7 @@
 //! High availability as Kubernetes runs it: three `tether-server` processes with
-//! `--server-count 3` behind one address (a round-robin TCP load balancer, as HAProxy or a
-//! Service), and `tether-agent` processes that reach all three through it. One replica is
+//! `--server-count 3` behind one address (a round-robin TCP load balancer: HAProxy when
+//! `TETHER_HAPROXY` names it, as in `.ci/run`, else the test's own), and `tether-agent`
+//! processes that reach all three through it. One replica is
 //! killed (SIGKILL) under load: only the streams it carried fail, and visibly; dials go on
 //! through the other two at once; the agents restore the third tunnel when it returns.
 
@@ -113,6 +114,84 @@ fn agent(
     )
 }
 
+/// The one address the agents reach the replicas through, a real TCP balancer on loopback:
+/// HAProxy when `TETHER_HAPROXY` names its binary (`.ci/run` installs it from Debian's
+/// packages and runs this test with it too), else the test's own round-robin balancer.
+struct Front {
+    addr: SocketAddr,
+    _haproxy: Option<Killed>,
+    _balancer: Option<Balancer>,
+}
+
+async fn front(dir: &Path, replicas: &[Ports]) -> Front {
+    let backends: Vec<SocketAddr> = replicas
+        .iter()
+        .map(|p| SocketAddr::from(([127, 0, 0, 1], p.agent)))
+        .collect();
+    let Some(bin) = std::env::var_os("TETHER_HAPROXY") else {
+        let lb = balancer(backends).await;
+        return Front {
+            addr: lb.addr,
+            _haproxy: None,
+            _balancer: Some(lb),
+        };
+    };
+    let addr = SocketAddr::from(([127, 0, 0, 1], fixed_port()));
+    // As a Service before the replicas: TCP, round robin, a replica that fails a check (or
+    // refuses a connection, redispatched to the next) taken out within 200 ms and put back as
+    // soon as it answers; tunnels live for hours, so no idle timeout cuts them.
+    let servers: String = backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| format!("  server server-{i} {b}\n"))
+        .collect();
+    let cfg = format!(
+        "\
+global
+  log stderr format short local0 info
+  maxconn 1000
+defaults
+  mode tcp
+  log global
+  option tcplog
+  timeout connect 1s
+  timeout client 1h
+  timeout server 1h
+  retries 2
+  option redispatch 1
+frontend agents
+  bind {addr}
+  default_backend replicas
+backend replicas
+  balance roundrobin
+  default-server check inter 200ms fall 1 rise 1
+{servers}"
+    );
+    let path = file(dir, "haproxy.cfg", &cfg);
+    let child = Killed(
+        Command::new(&bin)
+            .args(["-db", "-f", &path])
+            .stdout(Stdio::null())
+            .stderr(log(dir, "haproxy"))
+            .spawn()
+            .unwrap_or_else(|e| panic!("TETHER_HAPROXY={bin:?} does not start: {e}")),
+    );
+    let listening = eventually_some(WAIT, || async move {
+        TcpStream::connect(addr).await.ok().map(|_| ())
+    })
+    .await;
+    assert!(
+        listening.is_some(),
+        "HAProxy does not listen on {addr} (logs in {})",
+        dir.display()
+    );
+    Front {
+        addr,
+        _haproxy: Some(child),
+        _balancer: None,
+    }
+}
+
 /// Waits until every port in `ports` reports `want` for the metric `name`.
 async fn all_read(ports: &[u16], name: &str, want: f64) -> bool {
     for &port in ports {
@@ -174,13 +253,7 @@ async fn one_replica_killed_under_load_fails_only_its_streams_and_comes_back() {
     let mut servers: Vec<Option<Killed>> = (0..3)
         .map(|i| Some(replica(&dir, &files, i, ports[i])))
         .collect();
-    let lb = balancer(
-        ports
-            .iter()
-            .map(|p| SocketAddr::from(([127, 0, 0, 1], p.agent)))
-            .collect(),
-    )
-    .await;
+    let lb = front(&dir, &ports).await;
     let backend = echo_backend().await;
     let agent_health: Vec<u16> = AGENTS.iter().map(|_| fixed_port()).collect();
     let _agents: Vec<Killed> = AGENTS
