@@ -82,34 +82,49 @@ impl Recycled {
     }
 }
 
-/// When a tunnel's reader (and its read-ahead beneath TLS) lets go of its buffers: a read that
-/// waits with no big read in the last [`crate::pump::QUIET_AFTER`] lets go at once; one that
-/// waits sooner after a big read lets go once that time is up. A busy connection keeps its
-/// buffers between reads (reused, not faulted in afresh); an idle one holds none. The timer
-/// is armed once and moved only when it fires early, so a busy connection pays no timer
-/// update per read.
+/// When a tunnel's reader (and its read-ahead beneath TLS), or a stream's pump, lets go of its
+/// buffers: a read that waits with no big read in the last [`crate::pump::QUIET_AFTER`] lets
+/// go at once; one that waits sooner after a big read lets go once that time is up. A busy
+/// connection keeps its buffers between reads (reused, not faulted in afresh); an idle one
+/// holds none. The timer is armed once and moved only when it fires early, so a busy
+/// connection pays no timer update per read.
+///
+/// An idle reader's `Quiet` is one null pointer: it sits in every stream's pump, and 100,000
+/// idle streams should not pay for a deadline none of them uses.
 #[derive(Debug, Default)]
-pub(crate) struct Quiet {
-    busy_until: Option<tokio::time::Instant>,
+pub(crate) struct Quiet(Option<Box<Busy>>);
+
+/// A reader's last big read and the timer that wakes it to ask again.
+#[derive(Debug)]
+struct Busy {
+    until: tokio::time::Instant,
     timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl Quiet {
     /// A big read: buffers stay for [`crate::pump::QUIET_AFTER`] more.
     pub(crate) fn busy(&mut self) {
-        self.busy_until = Some(tokio::time::Instant::now() + crate::pump::QUIET_AFTER);
+        let until = tokio::time::Instant::now() + crate::pump::QUIET_AFTER;
+        match &mut self.0 {
+            Some(b) => b.until = until,
+            None => self.0 = Some(Box::new(Busy { until, timer: None })),
+        }
     }
 
     /// A read waits: whether to let go of the buffers now; if not, `cx` is woken when it is
     /// time to ask again.
     pub(crate) fn poll_idle(&mut self, cx: &mut std::task::Context<'_>) -> bool {
         use std::future::Future;
-        let Some(until) = self.busy_until.filter(|&t| t > tokio::time::Instant::now()) else {
-            self.busy_until = None;
-            self.timer = None;
+        let Some(busy) = self
+            .0
+            .as_mut()
+            .filter(|b| b.until > tokio::time::Instant::now())
+        else {
+            self.0 = None;
             return true;
         };
-        let timer = self
+        let until = busy.until;
+        let timer = busy
             .timer
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
         if timer.as_mut().poll(cx).is_ready() {
@@ -314,7 +329,7 @@ mod tests {
         // Woken again at the second deadline, with nothing to wait for any more.
         assert_eq!(wakes(), 2);
         assert!(q.poll_idle(&mut cx));
-        assert!(q.timer.is_none(), "an idle reader holds no timer");
+        assert!(q.0.is_none(), "an idle reader holds no timer");
     }
 
     #[test]

@@ -7,14 +7,14 @@ use bytes::{Buf, Bytes};
 use tether_proto::ErrorCode;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::buffer::{Chunks, Recycled};
+use crate::buffer::{Chunks, Quiet, Recycled};
 use crate::stream::TetherStream;
 
 /// Smallest and largest read buffer: idle connections hold little, busy ones read in bulk.
 const MIN_READ: usize = 1024;
 const MAX_READ: usize = 256 * 1024;
-/// How long a read may wait after reads bigger than the smallest before the pump treats
-/// the stream as idle and lets go of its read buffers.
+/// How long after its last read bigger than the smallest a stream (or a tunnel: see
+/// `buffer::Quiet`) keeps its read buffers while a read waits; then it is idle and lets go.
 pub const QUIET_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 /// Bytes of a stream's queue written to the socket with one call, at most.
 const MAX_WRITE: usize = 256 * 1024;
@@ -91,47 +91,26 @@ where
         }
         let mut want = MIN_READ;
         let mut buf = Recycled::new(0, 1);
-        // The quiet timer, kept (and reset) while the stream is busy so that a pause costs no
-        // allocation; dropped with the buffers once the stream is idle. Armed while a read
-        // waits after reads in bigger pieces.
-        let mut quiet: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
-        let mut armed = false;
+        // Whether the stream has gone quiet: the same one timer as the tunnel's reader,
+        // armed once and moved only when it fires early, so a busy stream pays no timer
+        // update per read.
+        let mut idle = Quiet::default();
         loop {
             // At full speed an allocation holds two reads, so one can be sent while the next
             // is read; below it, one.
             // Memory is held only while bytes arrive (docs/ARCHITECTURE.md, "Read buffers"):
             // a read that must wait on a quiet stream (reading in the smallest pieces) lets
-            // go of its buffer at once, and one that waits [`QUIET_AFTER`] after bigger reads
-            // (a stream that stopped right after a burst) drops back to the smallest reads
-            // and lets go then. The next poll takes a fresh buffer; dropping a pending
-            // `read_buf` loses nothing.
+            // go of its buffer at once, and one that waits within [`QUIET_AFTER`] of a bigger
+            // read (a stream that stopped right after a burst) lets go once that time is up,
+            // and drops back to the smallest reads. The next poll takes a fresh buffer;
+            // dropping a pending `read_buf` loses nothing.
             let read = std::future::poll_fn(|cx| {
                 buf.reserve(want, if want == MAX_READ { 2 * want } else { want });
                 let r = std::pin::pin!(rd.read_buf(buf.get())).poll(cx);
-                if r.is_ready() {
-                    // A timer still registered wakes the task once, harmlessly.
-                    armed = false;
-                } else if want == MIN_READ {
+                if r.is_pending() && (want == MIN_READ || idle.poll_idle(cx)) {
+                    want = MIN_READ;
                     buf.release();
-                    quiet = None;
-                } else {
-                    let deadline = tokio::time::Instant::now() + QUIET_AFTER;
-                    let timer = match &mut quiet {
-                        Some(t) => {
-                            if !armed {
-                                t.as_mut().reset(deadline);
-                            }
-                            t
-                        }
-                        None => quiet.insert(Box::pin(tokio::time::sleep_until(deadline))),
-                    };
-                    armed = true;
-                    if timer.as_mut().poll(cx).is_ready() {
-                        quiet = None;
-                        armed = false;
-                        want = MIN_READ;
-                        buf.release();
-                    }
+                    idle = Quiet::default();
                 }
                 r
             });
@@ -151,6 +130,9 @@ where
             } else if n < want / 4 && want > MIN_READ {
                 // Quieter: read in smaller pieces, and hold no spare allocation when idle.
                 want /= 2;
+            }
+            if want > MIN_READ {
+                idle.busy();
             }
             total += n as u64;
             stream.send_bytes(buf.get().split().freeze()).await?;
