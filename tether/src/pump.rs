@@ -131,11 +131,13 @@ where
                 // Quieter: read in smaller pieces, and hold no spare allocation when idle.
                 want /= 2;
             }
+            total += n as u64;
+            stream.send_bytes(buf.get().split().freeze()).await?;
+            // After the send, which may wait for credit: the quiet time counts from when the
+            // stream could read again, not from a read that then waited on its peer.
             if want > MIN_READ {
                 idle.busy();
             }
-            total += n as u64;
-            stream.send_bytes(buf.get().split().freeze()).await?;
         }
     };
     let down = async {
