@@ -128,7 +128,7 @@ async fn front(dir: &Path, replicas: &[Ports]) -> Front {
         .iter()
         .map(|p| SocketAddr::from(([127, 0, 0, 1], p.agent)))
         .collect();
-    let Some(bin) = std::env::var_os("TETHER_HAPROXY") else {
+    let Some(bin) = std::env::var_os("TETHER_HAPROXY").filter(|b| !b.is_empty()) else {
         let lb = balancer(backends).await;
         return Front {
             addr: lb.addr,
@@ -137,13 +137,15 @@ async fn front(dir: &Path, replicas: &[Ports]) -> Front {
         };
     };
     let addr = SocketAddr::from(([127, 0, 0, 1], fixed_port()));
-    // As a Service before the replicas: TCP, round robin, a replica that fails a check (or
-    // refuses a connection, redispatched to the next) taken out within 200 ms and put back as
-    // soon as it answers; tunnels live for hours, so no idle timeout cuts them.
+    // As a Service before the replicas: TCP, round robin; a replica whose `/healthz` fails
+    // two checks 200 ms apart is taken out (one that refuses a connection before that is
+    // skipped: the retry is redispatched) and put back at its first good check; tunnels live
+    // for hours, so no idle timeout cuts them. docs/OPERATIONS.md has the production form.
     let servers: String = backends
         .iter()
         .enumerate()
-        .map(|(i, b)| format!("  server server-{i} {b}\n"))
+        .zip(replicas)
+        .map(|((i, b), p)| format!("  server server-{i} {b} check port {}\n", p.health))
         .collect();
     let cfg = format!(
         "\
@@ -164,7 +166,9 @@ frontend agents
   default_backend replicas
 backend replicas
   balance roundrobin
-  default-server check inter 200ms fall 1 rise 1
+  option httpchk GET /healthz
+  timeout check 1s
+  default-server inter 200ms fall 2 rise 1
 {servers}"
     );
     let path = file(dir, "haproxy.cfg", &cfg);
@@ -176,6 +180,8 @@ backend replicas
             .spawn()
             .unwrap_or_else(|e| panic!("TETHER_HAPROXY={bin:?} does not start: {e}")),
     );
+    // Listening yet? The probe passes through to a replica as a TLS handshake that ends at
+    // once: one `agent TLS handshake failed` in that replica's log.
     let listening = eventually_some(WAIT, || async move {
         TcpStream::connect(addr).await.ok().map(|_| ())
     })
