@@ -120,7 +120,6 @@ fn agent(
 struct Front {
     addr: SocketAddr,
     _haproxy: Option<Killed>,
-    _balancer: Option<Balancer>,
 }
 
 async fn front(dir: &Path, replicas: &[Ports]) -> Front {
@@ -129,11 +128,9 @@ async fn front(dir: &Path, replicas: &[Ports]) -> Front {
         .map(|p| SocketAddr::from(([127, 0, 0, 1], p.agent)))
         .collect();
     let Some(bin) = std::env::var_os("TETHER_HAPROXY").filter(|b| !b.is_empty()) else {
-        let lb = balancer(backends).await;
         return Front {
-            addr: lb.addr,
+            addr: balancer(backends).await.addr,
             _haproxy: None,
-            _balancer: Some(lb),
         };
     };
     let addr = SocketAddr::from(([127, 0, 0, 1], fixed_port()));
@@ -194,7 +191,6 @@ backend replicas
     Front {
         addr,
         _haproxy: Some(child),
-        _balancer: None,
     }
 }
 

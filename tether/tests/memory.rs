@@ -125,11 +125,11 @@ async fn an_idle_stream_holds_no_read_buffers() {
         .await
         .unwrap();
     settle().await;
-    let per_stream = allocated().saturating_sub(before) / held.len();
-    eprintln!("heap per idle stream, server and agent: {per_stream} bytes");
-    assert!(
-        per_stream <= BOUND,
-        "an idle stream holds {per_stream} bytes of heap, over the {BOUND}-byte bound"
+    held_within(
+        before,
+        held.len(),
+        BOUND,
+        "an idle stream, server and agent",
     );
     drop((warm, held));
 }
@@ -227,11 +227,11 @@ async fn an_idle_tunnel_holds_no_read_block() {
     // read-ahead for that long.
     tokio::time::sleep(tether::pump::QUIET_AFTER * 2).await;
     settle().await;
-    let per_tunnel = allocated().saturating_sub(before) / TUNNELS;
-    eprintln!("heap per idle tunnel, server and agent: {per_tunnel} bytes");
-    assert!(
-        per_tunnel <= TUNNEL_BOUND,
-        "an idle tunnel holds {per_tunnel} bytes of heap, over the {TUNNEL_BOUND}-byte bound"
+    held_within(
+        before,
+        TUNNELS,
+        TUNNEL_BOUND,
+        "an idle tunnel, server and agent",
     );
     drop((warm, held));
 }
@@ -315,27 +315,34 @@ async fn a_tunnel_reader_lets_go_of_its_blocks_a_second_after_its_last_big_read(
     drop((warm, held));
 }
 
-/// Waits (every 100 ms, at most 10 s) until the heap grown since `before`, over `n` items,
-/// is within `bound` bytes each, and fails the test if it never is. Signed: what the items
-/// share (the tunnels' buffers) may have shrunk by more than they hold.
-async fn quiet_within(before: usize, n: usize, bound: usize, what: &str) {
-    let per = || {
-        (isize::try_from(allocated()).unwrap() - isize::try_from(before).unwrap())
-            / isize::try_from(n).unwrap()
-    };
-    let mut each = per();
-    for _ in 0..100 {
-        if each <= bound as isize {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        each = per();
-    }
+/// The heap grown since `before`, per item of `n`. Signed: what the items share (the
+/// tunnels' buffers) may have shrunk by more than they hold.
+fn each_since(before: usize, n: usize) -> isize {
+    (isize::try_from(allocated()).unwrap() - isize::try_from(before).unwrap())
+        / isize::try_from(n).unwrap()
+}
+
+/// Fails the test if the heap grown since `before`, over `n` items, is over `bound` bytes
+/// each now.
+fn held_within(before: usize, n: usize, bound: usize, what: &str) {
+    let each = each_since(before, n);
     eprintln!("heap held by {what}: {each} bytes");
     assert!(
         each <= bound as isize,
         "{what} holds {each} bytes of heap, over the {bound}-byte bound"
     );
+}
+
+/// Waits (every 100 ms, at most 10 s) until the heap grown since `before`, over `n` items,
+/// is within `bound` bytes each, then checks it with [`held_within`].
+async fn quiet_within(before: usize, n: usize, bound: usize, what: &str) {
+    for _ in 0..100 {
+        if each_since(before, n) <= bound as isize {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    held_within(before, n, bound, what);
 }
 
 /// Waits until the tasks are done with what follows the last byte: the heap reads the same
