@@ -292,7 +292,26 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     if !secs.is_finite() || secs < 0.0 {
         return Err(format!("bad duration {s:?}"));
     }
+    // A bound this end chooses, so no deadline computed from a flag can overflow a clock.
+    if secs > MAX_DURATION_SECS {
+        return Err(format!("duration {s:?} is longer than a year (8760h)"));
+    }
     Ok(std::time::Duration::from_secs_f64(secs))
+}
+
+/// The longest duration a flag takes: a year.
+const MAX_DURATION_SECS: f64 = 365.0 * 24.0 * 3600.0;
+
+/// Parses `--agent-accept-rate`: connections per second, 0 (no limit) or from
+/// [`crate::server::MIN_AGENT_ACCEPT_RATE`] on.
+pub fn parse_accept_rate(s: &str) -> Result<f64, String> {
+    let min = crate::server::MIN_AGENT_ACCEPT_RATE;
+    match s.trim().parse::<f64>() {
+        Ok(r) if r == 0.0 || (r.is_finite() && r >= min) => Ok(r),
+        _ => Err(format!(
+            "{s:?} is not a rate: connections per second, 0 (no limit) or at least {min}"
+        )),
+    }
 }
 
 /// Flags both binaries share: keepalive, window, drain.
@@ -344,6 +363,49 @@ impl TunnelArgs {
             keepalive_timeout_ms: ms(self.keepalive_timeout),
             handshake_timeout_ms: ms(self.handshake_timeout),
             ..tether_proto::Config::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn durations_parse_with_their_units() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(
+            parse_duration("8760h"),
+            Ok(Duration::from_secs(365 * 24 * 3600))
+        );
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+    }
+
+    #[test]
+    fn a_duration_over_a_year_or_out_of_range_is_refused_not_a_panic() {
+        for bad in [
+            "8761h",
+            "99999999999999999999999",
+            "1e30",
+            "-1s",
+            "NaN",
+            "s",
+            "10d",
+        ] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} was taken");
+        }
+    }
+
+    #[test]
+    fn an_accept_rate_is_zero_or_at_least_the_floor() {
+        assert_eq!(parse_accept_rate("0"), Ok(0.0));
+        assert_eq!(parse_accept_rate("1000"), Ok(1000.0));
+        assert_eq!(parse_accept_rate("0.01"), Ok(0.01));
+        for bad in ["0.001", "1e-20", "-1", "NaN", "inf", "fast", ""] {
+            assert!(parse_accept_rate(bad).is_err(), "{bad:?} was taken");
         }
     }
 }

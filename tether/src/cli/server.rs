@@ -130,8 +130,9 @@ pub struct ServerArgs {
     pub max_pending_handshakes: usize,
     /// Agent connections accepted per second at most, after a burst of
     /// --agent-accept-burst, so a reconnect storm after a restart is taken at a steady rate
-    /// (0: no limit). The rest wait in the listen backlog; agents back off with jitter.
-    #[arg(long, default_value_t = 1000.0)]
+    /// (0: no limit; otherwise at least 0.01). The rest wait in the listen backlog; agents
+    /// back off with jitter.
+    #[arg(long, value_parser = super::parse_accept_rate, default_value_t = 1000.0)]
     pub agent_accept_rate: f64,
     /// Agent connections accepted at once before --agent-accept-rate applies.
     #[arg(long, default_value_t = 256)]

@@ -55,7 +55,9 @@ pub struct ServerConfig {
     /// the listen backlog.
     pub max_handshakes: usize,
     /// Agent connections accepted per second at most, after a burst of
-    /// `agent_accept_burst` (0: no limit), so a reconnect storm is taken at a steady rate.
+    /// `agent_accept_burst`, so a reconnect storm is taken at a steady rate. 0, a negative
+    /// rate, NaN or infinity: no limit; a rate under [`MIN_AGENT_ACCEPT_RATE`] is taken as
+    /// that.
     pub agent_accept_rate: f64,
     /// Agent connections accepted at once before the rate applies.
     pub agent_accept_burst: u32,
@@ -402,6 +404,10 @@ impl Server {
     }
 }
 
+/// The lowest agent accept rate, per second: one connection every 100 s. A lower rate is
+/// taken as this one, so the pacer's intervals and debt stay far inside the clock's range.
+pub const MIN_AGENT_ACCEPT_RATE: f64 = 0.01;
+
 /// Spaces out accepted agent connections: at most `burst` at once, then `rate` per second
 /// (a token bucket); a rate of 0 does not pace.
 pub(crate) struct AcceptPacer {
@@ -414,7 +420,9 @@ pub(crate) struct AcceptPacer {
 impl AcceptPacer {
     pub(crate) fn new(rate: f64, burst: u32) -> AcceptPacer {
         AcceptPacer {
-            every: (rate > 0.0 && rate.is_finite()).then(|| Duration::from_secs_f64(1.0 / rate)),
+            // At most 100 s, so `every * (burst - 1)` is at most about 4e11 s: no overflow.
+            every: (rate > 0.0 && rate.is_finite())
+                .then(|| Duration::from_secs_f64(1.0 / rate.max(MIN_AGENT_ACCEPT_RATE))),
             burst: burst.max(1),
             full_at: tokio::time::Instant::now(),
         }
@@ -937,6 +945,26 @@ mod pacer_tests {
             p.pace().await;
         }
         assert_eq!(again.elapsed(), Duration::from_millis(100));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rate_under_the_floor_paces_at_the_floor_and_never_panics() {
+        // 1e-20/s would be an interval no Duration holds; with the largest burst, the debt
+        // would overflow one too. Both are taken at the floor: one every 100 s.
+        for burst in [1, u32::MAX] {
+            let start = tokio::time::Instant::now();
+            let mut p = AcceptPacer::new(1e-20, burst);
+            for _ in 0..3 {
+                p.pace().await;
+            }
+            let waited = start.elapsed();
+            let expected = if burst == 1 {
+                Duration::from_secs(200)
+            } else {
+                Duration::ZERO
+            };
+            assert_eq!(waited, expected, "burst {burst}");
+        }
     }
 
     #[tokio::test(start_paused = true)]
