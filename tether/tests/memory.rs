@@ -315,6 +315,66 @@ async fn a_tunnel_reader_lets_go_of_its_blocks_a_second_after_its_last_big_read(
     drop((warm, held));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_grpc_call_keeps_nothing_of_its_last_large_message() {
+    if in_child("an_idle_grpc_call_keeps_nothing_of_its_last_large_message") {
+        return;
+    }
+    use tether::server::grpc::client::{AuthorityStyle, GrpcClient};
+    const CALLS: usize = 8;
+    const MESSAGE: usize = 1024 * 1024;
+    let pki = Pki::new();
+    let dir = tempdir("memory-grpc");
+    let path = dir.join("grpc.socket");
+    let mut cfg = server_config(&pki);
+    cfg.grpc_uds_path = Some(path.clone());
+    let server = tether::Server::start(cfg).await.unwrap();
+    let _agent = tether::Agent::start(agent_config(&pki, server.agent_addr, "agent-1"));
+    assert!(server.wait_agents(1, WAIT).await);
+    let echo = echo_backend().await.to_string();
+    let client = GrpcClient::connect(&path, AuthorityStyle::PercentEncoded)
+        .await
+        .unwrap();
+    // Each call sends one 1 MiB message, reads its echo, and stays open and idle.
+    let open = |n: usize| {
+        let (client, echo) = (&client, &echo);
+        async move {
+            let mut calls = Vec::new();
+            for _ in 0..n {
+                let mut call = client.dial(echo).await.unwrap();
+                call.write(bytes::Bytes::from(vec![7u8; MESSAGE]))
+                    .await
+                    .unwrap();
+                let mut got = 0;
+                while got < MESSAGE {
+                    got += tokio::time::timeout(WAIT, call.read())
+                        .await
+                        .expect("the echo in time")
+                        .unwrap()
+                        .expect("data before CLOSE_RSP")
+                        .len();
+                }
+                calls.push(call);
+            }
+            calls
+        }
+    };
+    // No warm-up, as for CONNECT streams above: what the first call and the bursts grow in
+    // the channel and the tunnel counts against the calls here, within the coarse bound.
+    settle().await;
+    let before = allocated();
+    let held = open(CALLS).await;
+    // With the message's allocation kept, each call holds 1 MiB or more.
+    quiet_within(
+        before,
+        CALLS,
+        BOUND_AFTER_BURST,
+        "an idle gRPC call after a 1 MiB message",
+    )
+    .await;
+    drop(held);
+}
+
 /// The heap grown since `before`, per item of `n`. Signed: what the items share (the
 /// tunnels' buffers) may have shrunk by more than they hold.
 fn each_since(before: usize, n: usize) -> isize {

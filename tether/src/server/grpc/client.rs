@@ -275,6 +275,8 @@ impl Call {
                 if self.buf.len() >= 5 + len {
                     self.buf.advance(5);
                     let msg = self.buf.split_to(len).freeze();
+                    // As the server's reader: an idle call keeps nothing of its last message.
+                    self.buf = BytesMut::from(&self.buf[..]);
                     return Packet::decode(msg).map(Some).map_err(io::Error::other);
                 }
             }

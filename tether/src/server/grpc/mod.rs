@@ -621,7 +621,6 @@ impl Reader {
                 "the frontend is shutting down".into(),
             )
         })?;
-        // A client that announces a message and stops must not hold its share for ever.
         // A client that announces a message and stops sending it must not hold its share
         // for ever; one that sends slowly (or is starved by its channel's other calls) may.
         let filled = self.fill(5 + len, Some(self.deadline)).await;
@@ -633,6 +632,9 @@ impl Reader {
         }
         self.buf.advance(5);
         let msg = self.buf.split_to(len).freeze();
+        // What is left, the start of the next message (less than one h2 chunk), gets its own
+        // buffer: it must not keep this message's allocation alive while the call is idle.
+        self.buf = BytesMut::from(&self.buf[..]);
         let packet = Packet::decode(msg).map_err(|e| {
             (
                 code::INVALID_ARGUMENT,
