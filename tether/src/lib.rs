@@ -64,3 +64,26 @@ pub(crate) async fn wait_until(timeout: std::time::Duration, ready: impl Fn() ->
     }
     ready()
 }
+
+/// Tasks that run until shutdown, each with what it serves.
+pub(crate) type Named = Vec<(String, tokio::task::JoinHandle<()>)>;
+
+/// Waits until one of `tasks` ends, removes it (a finished task is not polled again) and
+/// says which and why: `"<name> stopped"`, with tokio's panic or cancellation message if it
+/// failed. Never ready while all run, nor with none.
+pub(crate) async fn first_to_end(tasks: &mut Named) -> String {
+    let (i, result) = std::future::poll_fn(|cx| {
+        for (i, (_, t)) in tasks.iter_mut().enumerate() {
+            if let std::task::Poll::Ready(r) = std::pin::Pin::new(t).poll(cx) {
+                return std::task::Poll::Ready((i, r));
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await;
+    let (name, _) = tasks.swap_remove(i);
+    match result {
+        Ok(()) => format!("{name} stopped"),
+        Err(e) => format!("{name} stopped: {e}"),
+    }
+}

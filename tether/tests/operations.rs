@@ -705,3 +705,32 @@ async fn a_connect_client_that_keeps_its_session_resumes_until_the_frontend_relo
     );
     server.shutdown(Duration::from_millis(100)).await;
 }
+
+/// The binaries end with an error when a task of theirs stops early (`Server::failed`,
+/// `Agent::failed`; the panic path is unit-tested beside `Server::failed`). An agent's tasks
+/// stop only once it drains, a server's only at shutdown.
+#[tokio::test]
+async fn an_agents_tasks_run_until_it_drains_and_then_each_says_it_stopped() {
+    let pki = Pki::new();
+    let mut server = tether::Server::start(server_config(&pki)).await.unwrap();
+    let mut agent = tether::Agent::start(agent_config(&pki, server.agent_addr, "agent-1"));
+    assert!(server.wait_agents(1, WAIT).await);
+    assert!(agent.wait_connected(1, WAIT).await);
+    // Running: neither has failed. A zero timeout polls once: a task that had ended would
+    // be ready at once.
+    let now = Duration::ZERO;
+    if let Ok(why) = tokio::time::timeout(now, server.failed()).await {
+        panic!("the server failed: {why}");
+    }
+    if let Ok(why) = tokio::time::timeout(now, agent.failed()).await {
+        panic!("the agent failed: {why}");
+    }
+    agent.drain(Duration::ZERO).await;
+    let why = tokio::time::timeout(WAIT, agent.failed())
+        .await
+        .expect("the connection loop ends once the agent drains");
+    assert_eq!(
+        why,
+        format!("the connection loop for {} stopped", server.agent_addr)
+    );
+}

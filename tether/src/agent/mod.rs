@@ -108,7 +108,10 @@ impl std::fmt::Debug for AgentConfig {
 pub struct Agent {
     shutdown: watch::Sender<bool>,
     tunnels: Arc<Mutex<Vec<Tunnel>>>,
-    reload: Option<tokio::task::JoinHandle<()>>,
+    /// One loop per server address, and the TLS reloader: none ends before a drain unless it
+    /// fails. The loops end by themselves once the agent drains or is dropped.
+    tasks: crate::Named,
+    reload: Option<tokio::task::AbortHandle>,
 }
 
 impl Drop for Agent {
@@ -134,20 +137,34 @@ impl Agent {
         // many addresses lead to them.
         let by_server = Arc::new(Mutex::new(HashMap::new()));
         let config = Arc::new(config);
+        let mut tasks = crate::Named::new();
         for addr in config.servers.clone() {
             let span = tracing::info_span!("server", %addr, server_id = tracing::field::Empty);
             let shared = Shared {
                 all: tunnels.clone(),
                 by_server: by_server.clone(),
             };
-            tokio::spawn(manage(config.clone(), addr, rx.clone(), shared).instrument(span));
+            let name = format!("the connection loop for {addr}");
+            let task = manage(config.clone(), addr, rx.clone(), shared).instrument(span);
+            tasks.push((name, tokio::spawn(task)));
         }
         let reload = config.tls.watch(config.reload_interval);
+        let abort = reload.as_ref().map(tokio::task::JoinHandle::abort_handle);
+        tasks.extend(reload.map(|t| ("the TLS reloader".to_owned(), t)));
         Agent {
             shutdown,
             tunnels,
-            reload,
+            tasks,
+            reload: abort,
         }
+    }
+
+    /// Waits until one of the agent's own tasks ends before a drain, and says which and why.
+    /// They end early only by failing (a panic, which tokio catches in the task, so the agent
+    /// would run on without a server's connection loop); the binary then shuts down with an
+    /// error, to be restarted. Never ready while all run. See [`crate::Server::failed`].
+    pub async fn failed(&mut self) -> String {
+        crate::first_to_end(&mut self.tasks).await
     }
 
     /// Serves `/healthz`, `/readyz` (ready while a tunnel is open) and `/metrics` on `addr`;

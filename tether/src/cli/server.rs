@@ -513,10 +513,18 @@ pub fn main() -> Result<(), String> {
     super::purge_in_background();
     let rt = super::runtime(a.worker_threads).map_err(|e| format!("tokio runtime: {e}"))?;
     rt.block_on(async {
-        let running = a.start().await?;
-        super::shutdown_signal().await;
-        tracing::info!("shutting down: draining tunnels");
+        let mut running = a.start().await?;
+        // A listener that fails ends the process, to be restarted, rather than leaving it
+        // up without it.
+        let failure = tokio::select! {
+            () = super::shutdown_signal() => None,
+            why = running.server.failed() => Some(why),
+        };
+        match &failure {
+            None => tracing::info!("shutting down: draining tunnels"),
+            Some(why) => tracing::error!("{why}: shutting down, draining tunnels"),
+        }
         running.shutdown(a.tunnel.drain_grace).await;
-        Ok(())
+        failure.map_or(Ok(()), Err)
     })
 }

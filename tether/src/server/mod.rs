@@ -206,15 +206,22 @@ pub struct Server {
     /// The socket files' devices and inodes, to unlink them at shutdown only if they are
     /// still ours.
     uds_ids: Vec<(PathBuf, (u64, u64))>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The server's own tasks, by what they serve; none ends until shutdown unless it fails.
+    tasks: crate::Named,
 }
 
 /// Tasks aborted when dropped (a start that fails half way leaves nothing running).
-struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
+struct AbortOnDrop(crate::Named);
+
+impl AbortOnDrop {
+    fn push(&mut self, name: &str, task: Option<tokio::task::JoinHandle<()>>) {
+        self.0.extend(task.map(|t| (name.to_owned(), t)));
+    }
+}
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
-        for t in &self.0 {
+        for (_, t) in &self.0 {
             t.abort();
         }
     }
@@ -255,33 +262,41 @@ impl Server {
         // Whatever was started is stopped again if a later listener cannot bind.
         let mut tasks = AbortOnDrop(Vec::new());
         let every = config.reload_interval;
-        tasks.0.extend(config.agent_tls.watch(every));
-        tasks
-            .0
-            .extend(config.connect_tls.as_ref().and_then(|t| t.watch(every)));
-        tasks
-            .0
-            .extend(config.tokens.as_ref().and_then(|t| t.watch(every)));
+        tasks.push("the agent TLS reloader", config.agent_tls.watch(every));
+        tasks.push(
+            "the CONNECT TLS reloader",
+            config.connect_tls.as_ref().and_then(|t| t.watch(every)),
+        );
+        tasks.push(
+            "the tokens file reloader",
+            config.tokens.as_ref().and_then(|t| t.watch(every)),
+        );
         let agents = TcpListener::bind(config.agent_addr)
             .await
             .map_err(|e| named(e, format!("agent port {}", config.agent_addr)))?;
         let agent_addr = agents.local_addr()?;
-        tasks.0.push(tokio::spawn(accept_agents(
-            core.clone(),
-            agents,
-            Arc::new(config.clone()),
-        )));
+        tasks.push(
+            "the agent listener",
+            Some(tokio::spawn(accept_agents(
+                core.clone(),
+                agents,
+                Arc::new(config.clone()),
+            ))),
+        );
         let mut connect_addr = None;
         if let Some(addr) = config.connect_addr {
             let l = TcpListener::bind(addr)
                 .await
                 .map_err(|e| named(e, format!("CONNECT frontend {addr}")))?;
             connect_addr = Some(l.local_addr()?);
-            tasks.0.push(tokio::spawn(accept_connect_tcp(
-                core.clone(),
-                l,
-                config.connect_tls.clone(),
-            )));
+            tasks.push(
+                "the CONNECT listener",
+                Some(tokio::spawn(accept_connect_tcp(
+                    core.clone(),
+                    l,
+                    config.connect_tls.clone(),
+                ))),
+            );
         }
         let mut uds_ids = Vec::new();
         #[cfg(unix)]
@@ -292,12 +307,15 @@ impl Server {
                     .await
                     .map_err(|e| named(e, format!("Unix socket {}", path.display())))?;
                 uds_ids.extend(file_id(path).map(|id| (path.clone(), id)));
-                tasks.0.push(tokio::spawn(accept_uds(
-                    core.clone(),
-                    l,
-                    peers.clone(),
-                    None,
-                )));
+                tasks.push(
+                    "the CONNECT Unix socket listener",
+                    Some(tokio::spawn(accept_uds(
+                        core.clone(),
+                        l,
+                        peers.clone(),
+                        None,
+                    ))),
+                );
             }
             if let Some(path) = &config.grpc_uds_path {
                 let l = bind_uds(path, config.delete_existing_uds)
@@ -305,9 +323,10 @@ impl Server {
                     .map_err(|e| named(e, format!("gRPC Unix socket {}", path.display())))?;
                 uds_ids.extend(file_id(path).map(|id| (path.clone(), id)));
                 let grpc = Arc::new(grpc::Grpc::new(config.grpc_limits.clone()));
-                tasks
-                    .0
-                    .push(tokio::spawn(accept_uds(core.clone(), l, peers, Some(grpc))));
+                tasks.push(
+                    "the gRPC Unix socket listener",
+                    Some(tokio::spawn(accept_uds(core.clone(), l, peers, Some(grpc)))),
+                );
             }
         }
         let mut health_addr = None;
@@ -316,9 +335,10 @@ impl Server {
                 .await
                 .map_err(|e| named(e, format!("health port {addr}")))?;
             health_addr = Some(l.local_addr()?);
-            tasks
-                .0
-                .push(tokio::spawn(metrics::serve_health(core.clone(), l)));
+            tasks.push(
+                "the health port",
+                Some(tokio::spawn(metrics::serve_health(core.clone(), l))),
+            );
         }
         tracing::info!(%agent_addr, ?connect_addr, uds = ?config.uds_path, grpc_uds = ?config.grpc_uds_path, ?health_addr, "server listening");
         Ok(Server {
@@ -368,10 +388,18 @@ impl Server {
         crate::wait_until(timeout, || self.agents() <= n).await
     }
 
+    /// Waits until one of the server's own tasks (a listener, a reloader, the health port)
+    /// ends, and says which and why. They end only by failing: a panic, which tokio catches
+    /// in the task, so the process would run on without, say, its agent listener. The
+    /// binary then shuts down with an error, to be restarted. Never ready while all run.
+    pub async fn failed(&mut self) -> String {
+        crate::first_to_end(&mut self.tasks).await
+    }
+
     /// Stops accepting and closes every tunnel (GOAWAY), after at most `grace` of draining.
     /// Every listener is closed when it returns, so its address can be bound again.
     pub async fn shutdown(self, grace: Duration) {
-        for t in self.tasks {
+        for (_, t) in self.tasks {
             t.abort();
             // The listener is dropped with the task; a cancelled task's result is no error.
             if let Err(e) = t.await
@@ -975,5 +1003,69 @@ mod pacer_tests {
             p.pace().await;
         }
         assert!(start.elapsed().is_zero());
+    }
+}
+
+#[cfg(test)]
+mod failure_tests {
+    use super::*;
+
+    /// A server with only `tasks`: no listener is bound.
+    fn server_with(tasks: Vec<(&str, tokio::task::JoinHandle<()>)>) -> Server {
+        Server {
+            core: Arc::new(ServerCore {
+                registry: Registry::default(),
+                metrics: Metrics::new(),
+                strategies: vec![Strategy::Default],
+                dial_timeout: Duration::from_secs(1),
+                header_timeout: Duration::from_secs(1),
+            }),
+            agent_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            connect_addr: None,
+            uds_path: None,
+            grpc_uds_path: None,
+            health_addr: None,
+            uds_ids: Vec::new(),
+            tasks: tasks.into_iter().map(|(n, t)| (n.to_owned(), t)).collect(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_server_whose_tasks_all_run_has_not_failed() {
+        let mut s = server_with(vec![
+            ("the agent listener", tokio::spawn(std::future::pending())),
+            ("the health port", tokio::spawn(std::future::pending())),
+        ]);
+        let waited = tokio::time::timeout(Duration::from_secs(3600), s.failed()).await;
+        assert!(waited.is_err(), "{waited:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_task_that_panics_is_named_with_its_panic() {
+        let mut s = server_with(vec![
+            ("the agent listener", tokio::spawn(std::future::pending())),
+            (
+                "the health port",
+                tokio::spawn(async {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    panic!("planted");
+                }),
+            ),
+        ]);
+        let why = s.failed().await;
+        assert!(why.starts_with("the health port stopped: "), "{why}");
+        assert!(why.contains("planted"), "{why}");
+        // The rest still run, and are stopped at shutdown.
+        assert_eq!(s.tasks.len(), 1);
+        s.shutdown(Duration::ZERO).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_task_that_ends_is_named() {
+        let mut s = server_with(vec![
+            ("the agent listener", tokio::spawn(async {})),
+            ("the health port", tokio::spawn(std::future::pending())),
+        ]);
+        assert_eq!(s.failed().await, "the agent listener stopped");
     }
 }
