@@ -465,3 +465,49 @@ async fn grpc_and_connect_serve_side_by_side_and_only_allowed_users_get_in() {
     assert!(refused, "a user not listed got a gRPC call through");
     drop(server);
 }
+
+/// Messages packed many to a frame, and a large one whose last frame carries the start of
+/// the next, reach the node whole and in order (the reader keeps what follows a message in
+/// its buffer, and copies it only after a large message).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_messages_packed_in_frames_and_a_large_one_between_arrive_in_order() {
+    use prost::Message as _;
+    use tether::server::grpc::konnectivity::{self, Packet, PacketType, packet::Payload};
+    let pki = Pki::new();
+    let (_server, _agent, path) = grpc_server_and_agent(&pki, "grpc-packed").await;
+    let echo = echo_backend().await;
+    let client = GrpcClient::connect(&path, AuthorityStyle::PercentEncoded)
+        .await
+        .unwrap();
+    let mut call = client.dial(&echo.to_string()).await.unwrap();
+    let data = pattern(7, 300 * 16 + 100 * 1024 + 200 * 16);
+    let (mut wire, mut at) = (Vec::new(), 0);
+    for len in std::iter::repeat_n(16, 300)
+        .chain([100 * 1024])
+        .chain(std::iter::repeat_n(16, 200))
+    {
+        let p = Packet {
+            r#type: PacketType::Data as i32,
+            payload: Some(Payload::Data(konnectivity::Data {
+                connect_id: call.connect_id(),
+                error: String::new(),
+                data: Bytes::copy_from_slice(&data[at..at + len]),
+            })),
+        };
+        at += len;
+        wire.push(0u8);
+        wire.extend_from_slice(&u32::try_from(p.encoded_len()).unwrap().to_be_bytes());
+        p.encode(&mut wire).unwrap();
+    }
+    call.send_raw(Bytes::from(wire)).await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < data.len() {
+        let chunk = tokio::time::timeout(WAIT, call.read())
+            .await
+            .expect("the echo in time")
+            .unwrap()
+            .expect("data before CLOSE_RSP");
+        got.extend_from_slice(&chunk);
+    }
+    assert!(got == data, "the echo differs");
+}

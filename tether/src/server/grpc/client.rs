@@ -275,8 +275,13 @@ impl Call {
                 if self.buf.len() >= 5 + len {
                     self.buf.advance(5);
                     let msg = self.buf.split_to(len).freeze();
-                    // As the server's reader: an idle call keeps nothing of its last message.
-                    self.buf = BytesMut::from(&self.buf[..]);
+                    // As the server's reader: an idle call keeps nothing of a large last
+                    // message, and a frame of small messages is not copied once each.
+                    if self.buf.is_empty() {
+                        self.buf = BytesMut::new();
+                    } else if len > super::authority::MAX_FRAME {
+                        self.buf = BytesMut::from(&self.buf[..]);
+                    }
                     return Packet::decode(msg).map(Some).map_err(io::Error::other);
                 }
             }

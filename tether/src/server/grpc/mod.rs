@@ -632,9 +632,16 @@ impl Reader {
         }
         self.buf.advance(5);
         let msg = self.buf.split_to(len).freeze();
-        // What is left, the start of the next message (less than one h2 chunk), gets its own
-        // buffer: it must not keep this message's allocation alive while the call is idle.
-        self.buf = BytesMut::from(&self.buf[..]);
+        // What is left is the start of the next message; it must not keep a large message's
+        // allocation alive while the call is idle. Nothing left: let go. After a message built
+        // from several frames, copy the rest (less than one frame) to a buffer of its own.
+        // After a small one, it shares one frame's allocation: copying it per message would
+        // cost time quadratic in the messages a frame is packed with.
+        if self.buf.is_empty() {
+            self.buf = BytesMut::new();
+        } else if len > authority::MAX_FRAME {
+            self.buf = BytesMut::from(&self.buf[..]);
+        }
         let packet = Packet::decode(msg).map_err(|e| {
             (
                 code::INVALID_ARGUMENT,
