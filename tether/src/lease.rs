@@ -179,7 +179,8 @@ impl LeaseSettings {
 pub struct LeaseController {
     client: Client,
     settings: LeaseSettings,
-    task: tokio::task::JoinHandle<()>,
+    /// The renewal loop; taken once it has ended ([`LeaseController::failed`]).
+    task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl LeaseController {
@@ -196,18 +197,34 @@ impl LeaseController {
             LeaseController {
                 client,
                 settings,
-                task,
+                task: Some(task),
             },
             rx,
         )
+    }
+
+    /// Waits until the renewal loop ends before [`LeaseController::release`], which it does
+    /// only by failing (a panic); says why. Never ready while it runs, nor once it has ended.
+    pub async fn failed(&mut self) -> String {
+        let Some(t) = self.task.as_mut() else {
+            return std::future::pending().await;
+        };
+        let result = t.await;
+        self.task = None;
+        match result {
+            Ok(()) => "the lease controller stopped".into(),
+            Err(e) => format!("the lease controller stopped: {e}"),
+        }
     }
 
     /// Stops renewing (and waits until a renewal in flight is gone, so it cannot bring the
     /// lease back), then deletes this server's lease, so the others stop counting it at once
     /// instead of after its duration. At most 5 s: a drain must not wait on the API server.
     pub async fn release(mut self) {
-        self.task.abort();
-        let _ = (&mut self.task).await;
+        if let Some(t) = self.task.take() {
+            t.abort();
+            let _ = t.await;
+        }
         let name = self.settings.name();
         let delete = self
             .client
@@ -224,7 +241,9 @@ impl LeaseController {
 
 impl Drop for LeaseController {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Some(t) = &self.task {
+            t.abort();
+        }
     }
 }
 

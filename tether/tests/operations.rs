@@ -352,7 +352,7 @@ async fn the_agent_serves_health_readiness_and_metrics_of_its_own() {
     let health_port = health.local_addr().unwrap().port();
     drop(health);
     let server = tether::Server::start(server_config(&pki)).await.unwrap();
-    let agent = AgentArgs::try_parse_from([
+    let mut agent = AgentArgs::try_parse_from([
         "tether-agent",
         "--ca-cert",
         ca.to_str().unwrap(),
@@ -413,6 +413,11 @@ async fn the_agent_serves_health_readiness_and_metrics_of_its_own() {
         ready.starts_with("HTTP/1.1 503"),
         "not ready without a tunnel: {ready}"
     );
+    // Without its server, the agent runs on, retrying: no task of its has stopped. A zero
+    // timeout polls once.
+    if let Ok(why) = tokio::time::timeout(Duration::ZERO, agent.failed()).await {
+        panic!("the agent failed: {why}");
+    }
 }
 
 /// Reads `child`'s stderr until a line satisfies `want` (at most `limit`), returning it.

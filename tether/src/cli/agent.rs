@@ -194,14 +194,24 @@ impl KonnectivityAgentArgs {
 pub struct Running {
     /// The agent.
     pub agent: Agent,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The lease counter, and the health and admin servers.
+    tasks: crate::Named,
 }
 
 impl Running {
+    /// Waits until a task of the agent's, or one beside it, ends early, and says which and
+    /// why (see [`Agent::failed`]).
+    pub async fn failed(&mut self) -> String {
+        tokio::select! {
+            why = self.agent.failed() => why,
+            why = crate::first_to_end(&mut self.tasks) => why,
+        }
+    }
+
     /// Drains every tunnel, at most `grace`.
     pub async fn shutdown(self, grace: Duration) {
         self.agent.drain(grace).await;
-        for t in self.tasks {
+        for (_, t) in self.tasks {
             t.abort();
         }
     }
@@ -268,7 +278,7 @@ impl AgentArgs {
     /// Starts the agent (its lease counter, health and admin servers) as the flags say.
     pub async fn start(&self) -> Result<Running, String> {
         let mut config = self.config()?;
-        let mut tasks = Vec::new();
+        let mut tasks = crate::Named::new();
         if self.count_server_leases {
             let what = match &self.kubeconfig {
                 Some(p) => format!("--kubeconfig {}", p.display()),
@@ -282,7 +292,7 @@ impl AgentArgs {
                 self.lease_label_selector.clone(),
                 self.lease_count_interval,
             );
-            tasks.push(task);
+            tasks.push(("the server lease counter".into(), task));
             config.server_count = Some(count);
         }
         let metrics = config.metrics.clone();
@@ -302,10 +312,10 @@ impl AgentArgs {
             if port != 0 {
                 let addr = SocketAddr::new(host, port);
                 match agent.serve_health(addr, metrics.clone()).await {
-                    Ok(t) => tasks.push(t),
+                    Ok(t) => tasks.push((format!("the {flag} server {addr}"), t)),
                     Err(e) => {
                         // Nothing started stays running (the agent stops when dropped).
-                        tasks.iter().for_each(tokio::task::JoinHandle::abort);
+                        tasks.iter().for_each(|(_, t)| t.abort());
                         return Err(format!("{flag} {addr}: {e}"));
                     }
                 }
@@ -331,7 +341,7 @@ pub fn main() -> Result<(), String> {
         // without it.
         let failure = tokio::select! {
             () = super::shutdown_signal() => None,
-            why = running.agent.failed() => Some(why),
+            why = running.failed() => Some(why),
         };
         match &failure {
             None => tracing::info!("shutting down: draining tunnels"),

@@ -274,10 +274,27 @@ pub struct Running {
     /// The server.
     pub server: Server,
     lease: Option<LeaseController>,
-    admin: Option<tokio::task::JoinHandle<()>>,
+    /// The admin port's server, if any.
+    admin: crate::Named,
 }
 
 impl Running {
+    /// Waits until a task of the server's, its admin port's or its lease controller's ends
+    /// early, and says which and why (see [`Server::failed`]).
+    pub async fn failed(&mut self) -> String {
+        let lease = async {
+            match self.lease.as_mut() {
+                Some(l) => l.failed().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            why = self.server.failed() => why,
+            why = crate::first_to_end(&mut self.admin) => why,
+            why = lease => why,
+        }
+    }
+
     /// Gives up its lease first (agents and servers stop counting this server at once, and
     /// the renewal cannot bring it back while draining, as Konnectivity does), then drains:
     /// GOAWAY to every agent, at most `grace`.
@@ -285,7 +302,7 @@ impl Running {
         if let Some(l) = self.lease {
             l.release().await;
         }
-        if let Some(a) = self.admin {
+        for (_, a) in self.admin {
             a.abort();
         }
         self.server.shutdown(grace).await;
@@ -478,17 +495,15 @@ impl ServerArgs {
             None
         };
         let server = Server::start(config).await.map_err(|e| e.to_string())?;
-        let admin = if self.admin_port == 0 {
-            None
-        } else {
+        let mut admin = crate::Named::new();
+        if self.admin_port != 0 {
             let addr = SocketAddr::new(self.admin_bind_address, self.admin_port);
-            Some(
-                server
-                    .serve_health_on(addr)
-                    .await
-                    .map_err(|e| format!("--admin-port {addr}: {e}"))?,
-            )
-        };
+            let task = server
+                .serve_health_on(addr)
+                .await
+                .map_err(|e| format!("--admin-port {addr}: {e}"))?;
+            admin.push((format!("the admin port {addr}"), task));
+        }
         Ok(Running {
             server,
             lease,
@@ -518,7 +533,7 @@ pub fn main() -> Result<(), String> {
         // up without it.
         let failure = tokio::select! {
             () = super::shutdown_signal() => None,
-            why = running.server.failed() => Some(why),
+            why = running.failed() => Some(why),
         };
         match &failure {
             None => tracing::info!("shutting down: draining tunnels"),
