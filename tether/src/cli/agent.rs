@@ -325,7 +325,7 @@ impl AgentArgs {
     }
 }
 
-/// `tether-agent`'s main: parse, log, start, wait for SIGTERM, drain.
+/// `tether-agent`'s main: parse, log, start, wait for SIGTERM (or a failed task), drain.
 pub fn main() -> Result<(), String> {
     let a = AgentArgs::parse();
     super::init(&a.log)?;
@@ -337,16 +337,7 @@ pub fn main() -> Result<(), String> {
     let rt = super::runtime(a.worker_threads).map_err(|e| format!("tokio runtime: {e}"))?;
     rt.block_on(async {
         let mut running = a.start().await?;
-        // A task that fails ends the process, to be restarted, rather than leaving it up
-        // without it.
-        let failure = tokio::select! {
-            () = super::shutdown_signal() => None,
-            why = running.failed() => Some(why),
-        };
-        match &failure {
-            None => tracing::info!("shutting down: draining tunnels"),
-            Some(why) => tracing::error!("{why}: shutting down, draining tunnels"),
-        }
+        let failure = super::until_stopped(running.failed()).await;
         running.shutdown(a.tunnel.drain_grace).await;
         failure.map_or(Ok(()), Err)
     })

@@ -213,6 +213,21 @@ pub fn purge_in_background() {
     }
 }
 
+/// Waits for SIGTERM (or Ctrl-C) or for `failed`, a task of the process that stopped early,
+/// and logs which; the failure, if it was one. Either way the caller drains: a task that
+/// fails ends the process, to be restarted, rather than leaving it up without that task.
+pub async fn until_stopped(failed: impl std::future::Future<Output = String>) -> Option<String> {
+    let failure = tokio::select! {
+        () = shutdown_signal() => None,
+        why = failed => Some(why),
+    };
+    match &failure {
+        None => tracing::info!("shutting down: draining tunnels"),
+        Some(why) => tracing::error!("{why}: shutting down, draining tunnels"),
+    }
+    failure
+}
+
 /// Resolves on SIGTERM or Ctrl-C.
 pub async fn shutdown_signal() {
     #[cfg(unix)]

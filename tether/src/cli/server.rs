@@ -517,7 +517,7 @@ pub(crate) fn random_id() -> String {
     format!("{:032x}", rand::random::<u128>())
 }
 
-/// `tether-server`'s main: parse, log, start, wait for SIGTERM, drain.
+/// `tether-server`'s main: parse, log, start, wait for SIGTERM (or a failed task), drain.
 pub fn main() -> Result<(), String> {
     let a = ServerArgs::parse();
     super::init(&a.log)?;
@@ -529,16 +529,7 @@ pub fn main() -> Result<(), String> {
     let rt = super::runtime(a.worker_threads).map_err(|e| format!("tokio runtime: {e}"))?;
     rt.block_on(async {
         let mut running = a.start().await?;
-        // A listener that fails ends the process, to be restarted, rather than leaving it
-        // up without it.
-        let failure = tokio::select! {
-            () = super::shutdown_signal() => None,
-            why = running.failed() => Some(why),
-        };
-        match &failure {
-            None => tracing::info!("shutting down: draining tunnels"),
-            Some(why) => tracing::error!("{why}: shutting down, draining tunnels"),
-        }
+        let failure = super::until_stopped(running.failed()).await;
         running.shutdown(a.tunnel.drain_grace).await;
         failure.map_or(Ok(()), Err)
     })
