@@ -403,15 +403,8 @@ async fn a_message_that_stops_arriving_loses_its_call_and_frees_its_budget() {
         .expect("the silent call ends");
     let e = end.expect_err("a failure, not a clean close");
     assert!(e.to_string().contains("no byte of it within"), "{e}");
-    let mut got = 0;
-    while got < 60 * 1024 {
-        got += tokio::time::timeout(WAIT, other.read())
-            .await
-            .expect("the other call's bytes come back")
-            .unwrap()
-            .unwrap()
-            .len();
-    }
+    // The other call's bytes come back.
+    grpc_read(&mut other, 60 * 1024).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -500,14 +493,6 @@ async fn small_messages_packed_in_frames_and_a_large_one_between_arrive_in_order
         p.encode(&mut wire).unwrap();
     }
     call.send_raw(Bytes::from(wire)).await.unwrap();
-    let mut got = Vec::new();
-    while got.len() < data.len() {
-        let chunk = tokio::time::timeout(WAIT, call.read())
-            .await
-            .expect("the echo in time")
-            .unwrap()
-            .expect("data before CLOSE_RSP");
-        got.extend_from_slice(&chunk);
-    }
+    let got = grpc_read(&mut call, data.len()).await;
     assert!(got == data, "the echo differs");
 }

@@ -22,6 +22,20 @@ use tokio::sync::mpsc;
 
 pub const WAIT: Duration = Duration::from_secs(10);
 
+/// Reads `n` bytes from a gRPC call, each read within [`WAIT`]; panics on CLOSE_RSP first.
+pub async fn grpc_read(call: &mut tether::server::grpc::client::Call, n: usize) -> Vec<u8> {
+    let mut got = Vec::with_capacity(n);
+    while got.len() < n {
+        let chunk = tokio::time::timeout(WAIT, call.read())
+            .await
+            .expect("the bytes in time")
+            .unwrap()
+            .expect("data before CLOSE_RSP");
+        got.extend_from_slice(&chunk);
+    }
+    got
+}
+
 pub struct Pki {
     pub ca: Ca,
     pub server: tls::testpki::Pem,
