@@ -5,7 +5,9 @@
 use stateright::Property;
 use tether_proto::{CloseReason, ErrorCode};
 
-use crate::{AppPhase, AppStream, Misbehavior, ModelState, Outcome, TunnelModel};
+use crate::rogue::Misbehavior;
+use crate::state::{AppPhase, AppStream, ModelState, Outcome};
+use crate::tunnel::TunnelModel;
 
 /// The `always` properties, by name.
 pub const ALWAYS: [&str; 12] = [
@@ -168,7 +170,7 @@ pub fn all() -> Vec<Property<TunnelModel>> {
                 s.ends[i].streams.iter().any(|(id, st)| {
                     st.cancelled
                         && s.wire[i].iter().any(|f| {
-                            matches!(f, crate::Wire::Frame(tether_proto::Frame::DialOk(d)) if d.stream == *id)
+                            matches!(f, crate::state::Wire::Frame(tether_proto::Frame::DialOk(d)) if d.stream == *id)
                         })
                 })
             })
@@ -179,7 +181,7 @@ pub fn all() -> Vec<Property<TunnelModel>> {
                 .any(|e| e.streams.values().any(|st| st.reopened))
         }),
         Property::sometimes(RESET_CROSSES_FIN, |_: &TunnelModel, s: &ModelState| {
-            use crate::Wire::Frame as W;
+            use crate::state::Wire::Frame as W;
             use tether_proto::Frame as F;
             (0..2).any(|i| {
                 s.wire[i].iter().any(|f| match f {
@@ -286,5 +288,5 @@ pub fn all() -> Vec<Property<TunnelModel>> {
 fn detects<const K: usize>(_: &TunnelModel, s: &ModelState) -> bool {
     let m = Misbehavior::ALL[K];
     s.verdict
-        .is_some_and(|v| v.misbehavior == m && v.actual == crate::Answer::Closes(m.code()))
+        .is_some_and(|v| v.misbehavior == m && v.actual == crate::rogue::Answer::Closes(m.code()))
 }

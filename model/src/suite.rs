@@ -4,7 +4,8 @@
 //! A configuration that cannot be complete is not in the suite.
 
 use crate::properties::*;
-use crate::{Bounds, Misbehavior};
+use crate::rogue::Misbehavior;
+use crate::state::Bounds;
 
 /// One configuration of the suite.
 #[derive(Debug, Clone)]
@@ -265,7 +266,7 @@ pub struct Report {
     /// Every reachable state was explored.
     pub complete: bool,
     /// Violated `always` properties, each with its path.
-    pub violations: Vec<(&'static str, Vec<crate::Action>)>,
+    pub violations: Vec<(&'static str, Vec<crate::state::Action>)>,
     /// Every property with its verdict: `always` (holds or not), then the examples reached
     /// or claimed.
     pub verdicts: Vec<(&'static str, Verdict)>,
@@ -302,13 +303,13 @@ impl Report {
 pub fn check(c: &Configuration, limits: Limits) -> Report {
     use stateright::{Checker, Expectation, HasDiscoveries, Model};
     let start = std::time::Instant::now();
-    let builder = crate::TunnelModel::new(c.bounds.clone())
+    let builder = crate::tunnel::TunnelModel::new(c.bounds.clone())
         .checker()
         .threads(limits.threads)
         .target_state_count(limits.max_states)
         .timeout(limits.timeout)
         .finish_when(HasDiscoveries::AnyFailures);
-    let judge = |checker: &dyn Checker<crate::TunnelModel>| {
+    let judge = |checker: &dyn Checker<crate::tunnel::TunnelModel>| {
         let elapsed = start.elapsed();
         let properties = checker.model().properties();
         let mut violations = Vec::new();

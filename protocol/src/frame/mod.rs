@@ -13,6 +13,7 @@
 //! `encode` (canonical: decoding then encoding gives the same bytes).
 
 mod data;
+mod decode_error;
 mod dial;
 mod dial_ok;
 mod goaway;
@@ -30,6 +31,7 @@ use core::fmt;
 use bytes::{BufMut, Bytes};
 
 pub use data::{Data, FLAG_FIN};
+pub use decode_error::DecodeError;
 pub use dial::{Dial, Protocol};
 pub use dial_ok::DialOk;
 pub use goaway::GoAway;
@@ -44,8 +46,6 @@ pub use settings::{
 pub use unknown::Unknown;
 pub use welcome::Welcome;
 pub use window::WindowUpdate;
-
-use crate::error::DecodeError;
 
 /// Length of the fixed frame header in bytes (SPEC 3.1).
 pub const HEADER_LEN: usize = 10;
