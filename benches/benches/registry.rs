@@ -8,11 +8,11 @@ use std::net::Ipv4Addr;
 use std::time::Instant;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use tether::server::{Registry, Strategy};
 use tether::tunnel::{Start, Tunnel};
 use tether_proto::frame::Identifier;
 use tether_proto::testing::{test_agent_identity, test_server_identity};
 use tether_proto::{Config, Session, Time};
+use tether_server::{Registry, Strategy};
 
 fn ip_of(i: usize) -> Ipv4Addr {
     Ipv4Addr::from(0x7f01_0000u32 + u32::try_from(i).unwrap_or(0) + 1)

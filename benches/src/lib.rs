@@ -11,9 +11,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::poll_fn;
-use tether::agent::{Agent, AgentConfig, Allowlist};
-use tether::server::{Server, ServerConfig};
 use tether::tls::{self, testpki::Ca, testpki::Pem};
+use tether_agent::{Agent, AgentConfig, Allowlist};
+use tether_server::{Server, ServerConfig};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
@@ -152,7 +152,7 @@ impl Via {
                 Ok(Box::new(s))
             }
             Via::Tether(frontend) => Ok(Box::new(
-                tether::server::connect::client(*frontend, &backend.to_string()).await?,
+                tether_server::client::connect::client(*frontend, &backend.to_string()).await?,
             )),
             Via::Dial(server) => Ok(Box::new(
                 server
@@ -229,7 +229,7 @@ pub fn frontend_clients(
 /// in-memory pipe, as kube-apiserver's Konnectivity client moves them between the call and
 /// the `net.Conn` it hands out.
 async fn grpc_open(path: &std::path::Path, backend: SocketAddr) -> io::Result<Box<dyn Io>> {
-    use tether::server::grpc::client::{AuthorityStyle, GrpcClient};
+    use tether_server::client::grpc::{AuthorityStyle, GrpcClient};
     let client = GrpcClient::connect(path, AuthorityStyle::PercentEncoded).await?;
     let mut call = client
         .dial(&backend.to_string())
@@ -364,6 +364,7 @@ pub async fn tether_in_process(pki: &Pki) -> io::Result<(Server, Agent)> {
     let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
     let server = Server::start(ServerConfig {
         server_id: "bench-server".into(),
+        connect_addr: Some(loopback),
         ..ServerConfig::new(loopback, server_tls)
     })
     .await?;

@@ -1,4 +1,4 @@
-//! tether-model: stateright models that drive tether-proto's real [`Session`].
+//! tether-model: stateright models that drive tether-proto's real [`Session`](tether_proto::Session).
 //!
 //! The model holds two real sessions, a server end and an agent end, each wrapped in an actor
 //! ([`End`]) that plays a small nondeterministic application around it, joined by an ordered

@@ -161,7 +161,9 @@ fn every_spec_citation_names_a_section_and_every_quote_still_stands_in_it() {
     let sections = sections(&spec);
     assert!(sections.contains_key("6.3") && sections.contains_key("10"));
     let mut files = Vec::new();
-    for dir in ["protocol", "tether", "model", "fuzz", "benches"] {
+    for dir in [
+        "protocol", "tether", "ops", "server", "agent", "model", "fuzz", "benches",
+    ] {
         rust_files(&root.join(dir), &mut files);
     }
     assert!(files.len() > 20, "the sources were found");

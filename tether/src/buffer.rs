@@ -11,6 +11,10 @@ use std::io::IoSlice;
 
 use bytes::{Buf, Bytes, BytesMut};
 
+/// How long after its last read bigger than the smallest a stream's pump or a tunnel's reader
+/// keeps its read buffers while a read waits; then it is idle and lets go.
+pub const QUIET_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// A read buffer that reuses up to `spares` older allocations.
 #[derive(Debug)]
 pub(crate) struct Recycled {
@@ -83,7 +87,7 @@ impl Recycled {
 }
 
 /// When a tunnel's reader (and its read-ahead beneath TLS), or a stream's pump, lets go of its
-/// buffers: a read that waits with no big read in the last [`crate::pump::QUIET_AFTER`] lets
+/// buffers: a read that waits with no big read in the last [`QUIET_AFTER`] lets
 /// go at once; one that waits sooner after a big read lets go once that time is up. A busy
 /// connection keeps its buffers between reads (reused, not faulted in afresh); an idle one
 /// holds none. The timer is armed once and moved only when it fires early, so a busy
@@ -102,9 +106,9 @@ struct Busy {
 }
 
 impl Quiet {
-    /// A big read: buffers stay for [`crate::pump::QUIET_AFTER`] more.
+    /// A big read: buffers stay for [`QUIET_AFTER`] more.
     pub(crate) fn busy(&mut self) {
-        let until = tokio::time::Instant::now() + crate::pump::QUIET_AFTER;
+        let until = tokio::time::Instant::now() + QUIET_AFTER;
         match &mut self.0 {
             Some(b) => b.until = until,
             None => self.0 = Some(Box::new(Busy { until, timer: None })),
@@ -136,16 +140,17 @@ impl Quiet {
     }
 }
 
-/// A list of `Bytes` written with one vectored write (`AsyncWriteExt::write_all_buf`).
+/// A list of `Bytes` written with one vectored write (`AsyncWriteExt::write_all_buf`): what a
+/// stream's receive buffer hands out without copying ([`crate::tunnel::RecvHalf::recv_chunks`]).
 #[derive(Debug, Default)]
-pub(crate) struct Chunks {
+pub struct Chunks {
     chunks: VecDeque<Bytes>,
     len: usize,
 }
 
 impl Chunks {
     /// Appends `b` (an empty one is skipped).
-    pub(crate) fn push(&mut self, b: Bytes) {
+    pub fn push(&mut self, b: Bytes) {
         if !b.is_empty() {
             self.len += b.len();
             self.chunks.push_back(b);
@@ -153,7 +158,7 @@ impl Chunks {
     }
 
     /// Takes the first piece whole.
-    pub(crate) fn pop(&mut self) -> Option<Bytes> {
+    pub fn pop(&mut self) -> Option<Bytes> {
         let b = self.chunks.pop_front()?;
         self.len -= b.len();
         Some(b)
@@ -317,15 +322,15 @@ mod tests {
         assert!(q.poll_idle(&mut cx), "no big read: at once");
         q.busy();
         assert!(!q.poll_idle(&mut cx));
-        tokio::time::advance(crate::pump::QUIET_AFTER / 2).await;
+        tokio::time::advance(QUIET_AFTER / 2).await;
         // Another big read moves the deadline without touching the timer.
         q.busy();
         assert!(!q.poll_idle(&mut cx));
-        tokio::time::advance(crate::pump::QUIET_AFTER * 3 / 4).await;
+        tokio::time::advance(QUIET_AFTER * 3 / 4).await;
         // The timer fired at the first deadline: the reader is woken, asks, and must wait on.
         assert_eq!(wakes(), 1);
         assert!(!q.poll_idle(&mut cx));
-        tokio::time::advance(crate::pump::QUIET_AFTER / 2).await;
+        tokio::time::advance(QUIET_AFTER / 2).await;
         // Woken again at the second deadline, with nothing to wait for any more.
         assert_eq!(wakes(), 2);
         assert!(q.poll_idle(&mut cx));

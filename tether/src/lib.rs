@@ -1,28 +1,53 @@
-//! tether: tokio adapters around tether-proto's sans-IO session.
+//! tether: the tokio adapter of tether-proto's sans-IO session, for programs that embed an
+//! agent-initiated reverse tunnel.
 //!
-//! - [`server::Server`]: accepts agent tunnels over TLS (mTLS and/or bearer tokens), routes
-//!   dials to them, serves HTTP CONNECT (the protocol kube-apiserver's egress selector speaks)
-//!   on TCP and a Unix socket, and `/healthz`, `/readyz`, `/metrics`.
-//! - [`agent::Agent`]: dials out to the servers, serves their dials within an allowlist,
-//!   reconnects with backoff and jitter.
-//! - [`TetherStream`]: one tunneled connection as `AsyncRead + AsyncWrite`; from a running
-//!   server, [`server::Server::dial`] gives one, so other proxies can embed tether without the
-//!   HTTP frontend.
+//! An agent dials *out* to a server over TLS and keeps that connection (the tunnel) open; the
+//! server then opens streams through it, each a TCP connection the agent makes on its side.
+//! This crate moves the bytes and the time; the session (`tether_proto::Session`) decides
+//! everything else. What it offers:
 //!
-//! The adapters move bytes and time; the session (`tether_proto::Session`) decides everything
-//! else. See `docs/ARCHITECTURE.md`.
+//! - [`listen::Listener`]: the server end. Accepts agents over TLS, runs each handshake under
+//!   the session's deadline, asks the caller's [`listen::Admission`] about each HELLO and hands
+//!   it every admitted [`Tunnel`];
+//! - [`agent::Agent`]: the agent end. Keeps tunnels to its servers, reconnects with backoff and
+//!   jitter, and serves their dials through the caller's [`agent::Dialer`];
+//! - [`Tunnel::dial`] and [`TetherStream`]: one stream as `AsyncRead + AsyncWrite` (shutdown is
+//!   a half-close), with flow control that makes a slow reader slow its own stream only;
+//!   [`pump::pump`] joins one to a socket;
+//! - [`tls`]: rustls configurations (aws-lc-rs) from PEM files, reloaded when they change
+//!   ([`reload`]); [`stats`]: counters to export however the caller exports.
 //!
-//! The smallest use, embedding the server and dialling a node through whichever agent serves
-//! it (the stream is `AsyncRead + AsyncWrite`; `shutdown` is a half-close):
+//! No HTTP, gRPC, Kubernetes or metrics format, and no allocator: the control-plane server and
+//! the node agent built on this crate (`tether-server`, `tether-agent`) add those.
+//!
+//! The smallest use, a server that dials a node through the agent that connected first (the
+//! stream is `AsyncRead + AsyncWrite`; `shutdown` is a half-close):
 //!
 //! ```no_run
 //! # async fn example(agent_tls: std::sync::Arc<rustls::ServerConfig>)
 //! # -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! use tether::listen::{Admission, Admitted, ListenConfig, Listener, Peer, Refusal};
 //! use tokio::io::{AsyncReadExt, AsyncWriteExt};
 //!
-//! let config = tether::ServerConfig::new("0.0.0.0:8091".parse()?, agent_tls);
-//! let server = tether::Server::start(config).await?;
-//! let mut stream = server.dial("10.0.0.7", 10250).await?;
+//! /// Admits every agent TLS let in, and passes its tunnel on.
+//! struct First(tokio::sync::mpsc::Sender<tether::Tunnel>);
+//!
+//! impl Admission for First {
+//!     async fn admit(&self, _: &tether_proto::frame::Hello, _: &Peer) -> Result<(), Refusal> {
+//!         Ok(())
+//!     }
+//!     async fn serve(&self, agent: Admitted) {
+//!         let _ = self.0.send(agent.tunnel.clone()).await;
+//!         agent.tunnel.closed().await;
+//!     }
+//! }
+//!
+//! let (tx, mut tunnels) = tokio::sync::mpsc::channel(1);
+//! let config = ListenConfig::new(agent_tls);
+//! let _listener = Listener::bind("0.0.0.0:8091".parse()?, config, Arc::new(First(tx))).await?;
+//! let tunnel = tunnels.recv().await.ok_or("no agent")?;
+//! let mut stream = tunnel.dial("10.0.0.7", 10250, std::time::Duration::from_secs(5)).await?;
 //! stream.write_all(b"GET /healthz HTTP/1.0\r\n\r\n").await?;
 //! stream.shutdown().await?;
 //! let mut reply = Vec::new();
@@ -31,59 +56,21 @@
 //! # }
 //! ```
 //!
-//! Features: `cli` (default) carries the binaries' flag parsing and logging; `test-util`
-//! carries throwaway certificates (`tls::testpki`) and the CONNECT parser's fuzz entry point.
+//! `examples/embed.rs` runs both ends, with a dial policy of its own. Feature `test-util`
+//! carries throwaway certificates (`tls::testpki`, rcgen) and tunnels joined in memory
+//! ([`testing`]).
 
 pub mod agent;
 mod buffer;
-#[cfg(feature = "cli")]
-pub mod cli;
-pub mod kube;
-pub mod lease;
-pub mod metrics;
+pub mod listen;
 pub mod pump;
 pub mod reload;
-pub mod server;
-pub mod stream;
+pub mod stats;
+pub mod tasks;
+#[cfg(feature = "test-util")]
+pub mod testing;
 pub mod tls;
 pub mod tunnel;
 
-pub use agent::{Agent, AgentConfig};
-pub use server::{Server, ServerConfig};
-pub use stream::TetherStream;
-pub use tunnel::{DialError, Tunnel};
-
-/// Polls `ready` every 10 ms until it holds or `timeout` passes; whether it held.
-pub(crate) async fn wait_until(timeout: std::time::Duration, ready: impl Fn() -> bool) -> bool {
-    let end = std::time::Instant::now() + timeout;
-    while std::time::Instant::now() < end {
-        if ready() {
-            return true;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-    ready()
-}
-
-/// Tasks that run until shutdown, each with what it serves.
-pub(crate) type Named = Vec<(String, tokio::task::JoinHandle<()>)>;
-
-/// Waits until one of `tasks` ends, removes it (a finished task is not polled again) and
-/// says which and why: `"<name> stopped"`, with tokio's panic or cancellation message if it
-/// failed. Never ready while all run, nor with none.
-pub(crate) async fn first_to_end(tasks: &mut Named) -> String {
-    let (i, result) = std::future::poll_fn(|cx| {
-        for (i, (_, t)) in tasks.iter_mut().enumerate() {
-            if let std::task::Poll::Ready(r) = std::pin::Pin::new(t).poll(cx) {
-                return std::task::Poll::Ready((i, r));
-            }
-        }
-        std::task::Poll::Pending
-    })
-    .await;
-    let (name, _) = tasks.swap_remove(i);
-    match result {
-        Ok(()) => format!("{name} stopped"),
-        Err(e) => format!("{name} stopped: {e}"),
-    }
-}
+pub use buffer::{Chunks, QUIET_AFTER};
+pub use tunnel::{DialError, Incoming, RecvHalf, SendHalf, TetherStream, Tunnel};

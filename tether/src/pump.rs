@@ -8,14 +8,11 @@ use tether_proto::ErrorCode;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::buffer::{Chunks, Quiet, Recycled};
-use crate::stream::TetherStream;
+use crate::tunnel::TetherStream;
 
 /// Smallest and largest read buffer: idle connections hold little, busy ones read in bulk.
 const MIN_READ: usize = 1024;
 const MAX_READ: usize = 256 * 1024;
-/// How long after its last read bigger than the smallest a stream (or a tunnel: see
-/// `buffer::Quiet`) keeps its read buffers while a read waits; then it is idle and lets go.
-pub const QUIET_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 /// Bytes of a stream's queue written to the socket with one call, at most.
 const MAX_WRITE: usize = 256 * 1024;
 
@@ -84,10 +81,12 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let (mut rd, mut wr) = tokio::io::split(socket);
+    // Each direction in one future of its own.
+    let (rx, tx) = (stream.h(), stream.h());
     let up = async {
         let mut total = first.len() as u64;
         if !first.is_empty() {
-            stream.send_bytes(first).await?;
+            tx.send_bytes(first).await?;
         }
         let mut want = MIN_READ;
         let mut buf = Recycled::new(0, 1);
@@ -117,12 +116,12 @@ where
             let n = match read.await {
                 Ok(n) => n,
                 Err(e) => {
-                    stream.reset(ErrorCode::ABORTED, "local socket read failed");
+                    tx.reset(ErrorCode::ABORTED, "local socket read failed");
                     return Err(e);
                 }
             };
             if n == 0 {
-                stream.finish()?;
+                tx.finish()?;
                 return Ok::<u64, io::Error>(total);
             }
             if n >= want {
@@ -132,7 +131,7 @@ where
                 want /= 2;
             }
             total += n as u64;
-            stream.send_bytes(buf.get().split().freeze()).await?;
+            tx.send_bytes(buf.get().split().freeze()).await?;
             // After the send, which may wait for credit: the quiet time counts from when the
             // stream could read again, not from a read that then waited on its peer.
             if want > MIN_READ {
@@ -144,14 +143,14 @@ where
         let mut total = 0u64;
         let mut out = Chunks::default();
         // Everything queued on the stream goes out in one vectored write.
-        while stream.recv_chunks(&mut out, MAX_WRITE).await? {
+        while rx.recv_chunks(&mut out, MAX_WRITE).await? {
             let n = out.remaining();
             if let Err(e) = wr.write_all_buf(&mut out).await {
-                stream.reset(ErrorCode::ABORTED, "local socket write failed");
+                rx.reset(ErrorCode::ABORTED, "local socket write failed");
                 return Err(e);
             }
             total += n as u64;
-            stream.release(n);
+            rx.release(n);
         }
         wr.shutdown().await?;
         Ok::<u64, io::Error>(total)

@@ -302,10 +302,11 @@ mod tests {
     }
 
     fn tempdir(tag: &str) -> PathBuf {
+        static N: AtomicU64 = AtomicU64::new(0);
         let d = std::env::temp_dir().join(format!(
             "tether-{tag}-{}-{}",
             std::process::id(),
-            rand::random::<u64>()
+            N.fetch_add(1, Ordering::Relaxed)
         ));
         std::fs::create_dir_all(&d).unwrap();
         d

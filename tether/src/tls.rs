@@ -433,7 +433,7 @@ mod tests {
         assert_eq!(poll_once(&mut ra, &mut chunk), None);
         assert!(ra.buf.capacity() > 0);
         // Past that second, the waiting read lets it go.
-        tokio::time::advance(crate::pump::QUIET_AFTER).await;
+        tokio::time::advance(crate::buffer::QUIET_AFTER).await;
         assert_eq!(poll_once(&mut ra, &mut chunk), None);
         assert_eq!(ra.buf.capacity(), 0, "an idle connection holds no buffer");
         assert!(!ra.busy);

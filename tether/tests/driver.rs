@@ -1,15 +1,15 @@
 //! The tunnel driver over an in-memory transport: two `Tunnel`s joined by `tokio::io::duplex`,
 //! no TLS, so each test is about the driver alone. Every wait is bounded.
 
-mod common;
+use std::time::{Duration, Instant};
 
-use std::time::Instant;
-
-use common::{WAIT, tunnel_config as config, tunnel_pair as pair, tunnel_stream as connected};
+use tether::testing::{tunnel_config as config, tunnel_pair as pair, tunnel_stream as connected};
 use tether::tunnel::{Handshake, Start, Tunnel};
 use tether_proto::testing::{test_agent_identity, test_server_identity};
 use tether_proto::{CloseReason, Config, ErrorCode, Session, Time};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const WAIT: Duration = Duration::from_secs(10);
 
 #[tokio::test]
 async fn a_dial_accepted_through_the_driver_carries_bytes_both_ways_with_half_close() {
@@ -93,16 +93,13 @@ async fn dials_to_an_end_that_takes_none_are_refused_and_leave_nothing_held() {
 async fn a_reader_parked_on_a_stream_wakes_when_its_own_end_resets_it() {
     let (server, _agent, mut dials) = pair().await;
     let (_near, far) = connected(&server, &mut dials).await;
-    let far = std::sync::Arc::new(far);
-    let reader = {
-        let far = far.clone();
-        tokio::spawn(async move { far.recv_chunk().await })
-    };
+    let (mut rx, tx) = far.into_split();
+    let reader = tokio::spawn(async move { rx.recv_chunk().await });
     // Let the reader park on the empty stream, then reset from this end: no event comes.
     for _ in 0..100 {
         tokio::task::yield_now().await;
     }
-    far.reset(ErrorCode::CANCEL, "done here");
+    tx.reset(ErrorCode::CANCEL, "done here");
     let read = tokio::time::timeout(WAIT, reader)
         .await
         .expect("the parked reader was woken")
@@ -190,7 +187,7 @@ async fn a_peer_that_neither_reads_nor_sends_is_found_dead_while_a_write_waits_o
     wire.clear();
     agent.poll_transmit(&mut wire);
     b.write_all(&wire).await.unwrap();
-    let stream = dialing.await.unwrap().unwrap();
+    let mut stream = dialing.await.unwrap().unwrap();
     // More than the in-memory pipe holds (but within the window): the writer blocks on it.
     stream
         .send_bytes(bytes::Bytes::from(vec![7u8; 200 * 1024]))

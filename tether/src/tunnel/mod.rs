@@ -16,12 +16,10 @@
 //! only the wakers of the tasks waiting on a stream.
 
 use std::collections::HashMap;
-use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll, Waker};
+use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use tether_proto::frame::{Dial, Hello, Protocol, Welcome};
 use tether_proto::{ApiError, CloseReason, ErrorCode, Event, Session, StreamId, Time};
 use tether_proto::{StreamError, StreamState};
@@ -30,49 +28,10 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use tracing::Instrument;
 
 mod driver;
+mod ops;
+mod stream;
 
-use crate::buffer::Chunks;
-use crate::stream::{TetherStream, api_io_error};
-
-/// A dial from the peer, waiting for this end to accept or reject it. Dropping it rejects
-/// the dial with CANCEL (the session's drop policy).
-#[derive(Debug)]
-pub struct Incoming {
-    stream: TetherStream,
-    dial: Dial,
-}
-
-impl Incoming {
-    /// Where the peer wants the stream to go.
-    pub fn dial(&self) -> &Dial {
-        &self.dial
-    }
-
-    /// The stream's id.
-    pub fn stream_id(&self) -> StreamId {
-        self.stream.id()
-    }
-
-    /// Accepts: DIAL_OK goes out and the stream is established. Fails if the peer gave up on
-    /// the dial meanwhile, or the tunnel closed.
-    pub fn accept(self) -> io::Result<TetherStream> {
-        self.stream.tunnel.accept(self.stream.id)?;
-        Ok(self.stream)
-    }
-
-    /// Rejects with `code` (a `DIAL_*` code) and a short reason.
-    pub fn reject(self, code: ErrorCode, reason: &str) {
-        self.stream.reset(code, reason);
-    }
-
-    /// Resolves once the dial is over without this end's answer: the opener cancelled it
-    /// (RESET) or the tunnel closed. An acceptor races its connect against this, so a dial the
-    /// opener gave up on holds no socket (SPEC 5.5).
-    pub async fn cancelled(&self) {
-        let id = self.stream.id;
-        std::future::poll_fn(|cx| self.stream.tunnel.poll_pending(id, cx)).await;
-    }
-}
+pub use stream::{Incoming, RecvHalf, SendHalf, TetherStream};
 
 /// Decides an agent's HELLO at the server end (SPEC 4.2), at once or later.
 pub type HelloPolicy = Box<dyn Fn(&Hello) -> Verdict + Send>;
@@ -151,7 +110,7 @@ struct Inner {
     closed: Notify,
     epoch: Instant,
     label: String,
-    stats: Option<Arc<crate::metrics::TunnelStats>>,
+    stats: Option<Arc<crate::stats::TunnelStats>>,
 }
 
 /// A running tunnel: a handle that opens streams and watches the session.
@@ -219,7 +178,7 @@ pub struct Start {
     /// A name for logs.
     pub label: String,
     /// Counters shared with the other tunnels of this process (bytes, stream errors).
-    pub stats: Option<Arc<crate::metrics::TunnelStats>>,
+    pub stats: Option<Arc<crate::stats::TunnelStats>>,
 }
 
 /// `config` as a tunnel runs it: DATA payloads under an eighth of the reader's allocation are
@@ -330,14 +289,15 @@ impl Tunnel {
             sh.wakers.insert(id, Wakers::default());
             Ok(id)
         });
-        let stream = TetherStream::new(self.clone(), id.map_err(DialError::Unavailable)?);
+        let id = id.map_err(DialError::Unavailable)?;
+        let stream = TetherStream::new(self.clone(), id);
         let answer = std::future::poll_fn(|cx| {
-            self.drive(|sh, _| match sh.session.stream_state(stream.id) {
+            self.drive(|sh, _| match sh.session.stream_state(id) {
                 Some(StreamState::Dialing) => {
-                    sh.park_reader(stream.id, cx);
+                    sh.park_reader(id, cx);
                     Poll::Pending
                 }
-                _ => Poll::Ready(sh.session.stream_error(stream.id)),
+                _ => Poll::Ready(sh.session.stream_error(id)),
             })
         });
         match tokio::time::timeout(timeout, answer).await {
@@ -393,166 +353,6 @@ impl Tunnel {
                 return r;
             }
             notified.await;
-        }
-    }
-}
-
-/// The operations of one stream's handle ([`TetherStream`]): each is one session command
-/// through [`Tunnel::drive`], its error surfaced as an `io::Error`, a waker left where a
-/// `Readable` or `Writable` event will find it.
-impl Tunnel {
-    /// Accepts the pending dial `id`.
-    pub(crate) fn accept(&self, id: StreamId) -> io::Result<()> {
-        self.drive(|sh, _| sh.session.accept(id))
-            .map_err(api_io_error)
-    }
-
-    /// Pending (waker registered) while `id` is a dial waiting for this end's answer; ready once
-    /// it is anything else (cancelled by the opener, the tunnel closed).
-    pub(crate) fn poll_pending(&self, id: StreamId, cx: &mut Context<'_>) -> Poll<()> {
-        self.drive(|sh, _| match sh.session.stream_state(id) {
-            Some(StreamState::Pending) => {
-                sh.park_reader(id, cx);
-                Poll::Pending
-            }
-            _ => Poll::Ready(()),
-        })
-    }
-
-    /// One `recv` of at most `max` bytes; pending (waker registered) while nothing is there.
-    pub(crate) fn poll_recv(
-        &self,
-        id: StreamId,
-        max: usize,
-        cx: &mut Context<'_>,
-    ) -> Poll<io::Result<Option<Bytes>>> {
-        self.drive(|sh, _| match sh.session.recv(id, max) {
-            Ok(got) => Poll::Ready(Ok(got)),
-            Err(ApiError::WouldBlock) => {
-                sh.park_reader(id, cx);
-                Poll::Pending
-            }
-            Err(e) => Poll::Ready(Err(api_io_error(e))),
-        })
-    }
-
-    /// Moves what `id` has buffered, up to about `max` bytes, into `out`; `false` at the
-    /// peer's FIN. Bytes taken come first: the end or an error comes with the next call.
-    pub(crate) fn poll_recv_chunks(
-        &self,
-        id: StreamId,
-        out: &mut Chunks,
-        max: usize,
-        cx: &mut Context<'_>,
-    ) -> Poll<io::Result<bool>> {
-        use bytes::Buf;
-        self.drive(|sh, _| {
-            loop {
-                let want = max.saturating_sub(out.remaining()).max(1);
-                match sh.session.recv(id, want) {
-                    Ok(Some(b)) => {
-                        out.push(b);
-                        if out.remaining() >= max {
-                            return Poll::Ready(Ok(true));
-                        }
-                    }
-                    _ if out.remaining() > 0 => return Poll::Ready(Ok(true)),
-                    Ok(None) => return Poll::Ready(Ok(false)),
-                    Err(ApiError::WouldBlock) => {
-                        sh.park_reader(id, cx);
-                        return Poll::Pending;
-                    }
-                    Err(e) => return Poll::Ready(Err(api_io_error(e))),
-                }
-            }
-        })
-    }
-
-    /// Returns `n` bytes of credit on `id`. Credit goes back in batches (SPEC 6.4): most
-    /// releases leave nothing to send and wake nobody.
-    pub(crate) fn release(&self, id: StreamId, n: usize) {
-        if let Some(s) = &self.inner.stats {
-            s.received(n);
-        }
-        let released =
-            self.drive(|sh, _| sh.session.release(id, u32::try_from(n).unwrap_or(u32::MAX)));
-        // Only more than was read can fail here: the handle's bug, not the peer's.
-        debug_assert!(released.is_ok(), "release: {released:?}");
-    }
-
-    /// One `send` on `id`; pending (waker registered) while the window is shut.
-    pub(crate) fn poll_send(
-        &self,
-        id: StreamId,
-        data: &Bytes,
-        cx: &mut Context<'_>,
-    ) -> Poll<io::Result<usize>> {
-        self.drive(|sh, _| match sh.session.send(id, data.clone()) {
-            Ok(0) => {
-                // A `Writable` event follows when credit returns (SPEC 6.2).
-                if let Some(w) = sh.wakers.get_mut(&id) {
-                    w.write = Some(cx.waker().clone());
-                }
-                Poll::Pending
-            }
-            Ok(n) => {
-                if let Some(s) = &self.inner.stats {
-                    s.sent(n);
-                }
-                Poll::Ready(Ok(n))
-            }
-            Err(e) => Poll::Ready(Err(api_io_error(e))),
-        })
-    }
-
-    /// Half-closes `id`; finishing twice is harmless, a failed stream reports why.
-    pub(crate) fn finish(&self, id: StreamId) -> io::Result<()> {
-        // A writer parked on a shut window must learn that this direction is over.
-        match self.drive(|sh, _| sh.finished_or_reset(id, |s| s.finish(id))) {
-            Ok(()) | Err(ApiError::AlreadyFinished) => Ok(()),
-            Err(e) => Err(api_io_error(e)),
-        }
-    }
-
-    /// Resets `id`; a stream that already ended stays as it ended.
-    pub(crate) fn reset(&self, id: StreamId, code: ErrorCode, reason: &str) {
-        // No event follows a local reset: whoever waits on the stream is woken here.
-        if let Err(e) = self.drive(|sh, _| sh.finished_or_reset(id, |s| s.reset(id, code, reason)))
-        {
-            tracing::debug!(stream = %id, error = %e, "reset of a stream that already ended");
-        }
-    }
-
-    /// The handle of `id` is gone: the session's drop policy decides (SPEC 5.6).
-    pub(crate) fn abandon(&self, id: StreamId) {
-        let abandoned = self.drive(|sh, _| {
-            sh.wakers.remove(&id);
-            sh.session.abandon(id)
-        });
-        if let Err(e) = abandoned {
-            tracing::debug!(stream = %id, error = %e, "abandon");
-        }
-    }
-}
-
-impl Shared {
-    /// Runs `finish` or `reset` on `id` and wakes the tasks waiting on it: neither queues an
-    /// event that would.
-    fn finished_or_reset(
-        &mut self,
-        id: StreamId,
-        command: impl FnOnce(&mut Session) -> Result<(), ApiError>,
-    ) -> Result<(), ApiError> {
-        let done = command(&mut self.session);
-        if let Some(w) = self.wakers.get_mut(&id) {
-            w.wake();
-        }
-        done
-    }
-
-    fn park_reader(&mut self, id: StreamId, cx: &Context<'_>) {
-        if let Some(w) = self.wakers.get_mut(&id) {
-            w.read = Some(cx.waker().clone());
         }
     }
 }

@@ -1,0 +1,280 @@
+//! `/healthz`, `/readyz` and `/metrics` (prometheus-client). Names and their Konnectivity
+//! counterparts: docs/OPERATIONS.md, "Read the metrics".
+
+use std::sync::Arc;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use tether::stats::ListenerStats;
+use tether_ops::metrics::{
+    DIAL_BUCKETS, GaugeGuard, ProcessCollector, ReloadCollector, TunnelCollector, gauge_of,
+};
+
+use crate::registry::Registry as Agents;
+
+type Labels = Vec<(String, String)>;
+
+/// Which frontend a CONNECT client came in on (a metrics label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Frontend {
+    /// Plain TCP.
+    Tcp,
+    /// TCP with TLS.
+    Tls,
+    /// The Unix socket.
+    Uds,
+    /// gRPC (Konnectivity's ProxyService) on a Unix socket.
+    Grpc,
+}
+
+impl Frontend {
+    /// The label value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Frontend::Tcp => "tcp",
+            Frontend::Tls => "tls",
+            Frontend::Uds => "uds",
+            Frontend::Grpc => "grpc",
+        }
+    }
+}
+
+/// The server's metrics.
+pub struct Metrics {
+    registry: Registry,
+    agents: Gauge,
+    dials: Family<Labels, Counter>,
+    dial_seconds: Histogram,
+    pending_dials: Gauge,
+    connects: Family<Labels, Counter>,
+    open_connects: Family<Labels, Gauge>,
+    failed: Family<Labels, Counter>,
+    /// What the agent listener and its tunnels count (the library's counters).
+    pub(crate) listener: Arc<ListenerStats>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Metrics {
+        let mut root = Registry::default();
+        root.register_collector(Box::new(ProcessCollector));
+        let m = Metrics {
+            registry: Registry::default(),
+            agents: Gauge::default(),
+            dials: Family::default(),
+            dial_seconds: Histogram::new(DIAL_BUCKETS),
+            pending_dials: Gauge::default(),
+            connects: Family::default(),
+            open_connects: Family::default(),
+            failed: Family::default(),
+            listener: Arc::new(ListenerStats::default()),
+        };
+        let r = root.sub_registry_with_prefix("tether");
+        r.register_collector(Box::new(Handshakes(m.listener.clone())));
+        r.register("agents", "Agent tunnels connected", m.agents.clone());
+        r.register_collector(Box::new(Refused(m.listener.clone())));
+        r.register("dials", "Dials through tunnels, by result", m.dials.clone());
+        r.register_with_unit(
+            "dial_duration",
+            "Time from a dial's start to the agent's answer (successful dials)",
+            prometheus_client::registry::Unit::Seconds,
+            m.dial_seconds.clone(),
+        );
+        r.register(
+            "pending_dials",
+            "Dials sent to agents and not answered yet",
+            m.pending_dials.clone(),
+        );
+        r.register(
+            "connect_requests",
+            "HTTP CONNECT requests, by status",
+            m.connects.clone(),
+        );
+        r.register(
+            "connect_streams",
+            "CONNECT streams open now (after the 200), by frontend",
+            m.open_connects.clone(),
+        );
+        r.register(
+            "connect_streams_failed",
+            "CONNECT streams that ended with an error after the 200, by frontend",
+            m.failed.clone(),
+        );
+        r.register_collector(Box::new(TunnelCollector(m.listener.tunnels.clone())));
+        Metrics {
+            registry: root,
+            ..m
+        }
+    }
+
+    pub(crate) fn agents(&self, n: usize) {
+        self.agents.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// Counts the reloads of `materials` under `tether_reloads_total`.
+    pub fn watch_reloads(&mut self, materials: Vec<Arc<dyn tether::reload::ReloadStats>>) {
+        self.registry
+            .sub_registry_with_prefix("tether")
+            .register_collector(Box::new(ReloadCollector(materials)));
+    }
+
+    /// Counts a dial by its result: `ok`, `no_agent`, `timeout`, `unavailable`, an error
+    /// code's name, or `other` for a code this server does not know, so an agent that picks
+    /// codes at will cannot grow the label set (docs/SECURITY.md).
+    pub(crate) fn dial(&self, result: &str, seconds: Option<f64>) {
+        self.dials
+            .get_or_create(&vec![("result".to_owned(), result.to_owned())])
+            .inc();
+        if let Some(s) = seconds {
+            self.dial_seconds.observe(s);
+        }
+    }
+
+    /// One more dial waiting for its agent, until the guard is dropped.
+    pub(crate) fn pending_dial(&self) -> GaugeGuard {
+        GaugeGuard::up(&self.pending_dials)
+    }
+
+    pub(crate) fn stream_failed(&self, frontend: Frontend) {
+        self.failed
+            .get_or_create(&vec![("frontend".to_owned(), frontend.name().to_owned())])
+            .inc();
+    }
+
+    /// One more CONNECT stream open on `frontend`, until the guard is dropped.
+    pub(crate) fn stream_open(&self, frontend: Frontend) -> GaugeGuard {
+        let g = self
+            .open_connects
+            .get_or_create(&vec![("frontend".to_owned(), frontend.name().to_owned())])
+            .clone();
+        GaugeGuard::up(&g)
+    }
+
+    pub(crate) fn connect(&self, status: u16) {
+        self.connects
+            .get_or_create(&vec![("status".to_owned(), status.to_string())])
+            .inc();
+    }
+
+    /// The text exposition, with the per-agent gauges of `core`'s registry as of now.
+    pub fn render(&self, agents: &Agents) -> String {
+        let mut now = Registry::with_prefix("tether");
+        now.register_collector(Box::new(PerAgent(agents.per_agent())));
+        tether_ops::metrics::render(&[&self.registry, &now])
+    }
+}
+
+/// Tunnels and open streams per connected agent, read at scrape time. One series per
+/// connected agent id: bounded by the agents this server admits (--max-tunnels-per-agent,
+/// identity rules), and gone when the agent goes.
+#[derive(Debug)]
+struct PerAgent(Vec<(String, usize, usize)>);
+
+impl Collector for PerAgent {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        for (name, help, pick) in [
+            (
+                "tunnels",
+                "Tunnels each connected agent holds to this server, by agent id",
+                1usize,
+            ),
+            (
+                "open_streams",
+                "Streams open on each connected agent's tunnels, by agent id",
+                2,
+            ),
+        ] {
+            let mut m = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for (id, tunnels, streams) in &self.0 {
+                let v = if pick == 1 { *tunnels } else { *streams };
+                // prometheus-client writes label values as given: an agent id with a quote or
+                // a backslash would break the whole exposition.
+                let id = escape_label(id);
+                let labels = [("agent_id", id.as_str())];
+                ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX))
+                    .encode(m.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A label value as the text format wants it: `\\`, `\"` and `\n` escaped.
+fn escape_label(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// `agent_handshakes`: agent connections in their handshake now, read from the listener.
+#[derive(Debug)]
+struct Handshakes(Arc<ListenerStats>);
+
+impl Collector for Handshakes {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        gauge_of(self.0.handshaking()).encode(encoder.encode_descriptor(
+            "agent_handshakes",
+            "Agent connections in their TLS handshake or HELLO now (capped by max_handshakes)",
+            None,
+            MetricType::Gauge,
+        )?)
+    }
+}
+
+/// `agents_refused_total{reason}`: agent connections refused, by kind (a fixed set).
+#[derive(Debug)]
+struct Refused(Arc<ListenerStats>);
+
+impl Collector for Refused {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let mut m = encoder.encode_descriptor(
+            "agents_refused",
+            "Agent connections refused, by reason (tls, timeout, handshake, unauthorized, certificate)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (kind, n) in self.0.refused() {
+            if n > 0 {
+                let labels = [("reason", kind.name())];
+                ConstCounter::new(n).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_ids_with_quotes_or_backslashes_cannot_break_the_exposition() {
+        let mut r = Registry::with_prefix("tether");
+        r.register_collector(Box::new(PerAgent(vec![(r#"a"b\c"#.to_owned(), 1, 2)])));
+        let text = tether_ops::metrics::render(&[&r]);
+        assert!(
+            text.contains(r#"tether_tunnels{agent_id="a\"b\\c"} 1"#),
+            "{text}"
+        );
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+}

@@ -1,0 +1,534 @@
+//! Shared pieces of the integration tests: a throwaway PKI, a server and agents on loopback,
+//! backends, and a CONNECT client in kube-apiserver's dialect. Every loop is bounded.
+#![allow(dead_code, unreachable_pub, missing_docs)]
+
+pub mod fakekube;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tether::TetherStream;
+use tether::tls::{self, testpki::Ca};
+use tether::tunnel::{Handshake, Incoming, Start, Tunnel};
+use tether_agent::{Agent, AgentConfig};
+use tether_proto::frame::Identifier;
+use tether_proto::testing::{test_agent_identity, test_server_identity};
+use tether_proto::{Session, Time};
+use tether_server::{Server, ServerConfig, Strategy};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// The `tether-agent` binary: `TETHER_AGENT_BIN`, or the one `cargo test --workspace` built
+/// beside this test (the agent's own crate has a test of its binary, so cargo builds it).
+pub fn agent_bin() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("TETHER_AGENT_BIN") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().expect("the test's own path");
+    let dir = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .expect("target/<profile>/deps");
+    let p = dir.join(format!("tether-agent{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        p.exists(),
+        "{} is not built: run the tests with `cargo test --workspace` (or `cargo build -p tether-agent` first)",
+        p.display()
+    );
+    p
+}
+
+/// Reads `n` bytes from a gRPC call, each read within [`WAIT`]; panics on CLOSE_RSP first.
+pub async fn grpc_read(call: &mut tether_server::client::grpc::Call, n: usize) -> Vec<u8> {
+    let mut got = Vec::with_capacity(n);
+    while got.len() < n {
+        let chunk = tokio::time::timeout(WAIT, call.read())
+            .await
+            .expect("the bytes in time")
+            .unwrap()
+            .expect("data before CLOSE_RSP");
+        got.extend_from_slice(&chunk);
+    }
+    got
+}
+
+pub struct Pki {
+    pub ca: Ca,
+    pub server: tls::testpki::Pem,
+    pub agent: tls::testpki::Pem,
+    pub client: tls::testpki::Pem,
+}
+
+impl Pki {
+    pub fn new() -> Pki {
+        let ca = Ca::new("tether test CA");
+        let server = ca.leaf("tether-server", &["localhost", "127.0.0.1"]);
+        let agent = ca.leaf("agent-1", &["agent-1"]);
+        let client = ca.leaf("kube-apiserver", &["kube-apiserver"]);
+        Pki {
+            ca,
+            server,
+            agent,
+            client,
+        }
+    }
+
+    pub fn ca_pem(&self) -> &[u8] {
+        self.ca.pem.cert.as_bytes()
+    }
+}
+
+pub fn session(keepalive_ms: u64) -> tether_proto::Config {
+    tether_proto::Config {
+        keepalive_interval_ms: keepalive_ms,
+        keepalive_timeout_ms: keepalive_ms.max(1) * 3,
+        handshake_timeout_ms: 5_000,
+        ..tether_proto::Config::default()
+    }
+}
+
+pub fn server_config(pki: &Pki) -> ServerConfig {
+    let agent_tls = tls::server_config(
+        pki.server.cert.as_bytes(),
+        pki.server.key.as_bytes(),
+        Some(pki.ca_pem()),
+    )
+    .unwrap();
+    ServerConfig {
+        server_id: "server-1".into(),
+        strategies: vec![Strategy::DestHost, Strategy::Default],
+        dial_timeout: Duration::from_secs(5),
+        session: session(0),
+        health_addr: Some("127.0.0.1:0".parse().unwrap()),
+        header_timeout: Duration::from_secs(2),
+        connect_addr: Some("127.0.0.1:0".parse().unwrap()),
+        ..ServerConfig::new("127.0.0.1:0".parse().unwrap(), agent_tls)
+    }
+}
+
+/// An agent `id` with a certificate of its own, whose common name and DNS name are `id`
+/// (the server binds agent ids to certificates).
+pub fn agent_config(pki: &Pki, server: SocketAddr, id: &str) -> AgentConfig {
+    let cert = pki.ca.leaf(id, &[id]);
+    let tls = tls::client_config(
+        pki.ca_pem(),
+        Some((cert.cert.as_bytes(), cert.key.as_bytes())),
+    )
+    .unwrap();
+    AgentConfig {
+        server_name: Some("localhost".into()),
+        identifiers: vec![Identifier::Host(id.into())],
+        // Backends live on loopback, which an agent dials only where an IP rule names it.
+        allowlist: tether_agent::Allowlist::parse("127.0.0.0/8, [::1]").unwrap(),
+        dial_timeout: Duration::from_secs(2),
+        sync_interval: Duration::from_millis(50),
+        sync_interval_cap: Duration::from_millis(400),
+        session: session(0),
+        ..AgentConfig::new(vec![server.to_string()], tls, id)
+    }
+}
+
+/// Polls `ready` every 20 ms until it holds, at most `limit`.
+pub async fn eventually(limit: Duration, ready: impl Fn() -> bool) -> bool {
+    let end = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < end {
+        if ready() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    ready()
+}
+
+/// Polls the async `probe` every 20 ms until it gives a value, at most `limit`.
+pub async fn eventually_some<T, F, Fut>(limit: Duration, mut probe: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let end = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = probe().await {
+            return Some(v);
+        }
+        if tokio::time::Instant::now() >= end {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A fresh directory under the system's temporary directory.
+pub fn tempdir(tag: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "tether-{tag}-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A server and one agent, connected.
+pub async fn server_and_agent(pki: &Pki) -> (Server, Agent) {
+    let server = Server::start(server_config(pki)).await.unwrap();
+    let agent = Agent::start(agent_config(pki, server.agent_addr, "agent-1"));
+    assert!(server.wait_agents(1, WAIT).await, "the agent connected");
+    (server, agent)
+}
+
+/// A backend that echoes every byte back and half-closes when its client does.
+pub async fn echo_backend() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// Sends a CONNECT the way kube-apiserver does (`Host: 127.0.0.1`, target in the
+/// request line) and returns the whole response head and what followed it.
+pub async fn connect_request<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    target: &str,
+) -> (String, Vec<u8>) {
+    let req = format!(
+        "CONNECT {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: Go-http-client/1.1\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    read_head(s).await
+}
+
+pub async fn read_head<S: AsyncRead + Unpin>(s: &mut S) -> (String, Vec<u8>) {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    for _ in 0..65_536 {
+        match tokio::time::timeout(WAIT, s.read(&mut byte)).await {
+            Ok(Ok(1)) => buf.push(byte[0]),
+            _ => break,
+        }
+        if buf.ends_with(b"\r\n\r\n") {
+            break;
+        }
+    }
+    let head = String::from_utf8_lossy(&buf).into_owned();
+    (head, Vec::new())
+}
+
+/// CONNECTs over TCP and returns the status code, the head, and the stream.
+pub async fn connect_tcp(frontend: SocketAddr, target: &str) -> (u16, String, TcpStream) {
+    let mut s = TcpStream::connect(frontend).await.unwrap();
+    let (head, _) = connect_request(&mut s, target).await;
+    (status_of(&head), head, s)
+}
+
+pub fn status_of(head: &str) -> u16 {
+    head.split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Reads everything until EOF (bounded by WAIT).
+pub async fn read_to_end<S: AsyncRead + Unpin>(s: &mut S) -> std::io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut out))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "read timed out"))??;
+    Ok(out)
+}
+
+/// Deterministic bytes for a stream numbered `seed`.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()[0]
+        })
+        .collect()
+}
+
+pub fn arc<T>(t: T) -> Arc<T> {
+    Arc::new(t)
+}
+
+/// A loopback TCP forwarder in front of `target` that can go silent (stop moving bytes while
+/// keeping both connections open), as a dead network path or a frozen agent would.
+pub struct Forwarder {
+    pub addr: SocketAddr,
+    pub frozen: Arc<std::sync::atomic::AtomicBool>,
+}
+
+pub async fn forwarder(target: SocketAddr) -> Forwarder {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let frozen = Arc::new(AtomicBool::new(false));
+    let f = frozen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((inbound, _)) = l.accept().await else {
+                return;
+            };
+            let Ok(outbound) = TcpStream::connect(target).await else {
+                continue;
+            };
+            let f = f.clone();
+            tokio::spawn(async move {
+                let (ir, iw) = inbound.into_split();
+                let (or, ow) = outbound.into_split();
+                let copy = |mut r: tokio::net::tcp::OwnedReadHalf,
+                            mut w: tokio::net::tcp::OwnedWriteHalf,
+                            f: Arc<AtomicBool>| async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match r.read(&mut buf).await {
+                            Ok(0) | Err(_) => return (r, w),
+                            Ok(n) => n,
+                        };
+                        if f.load(Ordering::SeqCst) {
+                            // Silent: hold the connections, move nothing, for the test's life.
+                            std::future::pending::<()>().await;
+                        }
+                        if w.write_all(&buf[..n]).await.is_err() {
+                            return (r, w);
+                        }
+                    }
+                };
+                let a = tokio::spawn(copy(ir, ow, f.clone()));
+                let b = tokio::spawn(copy(or, iw, f));
+                let _ = tokio::join!(a, b);
+            });
+        }
+    });
+    Forwarder { addr, frozen }
+}
+
+/// A round-robin TCP load balancer on loopback in front of `backends`, as HAProxy in TCP mode
+/// or a Kubernetes Service would stand before server replicas: each connection goes to the
+/// next backend that accepts it (one that refuses is skipped, as a failed health check
+/// would). Bytes are copied both ways until either side ends.
+pub struct Balancer {
+    pub addr: SocketAddr,
+}
+
+pub async fn balancer(backends: Vec<SocketAddr>) -> Balancer {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut turn = 0usize;
+        loop {
+            let Ok((mut inbound, _)) = l.accept().await else {
+                return;
+            };
+            let mut outbound = None;
+            for k in 0..backends.len() {
+                let b = backends[(turn + k) % backends.len()];
+                if let Ok(Ok(s)) =
+                    tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(b)).await
+                {
+                    turn = (turn + k + 1) % backends.len();
+                    outbound = Some(s);
+                    break;
+                }
+            }
+            let Some(mut outbound) = outbound else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            });
+        }
+    });
+    Balancer { addr }
+}
+
+/// A listener whose backlog is full and which never accepts, so connects to it stay in
+/// SYN_SENT (a slow destination); dropped, it lets them go.
+pub struct BlackHole {
+    pub port: u16,
+    _listener: tokio::net::TcpListener,
+    _fillers: Vec<TcpStream>,
+}
+
+pub async fn black_hole() -> BlackHole {
+    let hole = tokio::net::TcpSocket::new_v4().unwrap();
+    hole.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let hole = hole.listen(1).unwrap();
+    let port = hole.local_addr().unwrap().port();
+    let mut fillers = Vec::new();
+    for _ in 0..8 {
+        if let Ok(Ok(s)) = tokio::time::timeout(
+            Duration::from_millis(100),
+            TcpStream::connect(("127.0.0.1", port)),
+        )
+        .await
+        {
+            fillers.push(s);
+        }
+    }
+    BlackHole {
+        port,
+        _listener: hole,
+        _fillers: fillers,
+    }
+}
+
+/// Connections to `port` this process has in SYN_SENT (Linux `/proc/net/tcp`).
+pub fn syn_sent_to(port: u16) -> usize {
+    let needle = format!(":{port:04X} 02 ");
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .map(|t| t.lines().filter(|l| l.contains(&needle)).count())
+        .sum()
+}
+
+/// A child process killed (SIGKILL) when dropped.
+pub struct Killed(pub std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A loopback port free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A loopback port free now and below the kernel's range for outgoing connections, so that
+/// none of the test's own connections takes it while a process that must come back on it
+/// (a killed replica) is down. Bounded: 1,000 tries.
+pub fn fixed_port() -> u16 {
+    let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    let floor = 10_000.min(low / 2);
+    (0..1000)
+        .map(|_| rand::random_range(floor..low))
+        .find(|&p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
+        .expect("a free port below the ephemeral range")
+}
+
+/// `GET path` from an HTTP server on a loopback port; `None` if nothing answers within `WAIT`.
+pub async fn http_get(port: u16, path: &str) -> Option<String> {
+    let get = async {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .ok()?;
+        String::from_utf8(read_to_end(&mut s).await.ok()?).ok()
+    };
+    tokio::time::timeout(WAIT, get).await.ok()?
+}
+
+/// The value of an unlabelled metric `name` on a loopback `/metrics` endpoint.
+pub async fn metric(port: u16, name: &str) -> Option<f64> {
+    let text = http_get(port, "/metrics").await?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// The in-memory tunnels' session settings: no keepalives.
+pub fn tunnel_config() -> tether_proto::Config {
+    tether_proto::Config {
+        keepalive_interval_ms: 0,
+        ..tether_proto::Config::default()
+    }
+}
+
+/// A server tunnel and an agent tunnel joined in memory (`tokio::io::duplex`, no TLS),
+/// handshake done; the agent's dials go to the returned receiver.
+pub async fn tunnel_pair() -> (Tunnel, Tunnel, mpsc::UnboundedReceiver<Incoming>) {
+    let (a, b) = tokio::io::duplex(1 << 20);
+    tunnel_pair_on(a, b).await
+}
+
+/// [`tunnel_pair`] over a given transport: the server's end `a`, the agent's `b`.
+pub async fn tunnel_pair_on<T>(a: T, b: T) -> (Tunnel, Tunnel, mpsc::UnboundedReceiver<Incoming>)
+where
+    T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let epoch = std::time::Instant::now();
+    let server = Session::server(
+        tunnel_config(),
+        test_server_identity(),
+        Time::from_millis(0),
+    )
+    .unwrap();
+    let agent =
+        Session::agent(tunnel_config(), test_agent_identity(), Time::from_millis(0)).unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (s, s_hs) = Tunnel::spawn(
+        a,
+        server,
+        Start {
+            incoming: None,
+            policy: None,
+            epoch,
+            label: "server".into(),
+            stats: None,
+        },
+    );
+    let (g, g_hs) = Tunnel::spawn(
+        b,
+        agent,
+        Start {
+            incoming: Some(tx),
+            policy: None,
+            epoch,
+            label: "agent".into(),
+            stats: None,
+        },
+    );
+    assert!(matches!(s_hs.done().await, Ok(Handshake::Hello(_))));
+    assert!(matches!(g_hs.done().await, Ok(Handshake::Welcome(_))));
+    (s, g, rx)
+}
+
+/// The server dials through the agent and the agent's application accepts: the agent's end
+/// (`near`) and the server's end (`far`) of one stream.
+pub async fn tunnel_stream(
+    server: &Tunnel,
+    dials: &mut mpsc::UnboundedReceiver<Incoming>,
+) -> (TetherStream, TetherStream) {
+    let server = server.clone();
+    let dialing = tokio::spawn(async move { server.dial("dest", 80, WAIT).await });
+    let incoming = tokio::time::timeout(WAIT, dials.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (incoming.dial().host.as_str(), incoming.dial().port),
+        ("dest", 80)
+    );
+    let near = incoming.accept().unwrap();
+    (near, dialing.await.unwrap().unwrap())
+}

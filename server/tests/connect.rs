@@ -1,0 +1,277 @@
+//! The HTTP CONNECT frontend over real loopback sockets and real TLS.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+#[tokio::test]
+async fn connect_over_tcp_in_kube_apiservers_dialect_reaches_the_backend() {
+    let pki = Pki::new();
+    let (server, _agent) = server_and_agent(&pki).await;
+    let backend = echo_backend().await;
+    let (status, head, mut s) =
+        connect_tcp(server.connect_addr.unwrap(), &backend.to_string()).await;
+    assert_eq!(status, 200, "{head}");
+    assert_eq!(
+        head, "HTTP/1.1 200 Connection established\r\n\r\n",
+        "nothing but the status line and CRLFCRLF"
+    );
+    s.write_all(b"ping through the tunnel").await.unwrap();
+    s.shutdown().await.unwrap();
+    assert_eq!(
+        read_to_end(&mut s).await.unwrap(),
+        b"ping through the tunnel"
+    );
+}
+
+#[tokio::test]
+async fn bytes_sent_right_after_the_request_head_are_not_lost() {
+    let pki = Pki::new();
+    let (server, _agent) = server_and_agent(&pki).await;
+    let backend = echo_backend().await;
+    let mut s = TcpStream::connect(server.connect_addr.unwrap())
+        .await
+        .unwrap();
+    let req = format!("CONNECT {backend} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nearly bytes");
+    s.write_all(req.as_bytes()).await.unwrap();
+    s.shutdown().await.unwrap();
+    let (head, _) = read_head(&mut s).await;
+    assert_eq!(status_of(&head), 200);
+    assert_eq!(read_to_end(&mut s).await.unwrap(), b"early bytes");
+}
+
+#[tokio::test]
+async fn connect_over_mtls_needs_a_client_certificate_signed_by_the_ca() {
+    let pki = Pki::new();
+    let mut cfg = server_config(&pki);
+    cfg.connect_tls = Some(
+        tether::tls::server_config(
+            pki.server.cert.as_bytes(),
+            pki.server.key.as_bytes(),
+            Some(pki.ca_pem()),
+        )
+        .unwrap()
+        .into(),
+    );
+    let server = tether_server::Server::start(cfg).await.unwrap();
+    let _agent = tether_agent::Agent::start(agent_config(&pki, server.agent_addr, "agent-1"));
+    assert!(server.wait_agents(1, WAIT).await);
+    let backend = echo_backend().await;
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+
+    // With a client certificate: tunnelled.
+    let with_cert = tether::tls::client_config(
+        pki.ca_pem(),
+        Some((pki.client.cert.as_bytes(), pki.client.key.as_bytes())),
+    )
+    .unwrap();
+    let tcp = TcpStream::connect(server.connect_addr.unwrap())
+        .await
+        .unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(with_cert)
+        .connect(name.clone(), tcp)
+        .await
+        .unwrap();
+    let (head, _) = connect_request(&mut tls, &backend.to_string()).await;
+    assert_eq!(status_of(&head), 200, "{head}");
+    tls.write_all(b"over mTLS").await.unwrap();
+    let mut got = [0u8; 9];
+    tokio::time::timeout(WAIT, tls.read_exact(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&got, b"over mTLS");
+
+    // Without one: no CONNECT is ever answered.
+    let without = tether::tls::client_config(pki.ca_pem(), None).unwrap();
+    let tcp = TcpStream::connect(server.connect_addr.unwrap())
+        .await
+        .unwrap();
+    let refused = async {
+        let mut tls = tokio_rustls::TlsConnector::from(without)
+            .connect(name, tcp)
+            .await?;
+        tls.write_all(format!("CONNECT {backend} HTTP/1.1\r\n\r\n").as_bytes())
+            .await?;
+        let mut buf = [0u8; 1];
+        tls.read_exact(&mut buf).await?;
+        Ok::<_, std::io::Error>(())
+    };
+    assert!(tokio::time::timeout(WAIT, refused).await.unwrap().is_err());
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn connect_over_the_unix_socket_reaches_the_backend() {
+    let pki = Pki::new();
+    let dir = std::env::temp_dir().join(format!("tether-uds-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("konnectivity.sock");
+    let mut cfg = server_config(&pki);
+    cfg.uds_path = Some(path.clone());
+    let server = tether_server::Server::start(cfg).await.unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o770, "owner and group only");
+    let _agent = tether_agent::Agent::start(agent_config(&pki, server.agent_addr, "agent-1"));
+    assert!(server.wait_agents(1, WAIT).await);
+    let backend = echo_backend().await;
+    let mut s = tokio::net::UnixStream::connect(&path).await.unwrap();
+    let (head, _) = connect_request(&mut s, &backend.to_string()).await;
+    assert_eq!(status_of(&head), 200, "{head}");
+    s.write_all(b"via uds").await.unwrap();
+    s.shutdown().await.unwrap();
+    assert_eq!(read_to_end(&mut s).await.unwrap(), b"via uds");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn half_close_passes_through_in_both_directions() {
+    let pki = Pki::new();
+    let (server, _agent) = server_and_agent(&pki).await;
+    // A backend that reads the whole request, then answers, then closes.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut req = Vec::new();
+        s.read_to_end(&mut req).await.unwrap();
+        s.write_all(format!("got {} bytes", req.len()).as_bytes())
+            .await
+            .unwrap();
+        s.shutdown().await.unwrap();
+    });
+    let (status, _, mut s) = connect_tcp(server.connect_addr.unwrap(), &backend.to_string()).await;
+    assert_eq!(status, 200);
+    s.write_all(&[7u8; 100_000]).await.unwrap();
+    // The client half-closes; the backend sees EOF while the other direction stays open.
+    s.shutdown().await.unwrap();
+    assert_eq!(read_to_end(&mut s).await.unwrap(), b"got 100000 bytes");
+}
+
+async fn status_for(server: &tether_server::Server, request: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(server.connect_addr.unwrap())
+        .await
+        .unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    (status_of(&text), text)
+}
+
+#[tokio::test]
+async fn every_failure_maps_to_a_clear_status_with_a_reason() {
+    let pki = Pki::new();
+    let server = tether_server::Server::start(server_config(&pki))
+        .await
+        .unwrap();
+
+    // No agent yet: 503.
+    let (status, text) = status_for(
+        &server,
+        "CONNECT 127.0.0.1:9 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 503, "{text}");
+    assert!(text.contains("no agent"), "{text}");
+    let metrics = server.core().render_metrics();
+    assert!(
+        metrics.contains("tether_dials_total{result=\"no_agent\"} 1"),
+        "a dial with no agent is counted: {metrics}"
+    );
+
+    let mut cfg = agent_config(&pki, server.agent_addr, "agent-1");
+    cfg.allowlist = tether_agent::Allowlist::parse("127.0.0.1").unwrap();
+    cfg.dial_timeout = Duration::from_millis(300);
+    let _agent = tether_agent::Agent::start(cfg);
+    assert!(server.wait_agents(1, WAIT).await);
+
+    // Refused by the destination: 502.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let (status, text) = status_for(&server, &format!("CONNECT {closed} HTTP/1.1\r\n\r\n")).await;
+    assert_eq!(status, 502, "{text}");
+    assert!(text.contains("DIAL_REFUSED"), "{text}");
+
+    // Not on the agent's allowlist: 403.
+    let (status, text) = status_for(&server, "CONNECT 127.0.0.2:80 HTTP/1.1\r\n\r\n").await;
+    assert_eq!(status, 403, "{text}");
+
+    // Malformed, no port, wrong method.
+    let (status, _) = status_for(&server, "CONNECT \u{1}\u{2} HTTP/1.1\r\n\r\n").await;
+    assert_eq!(status, 400);
+    let (status, text) = status_for(&server, "CONNECT 127.0.0.1 HTTP/1.1\r\n\r\n").await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("no port"), "{text}");
+    let (status, text) = status_for(&server, "GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!(status, 405, "{text}");
+    assert!(text.contains("Allow: CONNECT"), "{text}");
+
+    // A destination that never answers the SYN: the agent's dial times out, 504.
+    let full = tokio::net::TcpSocket::new_v4().unwrap();
+    full.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let full_addr = full.local_addr().unwrap();
+    let _listener = full.listen(0).unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..8 {
+        if let Ok(Ok(s)) =
+            tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(full_addr)).await
+        {
+            fillers.push(s);
+        }
+    }
+    let (status, text) =
+        status_for(&server, &format!("CONNECT {full_addr} HTTP/1.1\r\n\r\n")).await;
+    assert_eq!(status, 504, "{text}");
+}
+
+#[tokio::test]
+async fn a_slow_request_head_gets_408_and_an_oversized_one_431() {
+    let pki = Pki::new();
+    let (server, _agent) = server_and_agent(&pki).await;
+    let mut s = TcpStream::connect(server.connect_addr.unwrap())
+        .await
+        .unwrap();
+    s.write_all(b"CONNECT 127.0.0.1:1 HTTP/1.1\r\n")
+        .await
+        .unwrap();
+    let out = read_to_end(&mut s).await.unwrap();
+    assert_eq!(status_of(&String::from_utf8_lossy(&out)), 408);
+    let mut s = TcpStream::connect(server.connect_addr.unwrap())
+        .await
+        .unwrap();
+    let big = format!(
+        "CONNECT 127.0.0.1:1 HTTP/1.1\r\nX-Pad: {}\r\n",
+        "a".repeat(20_000)
+    );
+    let _ = s.write_all(big.as_bytes()).await;
+    let out = read_to_end(&mut s).await.unwrap_or_default();
+    assert_eq!(status_of(&String::from_utf8_lossy(&out)), 431);
+}
+
+#[tokio::test]
+async fn health_ready_and_metrics_answer() {
+    let pki = Pki::new();
+    let (server, _agent) = server_and_agent(&pki).await;
+    let get = |path: &'static str| {
+        let addr = server.health_addr.unwrap();
+        async move {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
+            String::from_utf8(read_to_end(&mut s).await.unwrap()).unwrap()
+        }
+    };
+    assert_eq!(status_of(&get("/healthz").await), 200);
+    assert_eq!(status_of(&get("/readyz").await), 200);
+    let metrics = get("/metrics").await;
+    assert!(metrics.contains("tether_agents 1"), "{metrics}");
+}
