@@ -90,7 +90,16 @@ pub fn binaries() -> Result<PathBuf, Error> {
         .to_owned();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let ok = Command::new(cargo)
-        .args(["build", "--profile", &profile, "-p", "tether", "--bins"])
+        .args([
+            "build",
+            "--profile",
+            &profile,
+            "-p",
+            "tether-server",
+            "-p",
+            "tether-agent",
+            "--bins",
+        ])
         .status()?
         .success();
     if !ok {

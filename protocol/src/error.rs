@@ -86,8 +86,6 @@ pub enum ApiError {
     OverRelease,
     /// A read of at most 0 bytes.
     ZeroLength,
-    /// A reason over 255 bytes.
-    ReasonTooLong,
     /// `accept_hello` or `refuse_hello` with no HELLO awaiting a decision.
     NoHelloPending,
     /// The configuration is out of range (SPEC 4.2, 5.1).
@@ -113,7 +111,6 @@ impl fmt::Display for ApiError {
             ApiError::StreamEnded => f.write_str("the stream already ended"),
             ApiError::OverRelease => f.write_str("release of more bytes than were read"),
             ApiError::ZeroLength => f.write_str("a read of zero bytes"),
-            ApiError::ReasonTooLong => f.write_str("reason over 255 bytes"),
             ApiError::NoHelloPending => f.write_str("no HELLO awaiting a decision"),
             ApiError::InvalidConfig(s) => write!(f, "invalid configuration: {s}"),
             ApiError::InvalidFrame(s) => write!(f, "invalid frame: {s}"),

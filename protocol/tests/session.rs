@@ -1323,17 +1323,41 @@ fn a_send_that_fits_the_window_promises_no_writable() {
 }
 
 #[test]
-fn a_reason_of_255_bytes_is_sent_and_256_is_refused() {
+fn a_reason_over_255_bytes_is_cut_at_a_character_boundary_and_the_reset_still_goes_out() {
     let mut p = pair();
     let id = open_accepted(&mut p);
-    assert_eq!(
-        p.server.reset(id, ErrorCode::CANCEL, &"r".repeat(256)),
-        Err(ApiError::ReasonTooLong)
-    );
-    assert_eq!(
-        p.server.reset(id, ErrorCode::CANCEL, &"r".repeat(255)),
-        Ok(())
-    );
+    // 254 ASCII bytes, then a two-byte character that would end at byte 256.
+    let long = format!("{}é and more", "r".repeat(254));
+    assert_eq!(p.server.reset(id, ErrorCode::CANCEL, &long), Ok(()));
+    let frames: Vec<Frame> = std::iter::from_fn(|| p.server.poll_frame()).collect();
+    let reset = frames
+        .iter()
+        .find_map(|f| match f {
+            Frame::Reset(r) => Some(r.clone()),
+            _ => None,
+        })
+        .expect("the RESET went out");
+    assert_eq!(reset.reason, "r".repeat(254), "cut before the character");
+}
+
+#[test]
+fn a_close_and_a_drain_with_long_reasons_send_their_goaway() {
+    for drain in [false, true] {
+        let mut p = pair();
+        let long = "x".repeat(1000);
+        if drain {
+            assert_eq!(p.server.go_away(&long), Ok(()));
+        } else {
+            assert_eq!(p.server.close(ErrorCode::UNAUTHORIZED, &long), Ok(()));
+        }
+        let goaway = std::iter::from_fn(|| p.server.poll_frame())
+            .find_map(|f| match f {
+                Frame::GoAway(g) => Some(g),
+                _ => None,
+            })
+            .expect("the GOAWAY went out");
+        assert_eq!(goaway.reason.len(), 255);
+    }
 }
 
 #[test]

@@ -724,6 +724,29 @@ async fn an_agent_id_with_control_characters_is_refused_whatever_the_rule() {
     assert!(registered_ids(&server).await.is_empty());
 }
 
+#[tokio::test]
+async fn a_refusal_whose_reason_is_over_255_bytes_still_goes_out_at_once() {
+    // A host claim of 220 bytes: the refusal names it, and is longer than a frame's reason.
+    let pki = Pki::new();
+    let server = Server::start(server_config(&pki)).await.unwrap();
+    let long = "h".repeat(220);
+    let claim = Claim {
+        identifiers: vec![Identifier::Host(long.clone())],
+        ..Claim::id("node-1")
+    };
+    let mut r = Rogue::connect(server.agent_addr, &pki, "node-1", claim).await;
+    let (code, reason) = r.answer().await.unwrap_err();
+    assert_eq!(code, ErrorCode::UNAUTHORIZED, "{reason}");
+    // Not HANDSHAKE_TIMEOUT at the deadline: the refusal itself, cut to the frame's limit.
+    assert!(reason.len() <= 255 && reason.contains("hhhh"), "{reason}");
+    let refused = server.core().metrics.render(&server.core().registry);
+    assert!(
+        refused.contains("tether_agents_refused_total{reason=\"unauthorized\"} 1"),
+        "{refused}"
+    );
+    assert!(!refused.contains("reason=\"timeout\""), "{refused}");
+}
+
 // ----- 8. a bounded label set -----
 
 #[tokio::test]

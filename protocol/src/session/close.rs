@@ -2,7 +2,7 @@
 //! final event, the drain, and the shutdown that ends every stream with an error.
 
 use super::stream::{Phase, Stream};
-use super::{Drain, Event, Session, SessionPhase, truncate_reason};
+use super::{Drain, Event, Session, SessionPhase, cut_reason};
 use crate::error::{CloseReason, Initiator, ProtocolError, StreamError};
 use crate::frame::{ErrorCode, GoAway, StreamId};
 
@@ -55,7 +55,7 @@ impl Session {
             goaway: GoAway {
                 last_stream: StreamId(self.streams.last_peer),
                 code: ErrorCode::NO_ERROR,
-                reason: truncate_reason(reason),
+                reason: cut_reason(reason).to_owned(),
             },
             peer: false,
         };
@@ -118,7 +118,7 @@ impl Session {
         let goaway = goaway.map(|(code, r)| GoAway {
             last_stream: StreamId(self.streams.last_peer),
             code,
-            reason: truncate_reason(r),
+            reason: cut_reason(r).to_owned(),
         });
         let error = StreamError::from(&reason);
         // Closed first, so that no stream's end can complete a drain on the way.

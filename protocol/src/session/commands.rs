@@ -5,7 +5,7 @@
 use bytes::Bytes;
 
 use super::stream::{Phase, RecvState, SendState, Stream, len32};
-use super::{Session, check_reason};
+use super::{Session, cut_reason};
 use crate::Time;
 use crate::error::{ApiError, CloseReason};
 use crate::frame::{Dial, ErrorCode, Protocol, StreamId};
@@ -193,7 +193,7 @@ impl Session {
     /// (SPEC 5.5). No event follows for it; `recv` and `send` report the reset.
     pub fn reset(&mut self, id: StreamId, code: ErrorCode, reason: &str) -> Result<(), ApiError> {
         self.check_open()?;
-        check_reason(reason)?;
+        let reason = cut_reason(reason);
         let s = self.streams.get_mut(id).ok_or(ApiError::UnknownStream)?;
         match s.phase {
             Phase::Resetting { .. } | Phase::Closed(_) => return Err(ApiError::StreamEnded),
@@ -270,7 +270,6 @@ impl Session {
     /// call while draining changes nothing.
     pub fn go_away(&mut self, reason: &str) -> Result<(), ApiError> {
         self.check_open()?;
-        check_reason(reason)?;
         if !self.is_draining() {
             self.start_drain(reason);
         }
@@ -283,7 +282,7 @@ impl Session {
         if self.is_closed() {
             return Err(ApiError::Closed);
         }
-        check_reason(reason)?;
+        let reason = cut_reason(reason);
         self.shutdown(
             CloseReason::Local {
                 code,

@@ -652,18 +652,15 @@ impl Session {
     }
 }
 
-fn check_reason(reason: &str) -> Result<(), ApiError> {
-    if reason.len() > 255 {
-        return Err(ApiError::ReasonTooLong);
-    }
-    Ok(())
-}
-
-/// Cuts `reason` to at most 255 bytes on a character boundary.
-fn truncate_reason(reason: &str) -> String {
+/// `reason` cut to what a frame carries: at most 255 bytes, at a character boundary. The one
+/// place a reason is cut, so no command fails for a reason's length (SPEC 3.3).
+//= SPEC §3.3
+//# A sender cuts a longer reason to its first 255 bytes, at a character boundary; the length of
+//# a reason is never a reason not to send the frame.
+fn cut_reason(reason: &str) -> &str {
     let mut end = reason.len().min(255);
     while !reason.is_char_boundary(end) {
         end -= 1;
     }
-    reason[..end].to_owned()
+    &reason[..end]
 }

@@ -244,6 +244,9 @@ impl Conn {
         if let Err(r) = verdict {
             tracing::warn!(agent_id = %hello.agent_id.escape_debug(), reason = %r.log, "agent refused");
             stats.refuse(r.kind);
+            // The slot is given back once the session is over (the refusal closed it), never
+            // while it could still hold a half-open connection.
+            tunnel.closed().await;
             return;
         }
         drop(slot);
