@@ -274,6 +274,7 @@ impl AgentArgs {
                 m.watch_reloads(tls_stats.stats().into_iter().collect());
                 m
             }),
+            linger: tether::pump::LINGER,
         })
     }
 

@@ -275,6 +275,7 @@ pub async fn connect(
             match TcpStream::connect(addr).await {
                 Ok(s) => {
                     let _ = s.set_nodelay(true);
+                    tether::pump::keep_alive(&s);
                     return Ok(s);
                 }
                 Err(e) => last = Some(e),

@@ -15,7 +15,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use tether::pump::Abort;
+use tether::Gone;
+use tether::pump::Socket;
 use tether::stats::AgentStats;
 use tether_ops::metrics::{
     DIAL_BUCKETS, GaugeGuard, OPENMETRICS, ProcessCollector, TunnelCollector, gauge_of,
@@ -33,6 +34,8 @@ pub struct AgentMetrics {
     pub(crate) open_endpoints: Gauge,
     /// What the agent's tunnels and connection loops count (the library's counters).
     pub stats: Arc<AgentStats>,
+    /// The agent's tunnels, once it runs: the streams open on them are counted at scrape time.
+    tunnels: Arc<std::sync::OnceLock<tether::agent::TunnelSet>>,
 }
 
 impl std::fmt::Debug for AgentMetrics {
@@ -58,9 +61,10 @@ impl AgentMetrics {
             dials: Family::default(),
             open_endpoints: Gauge::default(),
             stats: Arc::new(AgentStats::default()),
+            tunnels: Arc::default(),
         };
         let r = root.sub_registry_with_prefix("tether_agent");
-        r.register_collector(Box::new(Loops(m.stats.clone())));
+        r.register_collector(Box::new(Loops(m.stats.clone(), m.tunnels.clone())));
         r.register_with_unit(
             "dial_duration",
             "Time to connect to a destination (successful dials)",
@@ -98,21 +102,41 @@ impl AgentMetrics {
             .inc();
     }
 
+    /// Counts the streams open on `tunnels` at scrape time (`tether_agent_open_streams`).
+    pub(crate) fn watch_tunnels(&self, tunnels: tether::agent::TunnelSet) {
+        let _ = self.tunnels.set(tunnels);
+    }
+
     /// The text exposition.
     pub fn render(&self) -> String {
         tether_ops::metrics::render(&[&self.registry])
     }
 }
 
-/// The connection loops' counters ([`AgentStats`]), read at scrape time.
+/// The connection loops' counters ([`AgentStats`]) and the streams open on the agent's
+/// tunnels, read at scrape time.
 #[derive(Debug)]
-struct Loops(Arc<AgentStats>);
+struct Loops(
+    Arc<AgentStats>,
+    Arc<std::sync::OnceLock<tether::agent::TunnelSet>>,
+);
 
 impl Collector for Loops {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         let s = &self.0;
+        let streams = self.1.get().map_or(0, |t| {
+            t.all()
+                .iter()
+                .map(tether::Tunnel::stream_count)
+                .sum::<usize>()
+        });
         for (name, help, v) in [
             ("tunnels", "Tunnels open to servers", s.tunnels()),
+            (
+                "open_streams",
+                "Streams open on the agent's tunnels now, pending dials included",
+                streams as u64,
+            ),
             (
                 "known_server_count",
                 "Servers this agent keeps tunnels to (announced, or counted from leases)",
@@ -170,9 +194,13 @@ pub struct Endpoint {
     pub(crate) _open: GaugeGuard,
 }
 
-impl Abort for Endpoint {
+impl Socket for Endpoint {
     fn abort_on_close(&self) {
         self.socket.abort_on_close();
+    }
+
+    fn poll_peer(&self, cx: &mut Context<'_>) -> Poll<Option<Gone>> {
+        self.socket.poll_peer(cx)
     }
 }
 

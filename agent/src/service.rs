@@ -51,6 +51,9 @@ pub struct AgentConfig {
     pub server_count_max: bool,
     /// Where this agent counts what it does (`/metrics`).
     pub metrics: Arc<AgentMetrics>,
+    /// How long a stream whose destination has finished sending may wait for the server's
+    /// credit without moving a byte (`tether::pump::LINGER`).
+    pub linger: Duration,
 }
 
 impl AgentConfig {
@@ -79,6 +82,7 @@ impl AgentConfig {
             session: t.session,
             server_count_max: t.server_count_max,
             metrics: Arc::new(AgentMetrics::new()),
+            linger: t.linger,
         }
     }
 }
@@ -165,15 +169,17 @@ impl Agent {
             sync_interval_cap: config.sync_interval_cap,
             session: config.session,
             stats: config.metrics.stats.clone(),
+            linger: config.linger,
         };
+        let metrics = config.metrics.clone();
         let dialer = PolicyDialer {
             allowlist: config.allowlist,
             timeout: config.dial_timeout,
             metrics: config.metrics,
         };
-        Agent {
-            inner: tether::agent::Agent::start(tunnels, dialer),
-        }
+        let inner = tether::agent::Agent::start(tunnels, dialer);
+        metrics.watch_tunnels(inner.tunnel_set());
+        Agent { inner }
     }
 
     /// Waits until one of the agent's own tasks ends before a drain, and says which and why
@@ -190,6 +196,15 @@ impl Agent {
         metrics: Arc<AgentMetrics>,
     ) -> std::io::Result<tokio::task::JoinHandle<()>> {
         metrics::serve_health(&self.inner, addr, metrics).await
+    }
+
+    /// Streams open on the agent's tunnels now, pending dials included.
+    pub fn open_streams(&self) -> usize {
+        self.inner
+            .tunnels()
+            .iter()
+            .map(tether::Tunnel::stream_count)
+            .sum()
     }
 
     /// Tunnels currently open.

@@ -34,6 +34,7 @@ async fn registry(n: usize) -> (Registry, Vec<Tunnel>) {
         epoch,
         label: label.into(),
         stats: None,
+        linger: tether::pump::LINGER,
     };
     for i in 0..n {
         let (a, b) = tokio::io::duplex(4096);

@@ -460,6 +460,7 @@ impl ServerArgs {
             health_addr: (self.health_port != 0)
                 .then(|| SocketAddr::new(self.health_bind_address, self.health_port)),
             header_timeout: Duration::from_secs(10),
+            linger: tether::pump::LINGER,
         })
     }
 

@@ -78,6 +78,10 @@ pub struct ServerConfig {
     /// How long a CONNECT client may take from its connection to the end of its request head,
     /// TLS handshake included (one budget).
     pub header_timeout: Duration,
+    /// How long a stream whose client has finished sending (a FIN on CONNECT, CLOSE_REQ on
+    /// gRPC) may wait for the agent's credit without moving a byte before it is reset
+    /// (docs/SECURITY.md, "Nothing stranded").
+    pub linger: Duration,
 }
 
 impl ServerConfig {
@@ -114,6 +118,7 @@ impl ServerConfig {
             uds_peer_uids: None,
             health_addr: None,
             header_timeout: Duration::from_secs(10),
+            linger: tether::pump::LINGER,
         }
     }
 }

@@ -9,9 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tether::pump::{Abort, pump};
+use tether::pump::{Socket, pump};
 use tether::reload::Reloadable;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
@@ -132,7 +132,7 @@ pub async fn serve<S>(
     frontend: Frontend,
     deadline: tokio::time::Instant,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin + Abort,
+    S: Socket + Send,
 {
     let ((host, port), first) = match read_request(&mut conn, deadline).await {
         Ok(r) => r,
@@ -174,6 +174,7 @@ pub(crate) async fn accept_tcp(
             continue;
         };
         let _ = tcp.set_nodelay(true);
+        tether::pump::keep_alive(&tcp);
         // One budget for the TLS handshake and the request head together.
         let deadline = tokio::time::Instant::now() + core.header_timeout;
         let core = core.clone();

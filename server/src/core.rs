@@ -18,6 +18,9 @@ pub struct ServerCore {
     pub(crate) strategies: Vec<Strategy>,
     pub(crate) dial_timeout: Duration,
     pub(crate) header_timeout: Duration,
+    /// How long a relayed stream whose client has finished sending may wait for credit
+    /// without moving a byte (`tether::pump::LINGER`).
+    pub(crate) linger: Duration,
 }
 
 impl ServerCore {

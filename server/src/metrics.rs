@@ -57,6 +57,8 @@ pub struct Metrics {
     failed: Family<Labels, Counter>,
     /// What the agent listener and its tunnels count (the library's counters).
     pub(crate) listener: Arc<ListenerStats>,
+    /// The gRPC frontend's byte budget and its size, once the frontend is up.
+    grpc_budget: Arc<std::sync::OnceLock<(Arc<tokio::sync::Semaphore>, usize)>>,
 }
 
 impl Default for Metrics {
@@ -80,6 +82,7 @@ impl Metrics {
             open_connects: Family::default(),
             failed: Family::default(),
             listener: Arc::new(ListenerStats::default()),
+            grpc_budget: Arc::default(),
         };
         let r = root.sub_registry_with_prefix("tether");
         r.register_collector(Box::new(Handshakes(m.listener.clone())));
@@ -113,6 +116,7 @@ impl Metrics {
             m.failed.clone(),
         );
         r.register_collector(Box::new(TunnelCollector(m.listener.tunnels.clone())));
+        r.register_collector(Box::new(GrpcBudget(m.grpc_budget.clone())));
         Metrics {
             registry: root,
             ..m
@@ -128,6 +132,11 @@ impl Metrics {
         self.registry
             .sub_registry_with_prefix("tether")
             .register_collector(Box::new(ReloadCollector(materials)));
+    }
+
+    /// Exports the gRPC frontend's byte budget (`tether_grpc_message_bytes_held`).
+    pub(crate) fn watch_grpc_budget(&self, budget: (Arc<tokio::sync::Semaphore>, usize)) {
+        let _ = self.grpc_budget.set(budget);
     }
 
     /// Counts a dial by its result: `ok`, `no_agent`, `timeout`, `unavailable`, an error
@@ -234,6 +243,26 @@ impl Collector for Handshakes {
         gauge_of(self.0.handshaking()).encode(encoder.encode_descriptor(
             "agent_handshakes",
             "Agent connections in their TLS handshake or HELLO now (capped by max_handshakes)",
+            None,
+            MetricType::Gauge,
+        )?)
+    }
+}
+
+/// `grpc_message_bytes_held`: bytes of client messages the gRPC frontend holds now, out of
+/// its budget (resting value 0).
+#[derive(Debug)]
+struct GrpcBudget(Arc<std::sync::OnceLock<(Arc<tokio::sync::Semaphore>, usize)>>);
+
+impl Collector for GrpcBudget {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let Some((budget, size)) = self.0.get() else {
+            return Ok(());
+        };
+        let held = size.saturating_sub(budget.available_permits());
+        gauge_of(held as u64).encode(encoder.encode_descriptor(
+            "grpc_message_bytes_held",
+            "Bytes of client messages the gRPC frontend holds now, out of --grpc-buffer-budget",
             None,
             MetricType::Gauge,
         )?)

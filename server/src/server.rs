@@ -82,6 +82,7 @@ impl Server {
             strategies: config.strategies.clone(),
             dial_timeout: config.dial_timeout,
             header_timeout: config.header_timeout,
+            linger: config.linger,
         });
         let mut tasks = Tasks::new();
         let every = config.reload_interval;
@@ -104,6 +105,7 @@ impl Server {
             accept_rate: config.agent_accept_rate,
             accept_burst: config.agent_accept_burst,
             stats: core.metrics.listener.clone(),
+            linger: config.linger,
         };
         let admission = Agents {
             core: core.clone(),
@@ -154,6 +156,9 @@ impl Server {
                     .0
                     .extend(crate::uds::file_id(path).map(|id| (path.clone(), id)));
                 let grpc = grpc.map(|limits| Arc::new(crate::grpc::Grpc::new(limits.clone())));
+                if let Some(g) = &grpc {
+                    core.metrics.watch_grpc_budget(g.budget());
+                }
                 let name = match grpc {
                     Some(_) => "the gRPC Unix socket listener",
                     None => "the CONNECT Unix socket listener",

@@ -73,4 +73,4 @@ pub mod tls;
 pub mod tunnel;
 
 pub use buffer::{Chunks, QUIET_AFTER};
-pub use tunnel::{DialError, Incoming, RecvHalf, SendHalf, TetherStream, Tunnel};
+pub use tunnel::{DialError, Gone, Incoming, RecvHalf, SendHalf, TetherStream, Tunnel};

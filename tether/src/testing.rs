@@ -48,6 +48,7 @@ where
         epoch,
         label: label.into(),
         stats: None,
+        linger: crate::pump::LINGER,
     };
     let (s, s_hs) = Tunnel::spawn(a, server, start(None, "server"));
     let (g, g_hs) = Tunnel::spawn(b, agent, start(Some(tx), "agent"));

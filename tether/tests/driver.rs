@@ -150,6 +150,7 @@ async fn a_peer_that_neither_reads_nor_sends_is_found_dead_while_a_write_waits_o
             epoch: Instant::now(),
             label: "server".into(),
             stats: None,
+            linger: tether::pump::LINGER,
         },
     );
     // A hand-driven agent: HELLO, WELCOME, accept the one dial, then silence both ways.

@@ -7,12 +7,12 @@ use bytes::{Buf, Bytes};
 use h2::RecvStream;
 use h2::server::SendResponse;
 use tether::pump::Moved;
-use tether::{Chunks, TetherStream};
+use tether::{Chunks, Gone, TetherStream};
 
 use super::konnectivity::{PacketType, packet::Payload};
 use super::reader::{CallError, Reader};
 use super::sender::Sender;
-use super::{CLOSE_LINGER, FIRST_PACKET, Grpc, MAX_DOWN, PROXY_PATH, code, trailers_only};
+use super::{FIRST_PACKET, Grpc, MAX_DOWN, PROXY_PATH, code, trailers_only};
 use crate::core::ServerCore;
 use crate::dial::{self, Relay};
 use crate::http::parse_authority;
@@ -35,8 +35,9 @@ pub(super) async fn call_main(
     let result = relay_bytes(
         &mut call.stream,
         &mut call.reader,
-        &mut call.out,
+        &call.out,
         call.connect_id,
+        core.linger,
     )
     .await;
     // The stream and the call's halves go before the relay is logged and counted as done.
@@ -131,7 +132,7 @@ async fn dial_call<'a>(
     let Ok(send) = respond.send_response(ok, false) else {
         return None;
     };
-    let mut out = Sender { send };
+    let out = Sender::new(send);
     let random = dial.random;
     let target = if dial.protocol != "tcp" {
         Err(format!(
@@ -208,8 +209,9 @@ async fn dial_call<'a>(
 async fn relay_bytes(
     stream: &mut TetherStream,
     reader: &mut Reader,
-    out: &mut Sender,
+    out: &Sender,
     connect_id: i64,
+    linger: std::time::Duration,
 ) -> std::io::Result<Moved> {
     // How the client's side ended: `None` cleanly (CLOSE_REQ, DIAL_CLS or the end of its
     // side of the call), `Some` with the status and reason it broke.
@@ -225,12 +227,20 @@ async fn relay_bytes(
                             (Ok(PacketType::Data), Some(Payload::Data(d)))
                                 if d.connect_id == connect_id =>
                             {
-                                up_total.fetch_add(d.data.len() as u64, Ordering::Relaxed);
+                                let n = d.data.len() as u64;
                                 if !d.data.is_empty() {
-                                    Box::pin(tx.send_bytes(d.data)).await.map_err(|e| {
-                                        (code::UNAVAILABLE, format!("stream failed: {e}"))
-                                    })?;
+                                    // While the agent's credit is awaited, the call is
+                                    // watched: the client resetting it or its connection
+                                    // going resets the stream at once; CLOSE_REQ (or the
+                                    // end of its side) right behind leaves the send the
+                                    // linger to move (tether::SendHalf::send_watching).
+                                    let watch = watch_call(&mut *reader, out);
+                                    Box::pin(tx.send_watching(d.data, watch)).await.map_err(
+                                        |e| (code::UNAVAILABLE, format!("stream failed: {e}")),
+                                    )?;
                                 }
+                                // Counted once sent, not once received.
+                                up_total.fetch_add(n, Ordering::Relaxed);
                                 reader.release();
                             }
                             (Ok(PacketType::CloseReq | PacketType::DialCls), _) => return Ok(()),
@@ -308,7 +318,7 @@ async fn relay_bytes(
                         }
                         Ok::<(), std::io::Error>(())
                     };
-                    let _ = Box::pin(tokio::time::timeout(CLOSE_LINGER, drain)).await;
+                    let _ = Box::pin(tokio::time::timeout(linger, drain)).await;
                     Ok(total)
                 }
                 Err((_, e)) => Err(std::io::Error::other(e)),
@@ -334,4 +344,21 @@ async fn relay_bytes(
         up: up_total.load(Ordering::Relaxed),
         down,
     })
+}
+
+/// What a parked send on the way up watches: the client resetting the call (or its
+/// connection going), and the packet after the one being sent.
+async fn watch_call(reader: &mut Reader, out: &Sender) -> Gone {
+    let ahead = async {
+        match reader.ahead_finishes().await {
+            Some(true) => Gone::Finished,
+            Some(false) => Gone::Failed("the call failed".into()),
+            // More DATA behind: nothing to learn from the packets until this send is done.
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        gone = ahead => gone,
+        why = out.reset() => Gone::Failed(why),
+    }
 }

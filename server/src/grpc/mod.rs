@@ -59,8 +59,6 @@ pub const FIRST_PACKET: Duration = Duration::from_secs(10);
 pub const MESSAGE_DEADLINE: Duration = Duration::from_secs(10);
 /// How long DIAL_RSP or CLOSE_RSP may wait for the client's window.
 pub const ANSWER_DEADLINE: Duration = Duration::from_secs(10);
-/// After CLOSE_REQ, how long the node side may take to finish before its stream is reset.
-pub const CLOSE_LINGER: Duration = Duration::from_secs(10);
 
 /// What the gRPC frontend bounds (docs/SECURITY.md).
 #[derive(Debug, Clone)]
@@ -109,6 +107,11 @@ impl Grpc {
     /// Bytes of the budget free now (for tests and metrics).
     pub fn budget_free(&self) -> usize {
         self.budget.available_permits()
+    }
+
+    /// The budget's semaphore and its size, for the metrics' gauge of bytes held.
+    pub(crate) fn budget(&self) -> (Arc<Semaphore>, usize) {
+        (self.budget.clone(), self.budget.available_permits())
     }
 }
 

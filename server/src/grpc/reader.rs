@@ -8,7 +8,7 @@ use h2::RecvStream;
 use prost::Message as _;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::konnectivity::Packet;
+use super::konnectivity::{Packet, PacketType};
 use super::{Grpc, authority, code};
 
 /// Client messages, framed (PROTOCOL-HTTP2.md: a compressed flag, a 4-byte length, the
@@ -22,6 +22,10 @@ pub(super) struct Reader {
     deadline: Duration,
     /// The budget held by the message last returned, until [`Reader::release`].
     held: Option<OwnedSemaphorePermit>,
+    /// The packet read ahead of the one last returned ([`Reader::ahead_finishes`]), and its
+    /// share of the budget. Boxed: an idle call has none.
+    ahead: Option<Box<Result<Option<Packet>, CallError>>>,
+    ahead_held: Option<OwnedSemaphorePermit>,
     done: bool,
 }
 
@@ -37,6 +41,8 @@ impl Reader {
             max_message: grpc.limits.max_message,
             deadline: grpc.limits.message_deadline,
             held: None,
+            ahead: None,
+            ahead_held: None,
             done: false,
         }
     }
@@ -87,10 +93,48 @@ impl Reader {
     /// The next packet; `None` when the client ended its side of the call.
     pub(super) async fn next(&mut self) -> Result<Option<Packet>, CallError> {
         self.held = None;
+        if let Some(ahead) = self.ahead.take() {
+            self.held = self.ahead_held.take();
+            return *ahead;
+        }
+        let (packet, permit) = self.read_packet().await?;
+        self.held = permit;
+        Ok(packet)
+    }
+
+    /// Whether the client has finished its side of the call, seen from the packet after the
+    /// last one returned, which is read (within the budget) and kept for [`Reader::next`]:
+    /// `Some(true)` for CLOSE_REQ, DIAL_CLS or the end of its side, `Some(false)` for a
+    /// failure, `None` for anything else (one packet ahead at most: it waits then).
+    pub(super) async fn ahead_finishes(&mut self) -> Option<bool> {
+        if self.ahead.is_none() {
+            let read = self.read_packet().await;
+            self.ahead = Some(Box::new(read.map(|(p, permit)| {
+                self.ahead_held = permit;
+                p
+            })));
+        }
+        match self.ahead.as_deref() {
+            Some(Ok(None)) => Some(true),
+            Some(Ok(Some(p)))
+                if p.r#type == PacketType::CloseReq as i32
+                    || p.r#type == PacketType::DialCls as i32 =>
+            {
+                Some(true)
+            }
+            Some(Err(_)) => Some(false),
+            _ => None,
+        }
+    }
+
+    /// Reads one packet, with its share of the budget.
+    async fn read_packet(
+        &mut self,
+    ) -> Result<(Option<Packet>, Option<OwnedSemaphorePermit>), CallError> {
         // The prefix needs no budget: at most 5 bytes beyond a message already held.
         if !self.fill(5, None).await? {
             if self.buf.is_empty() {
-                return Ok(None);
+                return Ok((None, None));
             }
             return Err((
                 code::INVALID_ARGUMENT,
@@ -155,7 +199,6 @@ impl Reader {
                 format!("a message does not decode: {e}"),
             )
         })?;
-        self.held = Some(permit);
-        Ok(Some(packet))
+        Ok((Some(packet), Some(permit)))
     }
 }

@@ -1,5 +1,7 @@
 //! Server messages onto the call, each byte sent only as h2 grants capacity.
 
+use std::sync::{Mutex, MutexGuard};
+
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use prost::Message as _;
 use tether::Chunks;
@@ -8,17 +10,36 @@ use super::konnectivity::{self, Packet, PacketType, packet::Payload};
 use super::{ANSWER_DEADLINE, code, percent_encode};
 
 /// Server messages onto the call, each byte sent only as h2 grants capacity (the client's
-/// window).
+/// window). The h2 stream is locked for one call at a time, never across a wait, so the
+/// relay's way up can watch it for a reset while the way down sends on it.
 pub(super) struct Sender {
-    pub(super) send: h2::SendStream<Bytes>,
+    send: Mutex<h2::SendStream<Bytes>>,
 }
 
 impl Sender {
+    pub(super) fn new(send: h2::SendStream<Bytes>) -> Sender {
+        Sender {
+            send: Mutex::new(send),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, h2::SendStream<Bytes>> {
+        self.send.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Resolves when the client resets the call or its connection goes, with why.
+    pub(super) async fn reset(&self) -> String {
+        match std::future::poll_fn(|cx| self.lock().poll_reset(cx)).await {
+            Ok(reason) => format!("the client reset the call ({reason})"),
+            Err(e) => format!("the client's connection ended: {e}"),
+        }
+    }
+
     /// Sends `buf` as it gets capacity; `Err` when the client reset the call or left.
-    async fn send_all(&mut self, mut buf: Bytes) -> std::io::Result<()> {
+    async fn send_all(&self, mut buf: Bytes) -> std::io::Result<()> {
         while !buf.is_empty() {
-            self.send.reserve_capacity(buf.len());
-            let granted = std::future::poll_fn(|cx| self.send.poll_capacity(cx)).await;
+            self.lock().reserve_capacity(buf.len());
+            let granted = std::future::poll_fn(|cx| self.lock().poll_capacity(cx)).await;
             let n = match granted {
                 Some(Ok(n)) => n.min(buf.len()),
                 Some(Err(e)) => return Err(std::io::Error::other(e)),
@@ -27,7 +48,7 @@ impl Sender {
             if n == 0 {
                 continue;
             }
-            self.send
+            self.lock()
                 .send_data(buf.split_to(n), false)
                 .map_err(std::io::Error::other)?;
         }
@@ -36,7 +57,7 @@ impl Sender {
 
     /// One packet; a client that grants no window for it within [`ANSWER_DEADLINE`] loses
     /// the call (an answer never waits on a client for ever).
-    async fn packet(&mut self, p: &Packet) -> std::io::Result<()> {
+    async fn packet(&self, p: &Packet) -> std::io::Result<()> {
         let len = p.encoded_len();
         let mut b = BytesMut::with_capacity(5 + len);
         b.put_u8(0);
@@ -45,7 +66,7 @@ impl Sender {
         tokio::time::timeout(ANSWER_DEADLINE, self.send_all(b.freeze()))
             .await
             .unwrap_or_else(|_| {
-                self.send.send_reset(h2::Reason::CANCEL);
+                self.lock().send_reset(h2::Reason::CANCEL);
                 Err(std::io::Error::other(
                     "the client granted no window for an answer in 10 s",
                 ))
@@ -53,7 +74,7 @@ impl Sender {
     }
 
     pub(super) async fn dial_response(
-        &mut self,
+        &self,
         random: i64,
         connect_id: i64,
         error: &str,
@@ -69,11 +90,7 @@ impl Sender {
         .await
     }
 
-    pub(super) async fn close_response(
-        &mut self,
-        connect_id: i64,
-        error: &str,
-    ) -> std::io::Result<()> {
+    pub(super) async fn close_response(&self, connect_id: i64, error: &str) -> std::io::Result<()> {
         self.packet(&Packet {
             r#type: PacketType::CloseRsp as i32,
             payload: Some(Payload::CloseResponse(konnectivity::CloseResponse {
@@ -86,11 +103,7 @@ impl Sender {
 
     /// One DATA packet carrying all of `chunks`, without copying them: the framing and the
     /// protobuf field headers go first, then the bytes as they are.
-    pub(super) async fn data(
-        &mut self,
-        connect_id: i64,
-        chunks: &mut Chunks,
-    ) -> std::io::Result<()> {
+    pub(super) async fn data(&self, connect_id: i64, chunks: &mut Chunks) -> std::io::Result<()> {
         let n = chunks.remaining();
         let head = data_head(connect_id, n);
         self.send_all(head).await?;
@@ -101,12 +114,12 @@ impl Sender {
     }
 
     /// Ends the call: trailers with status OK (the outcome is in the packets).
-    pub(super) fn end(&mut self) {
+    pub(super) fn end(&self) {
         self.end_with(code::OK, "");
     }
 
     /// Ends the call with `status` and, if not OK, its reason.
-    pub(super) fn end_with(&mut self, status: u32, message: &str) {
+    pub(super) fn end_with(&self, status: u32, message: &str) {
         let mut t = http::HeaderMap::new();
         t.insert("grpc-status", http::HeaderValue::from(status));
         if status != code::OK
@@ -114,7 +127,7 @@ impl Sender {
         {
             t.insert("grpc-message", v);
         }
-        let _ = self.send.send_trailers(t);
+        let _ = self.lock().send_trailers(t);
     }
 }
 

@@ -495,6 +495,7 @@ where
             epoch,
             label: "server".into(),
             stats: None,
+            linger: tether::pump::LINGER,
         },
     );
     let (g, g_hs) = Tunnel::spawn(
@@ -506,6 +507,7 @@ where
             epoch,
             label: "agent".into(),
             stats: None,
+            linger: tether::pump::LINGER,
         },
     );
     assert!(matches!(s_hs.done().await, Ok(Handshake::Hello(_))));
@@ -531,4 +533,41 @@ pub async fn tunnel_stream(
     );
     let near = incoming.accept().unwrap();
     (near, dialing.await.unwrap().unwrap())
+}
+
+/// What a server and its agents still hold of streams, dials, handshakes and the gRPC
+/// frontend's budget: one line per gauge off its resting value, empty at rest.
+pub fn held(server: &Server, agents: &[&Agent]) -> Vec<String> {
+    let text = server.core().render_metrics();
+    let mut out: Vec<String> = text
+        .lines()
+        .filter(|l| {
+            [
+                "tether_connect_streams{",
+                "tether_pending_dials ",
+                "tether_agent_handshakes ",
+                "tether_grpc_message_bytes_held ",
+                "tether_open_streams{",
+            ]
+            .iter()
+            .any(|p| l.starts_with(p))
+        })
+        .filter(|l| l.rsplit(' ').next().is_some_and(|v| v.trim() != "0"))
+        .map(str::to_owned)
+        .collect();
+    for (i, a) in agents.iter().enumerate() {
+        let n = a.open_streams();
+        if n > 0 {
+            out.push(format!("agent {i}: {n} streams open"));
+        }
+    }
+    out
+}
+
+/// Waits (at most `WAIT`) until [`held`] is empty: every stream, dial, handshake slot and
+/// share of the gRPC budget given back. Fails the test with what is still held.
+pub async fn at_rest(server: &Server, agents: &[&Agent]) {
+    if !eventually(WAIT, || held(server, agents).is_empty()).await {
+        panic!("not at rest: {:?}", held(server, agents));
+    }
 }

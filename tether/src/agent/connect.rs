@@ -90,6 +90,7 @@ pub(super) async fn connect_once(
         epoch,
         label: format!("agent->{addr}"),
         stats: Some(cfg.stats.tunnel.clone()),
+        linger: cfg.linger,
     };
     let (tunnel, handshaking) = Tunnel::spawn(tls, session, start);
     let welcome = match handshaking.done().await {

@@ -36,13 +36,12 @@ use std::time::Duration;
 use rustls::ClientConfig;
 use tether_proto::frame::{Dial, Identifier};
 use tether_proto::{Config, ErrorCode};
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 
 pub use run::{Agent, TunnelSet};
 pub use serve::{connect_tcp, dial_code};
 
-use crate::pump::Abort;
+use crate::pump::Socket;
 use crate::reload::Reloadable;
 use crate::stats::AgentStats;
 
@@ -79,6 +78,9 @@ pub struct AgentConfig {
     pub session: Config,
     /// Where the agent counts what it does.
     pub stats: Arc<AgentStats>,
+    /// How long a stream whose destination has finished sending may wait for the server's
+    /// credit without moving a byte (see `tether::pump::pump`).
+    pub linger: Duration,
 }
 
 impl AgentConfig {
@@ -103,6 +105,7 @@ impl AgentConfig {
             sync_interval_cap: Duration::from_secs(10),
             session: Config::default(),
             stats: Arc::new(AgentStats::default()),
+            linger: crate::pump::LINGER,
         }
     }
 }
@@ -122,7 +125,7 @@ impl std::fmt::Debug for AgentConfig {
 /// dropped), accepts the stream once it is connected, and pumps bytes both ways.
 pub trait Dialer: Send + Sync + 'static {
     /// The connection to a destination.
-    type Conn: AsyncRead + AsyncWrite + Abort + Unpin + Send + 'static;
+    type Conn: Socket + Send + 'static;
 
     /// Connects to `dial`'s destination, or refuses with a RESET code (`DIAL_FORBIDDEN`,
     /// `DIAL_REFUSED`, ...) and a short reason.

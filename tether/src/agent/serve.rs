@@ -81,6 +81,7 @@ pub async fn connect_tcp(
     match tokio::time::timeout(timeout, TcpStream::connect((bare, port))).await {
         Ok(Ok(s)) => {
             let _ = s.set_nodelay(true);
+            crate::pump::keep_alive(&s);
             Ok(s)
         }
         Ok(Err(e)) => Err((dial_code(&e), format!("connecting to {host}:{port}: {e}"))),

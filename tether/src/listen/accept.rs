@@ -199,6 +199,7 @@ impl Conn {
             epoch,
             label: format!("server<-{peer}"),
             stats: Some(stats.tunnels.clone()),
+            linger: cfg.linger,
         };
         let (tunnel, handshaking) = Tunnel::spawn(tls, session, start);
         let hello = match handshaking.done().await {

@@ -78,6 +78,9 @@ pub struct ListenConfig {
     pub accept_burst: u32,
     /// Where the listener and its tunnels count (handshakes, refusals, bytes, stream errors).
     pub stats: Arc<ListenerStats>,
+    /// How long a stream whose sending side has finished may wait for credit without moving
+    /// a byte before it is reset ([`crate::pump::LINGER`]).
+    pub linger: std::time::Duration,
 }
 
 impl ListenConfig {
@@ -94,6 +97,7 @@ impl ListenConfig {
             accept_rate: 0.0,
             accept_burst: 256,
             stats: Arc::new(ListenerStats::default()),
+            linger: crate::pump::LINGER,
         }
     }
 }

@@ -31,7 +31,7 @@ mod driver;
 mod ops;
 mod stream;
 
-pub use stream::{Incoming, RecvHalf, SendHalf, TetherStream};
+pub use stream::{Gone, Incoming, RecvHalf, SendHalf, TetherStream};
 
 /// Decides an agent's HELLO at the server end (SPEC 4.2), at once or later.
 pub type HelloPolicy = Box<dyn Fn(&Hello) -> Verdict + Send>;
@@ -111,6 +111,7 @@ struct Inner {
     epoch: Instant,
     label: String,
     stats: Option<Arc<crate::stats::TunnelStats>>,
+    linger: Duration,
 }
 
 /// A running tunnel: a handle that opens streams and watches the session.
@@ -179,6 +180,9 @@ pub struct Start {
     pub label: String,
     /// Counters shared with the other tunnels of this process (bytes, stream errors).
     pub stats: Option<Arc<crate::stats::TunnelStats>>,
+    /// How long a stream whose sending side has finished may wait for credit without moving
+    /// a byte before it is reset ([`crate::pump::LINGER`]; see [`SendHalf::send_watching`]).
+    pub linger: Duration,
 }
 
 /// `config` as a tunnel runs it: DATA payloads under an eighth of the reader's allocation are
@@ -219,6 +223,7 @@ impl Tunnel {
             epoch: start.epoch,
             label: start.label,
             stats: start.stats,
+            linger: start.linger,
         });
         let tunnel = Tunnel { inner };
         let (r, w) = tokio::io::split(io);
@@ -270,6 +275,12 @@ impl Tunnel {
             Ok(()) => sh.session.accept_hello(now),
             Err((code, reason)) => sh.session.refuse_hello(code, &reason),
         })
+    }
+
+    /// How long a stream whose sending side has finished may wait for credit without moving
+    /// a byte ([`Start::linger`]).
+    pub fn linger(&self) -> Duration {
+        self.inner.linger
     }
 
     /// A name for logs.

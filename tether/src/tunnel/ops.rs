@@ -43,6 +43,22 @@ impl Tunnel {
         })
     }
 
+    /// Ready with why once `id` has ended abnormally (reset by either end, refused, its tunnel
+    /// gone) or left the table; pending (reader's waker registered) while it lives. For a
+    /// relay whose reading side waits on its socket rather than on the stream.
+    pub(crate) fn poll_ended(&self, id: StreamId, cx: &mut Context<'_>) -> Poll<io::Error> {
+        self.drive(|sh, _| {
+            if let Some(e) = sh.session.stream_error(id) {
+                return Poll::Ready(api_io_error(ApiError::Stream(e)));
+            }
+            if sh.session.stream_state(id).is_none() {
+                return Poll::Ready(api_io_error(ApiError::UnknownStream));
+            }
+            sh.park_reader(id, cx);
+            Poll::Pending
+        })
+    }
+
     /// One `recv` of at most `max` bytes; pending (waker registered) while nothing is there.
     pub(crate) fn poll_recv(
         &self,
@@ -126,6 +142,19 @@ impl Tunnel {
                 Poll::Ready(Ok(n))
             }
             Err(e) => Poll::Ready(Err(api_io_error(e))),
+        })
+    }
+
+    /// One `send` on `id` that never waits: what the credit takes now (maybe nothing).
+    pub(crate) fn try_send(&self, id: StreamId, data: &Bytes) -> io::Result<usize> {
+        self.drive(|sh, _| match sh.session.send(id, data.clone()) {
+            Ok(n) => {
+                if let Some(s) = &self.inner.stats {
+                    s.sent(n);
+                }
+                Ok(n)
+            }
+            Err(e) => Err(api_io_error(e)),
         })
     }
 

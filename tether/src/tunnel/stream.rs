@@ -22,6 +22,36 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use super::Tunnel;
 use crate::buffer::Chunks;
 
+/// What the other side of a relay did while a send to the stream waited for credit: the
+/// client of a CONNECT (its socket), the caller of a gRPC call (its packets), the destination
+/// at the agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Gone {
+    /// It finished sending (EOF, CLOSE_REQ): what waits may still go out while the stream
+    /// moves, for at most the linger without progress.
+    Finished,
+    /// It failed (a reset, an error, a cancelled call): nothing will be read for it, and
+    /// the stream is reset at once.
+    Failed(String),
+}
+
+/// A send begun by [`Handle::send_or_wait`]: done at once, or waiting for credit.
+pub(crate) enum Sending<'a> {
+    Done(Option<io::Result<bool>>),
+    Waiting(Pin<Box<dyn Future<Output = io::Result<bool>> + Send + 'a>>),
+}
+
+impl Future for Sending<'_> {
+    type Output = io::Result<bool>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
+        match self.get_mut() {
+            Sending::Done(r) => Poll::Ready(r.take().unwrap_or(Ok(false))),
+            Sending::Waiting(f) => f.as_mut().poll(cx),
+        }
+    }
+}
+
 /// A stream's place in its tunnel. Dropping the last holder abandons the stream.
 #[derive(Debug)]
 pub(crate) struct Handle {
@@ -65,6 +95,16 @@ impl Handle {
         self.tunnel.release(self.id, n);
     }
 
+    /// Resolves with why once the stream has ended abnormally (see [`RecvHalf::ended`]).
+    pub(crate) fn ended(&self) -> impl Future<Output = io::Error> + '_ {
+        std::future::poll_fn(|cx| self.poll_ended(cx))
+    }
+
+    /// [`Handle::ended`], polled.
+    pub(crate) fn poll_ended(&self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        self.tunnel.poll_ended(self.id, cx)
+    }
+
     pub(crate) fn finish(&self) -> io::Result<()> {
         self.tunnel.finish(self.id)
     }
@@ -79,6 +119,99 @@ impl Handle {
 
     pub(crate) async fn recv_chunks(&self, out: &mut Chunks, max: usize) -> io::Result<bool> {
         std::future::poll_fn(|cx| self.tunnel.poll_recv_chunks(self.id, out, max, cx)).await
+    }
+
+    /// [`Handle::send_bytes`], watching the relay's other side meanwhile (see
+    /// [`SendHalf::send_watching`]). What the credit takes at once goes without the watch;
+    /// the rest waits in a boxed future, so a relay that never waits (and an idle one) holds
+    /// none of the waiting's state.
+    pub(crate) async fn send_watching(
+        &self,
+        mut data: Bytes,
+        watch: impl Future<Output = Gone>,
+    ) -> io::Result<bool> {
+        let n = self.tunnel.try_send(self.id, &data)?;
+        data = data.split_off(n);
+        if data.is_empty() {
+            return Ok(false);
+        }
+        Box::pin(self.send_waiting(data, watch)).await
+    }
+
+    /// [`Handle::send_watching`] for this crate's pump, eager: what the credit takes now is
+    /// sent when this is called, and the future holds only the boxed wait for the rest (and
+    /// `watch` is made only then), so the task of a stream that is not waiting is that much
+    /// smaller (an idle stream's memory, docs/BENCHMARKS.md).
+    pub(crate) fn send_or_wait<'a, W>(
+        &'a self,
+        mut data: Bytes,
+        watch: impl FnOnce() -> W,
+    ) -> Sending<'a>
+    where
+        W: Future<Output = Gone> + Send + 'a,
+    {
+        match self.tunnel.try_send(self.id, &data) {
+            Err(e) => Sending::Done(Some(Err(e))),
+            Ok(n) if n == data.len() => Sending::Done(Some(Ok(false))),
+            Ok(n) => {
+                data = data.split_off(n);
+                Sending::Waiting(Box::pin(self.send_waiting(data, watch())))
+            }
+        }
+    }
+
+    async fn send_waiting(
+        &self,
+        mut data: Bytes,
+        watch: impl Future<Output = Gone>,
+    ) -> io::Result<bool> {
+        let linger = self.tunnel.linger();
+        let mut watch = std::pin::pin!(watch);
+        let mut finished = false;
+        // Armed once the other side has finished: the time the send may still take without
+        // moving a byte. Boxed: most sends never wait for it.
+        let mut deadline: Option<Pin<Box<tokio::time::Sleep>>> = None;
+        std::future::poll_fn(|cx| {
+            loop {
+                if data.is_empty() {
+                    return Poll::Ready(Ok(finished));
+                }
+                match self.tunnel.poll_send(self.id, &data, cx) {
+                    Poll::Ready(Ok(n)) => {
+                        data = data.split_off(n);
+                        if let Some(d) = &mut deadline {
+                            d.as_mut().reset(tokio::time::Instant::now() + linger);
+                        }
+                        continue;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => {}
+                }
+                if !finished {
+                    match watch.as_mut().poll(cx) {
+                        Poll::Ready(Gone::Failed(why)) => {
+                            self.reset(ErrorCode::CANCEL, &why);
+                            let e = io::Error::new(io::ErrorKind::ConnectionAborted, why);
+                            return Poll::Ready(Err(e));
+                        }
+                        Poll::Ready(Gone::Finished) => {
+                            finished = true;
+                            deadline = Some(Box::pin(tokio::time::sleep(linger)));
+                        }
+                        Poll::Pending => {}
+                    }
+                }
+                if let Some(d) = &mut deadline
+                    && d.as_mut().poll(cx).is_ready()
+                {
+                    let why = "the other side finished and the stream took nothing for the linger";
+                    self.reset(ErrorCode::CANCEL, why);
+                    return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, why)));
+                }
+                return Poll::Pending;
+            }
+        })
+        .await
     }
 
     pub(crate) async fn send_bytes(&self, mut data: Bytes) -> io::Result<()> {
@@ -283,6 +416,15 @@ impl RecvHalf<'_> {
         self.h.recv_chunks(out, max)
     }
 
+    /// Resolves with why once the stream has ended abnormally: reset by either end, refused,
+    /// its tunnel gone. A relay whose receiving side waits on its socket (a client that does
+    /// not read) races its write against this, so a stream the other side gave up on does
+    /// not keep that socket for ever. Uses the receiving direction's wakeup: not while a
+    /// receive waits.
+    pub fn ended(&mut self) -> impl Future<Output = io::Error> + '_ {
+        self.h.ended()
+    }
+
     /// As [`TetherStream::release`].
     pub fn release(&mut self, n: usize) {
         self.h.tunnel.release(self.h.id, n);
@@ -319,6 +461,21 @@ impl SendHalf<'_> {
     /// As [`TetherStream::send_bytes`].
     pub fn send_bytes(&mut self, data: Bytes) -> impl Future<Output = io::Result<()>> + '_ {
         self.h.send_bytes(data)
+    }
+
+    /// Sends `data`, waiting for credit as needed, while `watch` looks after the relay's other
+    /// side, so a wait on a stalled peer never hides that side going away (docs/SECURITY.md,
+    /// "Nothing stranded"). If it fails, the stream is reset with CANCEL at once. If it
+    /// finishes, the send goes on while the stream takes bytes, but no longer than the
+    /// tunnel's linger ([`crate::Tunnel::linger`]) without taking one: then the stream is
+    /// reset, since nothing would ever read what waits. `Ok(true)` if the other side finished
+    /// meanwhile.
+    pub fn send_watching<'b>(
+        &'b mut self,
+        data: Bytes,
+        watch: impl Future<Output = Gone> + 'b,
+    ) -> impl Future<Output = io::Result<bool>> + 'b {
+        self.h.send_watching(data, watch)
     }
 
     /// As [`TetherStream::finish`].
