@@ -247,3 +247,47 @@ async fn a_grpc_close_request_behind_a_waiting_message_ends_the_stream_after_the
     assert!(closed.is_ok(), "CLOSE_RSP came back: {closed:?}");
     s.at_rest().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_ends_during_a_grpc_upload_never_sees_a_clean_end_after_part_of_a_message() {
+    use tokio::io::AsyncReadExt;
+    let s = setup(Duration::from_secs(3600)).await;
+    // A node that takes 1 KiB, ends its side (FIN), and reads the rest only once told.
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    sock.listen(4).unwrap();
+    sock.set_nonblocking(true).unwrap();
+    let l = TcpListener::from_std(sock.into()).unwrap();
+    let node = l.local_addr().unwrap();
+    let (go, resume) = tokio::sync::oneshot::channel::<()>();
+    let seen = tokio::spawn(async move {
+        let (mut c, _) = l.accept().await.unwrap();
+        let mut first = vec![0u8; 1024];
+        c.read_exact(&mut first).await.unwrap();
+        c.shutdown().await.unwrap();
+        let _ = resume.await;
+        let mut rest = Vec::new();
+        let end = tokio::time::timeout(WAIT, c.read_to_end(&mut rest)).await;
+        (1024 + rest.len(), matches!(end, Ok(Ok(_))))
+    });
+    let client = GrpcClient::connect(&s.dir.join("grpc.socket"), AuthorityStyle::PercentEncoded)
+        .await
+        .unwrap();
+    let mut call = client.dial(&node.to_string()).await.unwrap();
+    const MESSAGE: usize = 1 << 20;
+    call.write(bytes::Bytes::from(vec![7u8; MESSAGE]))
+        .await
+        .unwrap();
+    // The node's end reaches the client as CLOSE_RSP, while the message is part-way through.
+    let _ =
+        tokio::time::timeout(WAIT, async { while let Ok(Some(_)) = call.read().await {} }).await;
+    go.send(()).unwrap();
+    let (got, clean) = tokio::time::timeout(WAIT, seen).await.unwrap().unwrap();
+    assert!(
+        got == MESSAGE || !clean,
+        "the node saw a clean end after {got} of {MESSAGE} bytes"
+    );
+    at_rest(&s.server, &[&s.agent]).await;
+}

@@ -218,6 +218,9 @@ async fn relay_bytes(
     let (close_tx, mut close_rx) = tokio::sync::oneshot::channel::<Option<CallError>>();
     let (mut rx, mut tx) = stream.split();
     let up_total = std::sync::atomic::AtomicU64::new(0);
+    // Whether a client message is part-way into the stream: if the node side ends then, the
+    // message cannot be whole, and the node must not see a clean end after part of it.
+    let mid_message = std::sync::atomic::AtomicBool::new(false);
     let (up, down) = {
         let up = async {
             let r: Result<(), CallError> = async {
@@ -235,9 +238,11 @@ async fn relay_bytes(
                                     // end of its side) right behind leaves the send the
                                     // linger to move (tether::SendHalf::send_watching).
                                     let watch = watch_call(&mut *reader, out);
+                                    mid_message.store(true, Ordering::Relaxed);
                                     Box::pin(tx.send_watching(d.data, watch)).await.map_err(
                                         |e| (code::UNAVAILABLE, format!("stream failed: {e}")),
                                     )?;
+                                    mid_message.store(false, Ordering::Relaxed);
                                 }
                                 // Counted once sent, not once received.
                                 up_total.fetch_add(n, Ordering::Relaxed);
@@ -334,7 +339,13 @@ async fn relay_bytes(
         }
     };
     let up = up.unwrap_or_else(|| {
-        // The node side ended first: the client's side ends with it.
+        // The node side ended first: the client's side ends with it, cleanly unless a message
+        // was part-way through.
+        if mid_message.load(Ordering::Relaxed) {
+            let why = "the node side ended while a client message was part-way through";
+            tx.reset(tether_proto::ErrorCode::CANCEL, why);
+            return Err(std::io::Error::other(why));
+        }
         let _ = tx.finish();
         Ok(())
     });
