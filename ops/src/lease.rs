@@ -319,13 +319,16 @@ async fn renew(
                     namespace: Some(s.namespace.clone()),
                     labels: s.labels.clone(),
                     resource_version: None,
+                    other: Default::default(),
                 },
                 spec: LeaseSpec {
                     holder_identity: Some(s.holder.clone()),
                     lease_duration_seconds: Some(duration),
                     renew_time: Some(now.clone()),
                     acquire_time: Some(now),
+                    other: Default::default(),
                 },
+                other: Default::default(),
             };
             client.create_lease(&s.namespace, &lease).await?;
         }

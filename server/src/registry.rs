@@ -243,7 +243,7 @@ impl Registry {
             .iter()
             .map(|e| e.tunnel.clone())
             .collect();
-        let close = mine[..mine.len().saturating_sub(2 * cap)]
+        let close = mine[..mine.len().saturating_sub(cap.saturating_mul(2))]
             .iter()
             .map(|(_, e)| e.tunnel.clone())
             .collect();
@@ -348,6 +348,16 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_largest_tunnel_cap_displaces_nothing_and_does_not_overflow() {
+        let r = Registry::default();
+        assert_eq!(
+            r.over_cap("agent-1", usize::MAX).0.len(),
+            0,
+            "nothing registered, nothing displaced"
+        );
+    }
 
     /// The reference: whether one identifier matches a destination, checked one by one.
     fn matches_host(id: &Identifier, host: &str, ip: Option<IpAddr>) -> bool {

@@ -27,7 +27,7 @@ pub(crate) async fn bind(
     path: &std::path::Path,
     delete_existing: bool,
 ) -> io::Result<tokio::net::UnixListener> {
-    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
             return Err(io::Error::new(
@@ -74,24 +74,42 @@ pub(crate) async fn bind(
             format!("directory {} does not exist", dir.display()),
         ));
     }
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".{}.tmp", std::process::id()));
-    let tmp = PathBuf::from(tmp);
+    // Bound first inside a directory of this process's own, made with mode 0700 under a
+    // random name (so nobody can have prepared it, and nobody else can connect while the
+    // socket still has the umask's mode), given its mode, then linked into place.
+    let private = (0..16)
+        .find_map(|_| {
+            let mut name = path.as_os_str().to_owned();
+            name.push(format!(
+                ".{}.{:016x}.d",
+                std::process::id(),
+                rand::random::<u64>()
+            ));
+            let dir = PathBuf::from(name);
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&dir)
+                .ok()
+                .map(|()| dir)
+        })
+        .ok_or_else(|| io::Error::other("cannot make a private directory beside the socket"))?;
+    let tmp = private.join("socket");
+    let bound = tokio::net::UnixListener::bind(&tmp).and_then(|l| {
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o770))?;
+        // A hard link fails if the name exists: of two servers starting together, the
+        // second gets an error instead of silently replacing the first's socket.
+        std::fs::hard_link(&tmp, path)?;
+        Ok(l)
+    });
     let _ = std::fs::remove_file(&tmp);
-    let l = tokio::net::UnixListener::bind(&tmp)?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o770))?;
-    // A hard link fails if the name exists: of two servers starting together, the second
-    // gets an error instead of silently replacing the first's socket.
-    let linked = std::fs::hard_link(&tmp, path);
-    let _ = std::fs::remove_file(&tmp);
-    linked.map_err(|e| match e.kind() {
+    let _ = std::fs::remove_dir(&private);
+    bound.map_err(|e| match e.kind() {
         io::ErrorKind::AlreadyExists => io::Error::new(
             io::ErrorKind::AddrInUse,
             "another server took this socket while this one started",
         ),
         _ => e,
-    })?;
-    Ok(l)
+    })
 }
 
 /// The identity of the socket file at `path` (device and inode), to unlink it at shutdown

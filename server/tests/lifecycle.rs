@@ -70,3 +70,23 @@ async fn a_dropped_server_frees_every_port_and_socket_file_and_closes_its_tunnel
         "the agent saw its tunnel close"
     );
 }
+
+#[tokio::test]
+async fn a_unix_socket_gets_mode_0770_and_nothing_is_left_beside_it() {
+    use std::os::unix::fs::PermissionsExt;
+    let pki = Pki::new();
+    let dir = tempdir("uds-mode");
+    let path = dir.join("connect.socket");
+    let mut cfg = server_config(&pki);
+    cfg.uds_path = Some(path.clone());
+    let server = tether_server::Server::start(cfg).await.unwrap();
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o770);
+    let beside: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(beside, vec![std::ffi::OsString::from("connect.socket")]);
+    drop(server);
+}

@@ -194,7 +194,9 @@ fn message(body: &[u8]) -> String {
         .unwrap_or_else(|_| String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned())
 }
 
-/// `coordination.k8s.io/v1` Lease, the fields tether reads and writes.
+/// `coordination.k8s.io/v1` Lease: the fields tether reads and writes, and every other field
+/// as it was read (a renewal is a read, a change of tether's fields, and a write of the whole
+/// object: nothing tether does not model is lost).
 #[derive(Serialize, Deserialize, Debug, Clone, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct Lease {
@@ -209,6 +211,9 @@ pub struct Lease {
     /// Holder and times.
     #[serde(default)]
     pub spec: LeaseSpec,
+    /// Every other field, kept as read so an update writes it back unchanged.
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, serde_json::Value>,
 }
 
 /// The metadata tether uses.
@@ -226,6 +231,10 @@ pub struct ObjectMeta {
     /// For optimistic concurrency on update.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resource_version: Option<String>,
+    /// Every other field (annotations, owner references, managed fields, ...), kept as read
+    /// so an update writes it back unchanged.
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, serde_json::Value>,
 }
 
 /// The lease's spec.
@@ -244,6 +253,10 @@ pub struct LeaseSpec {
     /// When it was acquired.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub acquire_time: Option<String>,
+    /// Every other field (`leaseTransitions`, `preferredHolder`, `strategy`, ...), kept as read
+    /// so an update writes it back unchanged.
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -342,6 +355,26 @@ impl Client {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lease_read_changed_and_written_keeps_the_fields_tether_does_not_model() {
+        let read = br#"{"apiVersion":"coordination.k8s.io/v1","kind":"Lease",
+            "metadata":{"name":"konnectivity-proxy-server-a","namespace":"kube-system",
+              "resourceVersion":"7","annotations":{"team":"infra"},
+              "ownerReferences":[{"kind":"Pod","name":"p","uid":"u","apiVersion":"v1"}]},
+            "spec":{"holderIdentity":"a","leaseDurationSeconds":30,"leaseTransitions":4,
+              "preferredHolder":"b"}}"#;
+        let mut lease: Lease = serde_json::from_slice(read).unwrap();
+        lease.spec.renew_time = Some("2026-12-07T00:00:00.000000Z".into());
+        let written: serde_json::Value =
+            serde_json::from_slice(&serde_json::to_vec(&lease).unwrap()).unwrap();
+        assert_eq!(written["metadata"]["annotations"]["team"], "infra");
+        assert_eq!(written["metadata"]["ownerReferences"][0]["uid"], "u");
+        assert_eq!(written["spec"]["leaseTransitions"], 4);
+        assert_eq!(written["spec"]["preferredHolder"], "b");
+        assert_eq!(written["spec"]["renewTime"], "2026-12-07T00:00:00.000000Z");
+        assert_eq!(written["metadata"]["resourceVersion"], "7");
+    }
 
     #[test]
     fn selectors_are_escaped_for_the_query() {
