@@ -31,18 +31,21 @@ enum Command {
         /// change what the bound flags say. It claims no examples.
         #[command(flatten)]
         bounds: BoundArgs,
-        /// Stop after visiting this many states (no run is open-ended).
-        #[arg(long, default_value_t = 200_000_000)]
-        max_states: usize,
+        /// Stop after visiting this many states (no run is open-ended). Default: each suite
+        /// configuration's own bound, about four times what a correct run visits; 200,000,000
+        /// for the long suite and a configuration of your own.
+        #[arg(long)]
+        max_states: Option<usize>,
         /// Checker threads.
         #[arg(long, default_value_t = 2)]
         threads: usize,
         /// Breadth-first (shortest paths, more memory) instead of depth-first.
         #[arg(long)]
         bfs: bool,
-        /// Give up after this many seconds (per configuration).
-        #[arg(long, default_value_t = 3600)]
-        timeout_secs: u64,
+        /// Give up after this many seconds (per configuration). Default: 600 for the default
+        /// suite (a correct run of any of its configurations takes seconds), 3600 otherwise.
+        #[arg(long)]
+        timeout_secs: Option<u64>,
         /// Exit 0 even when a run stops before it is complete (for exploratory big runs).
         #[arg(long)]
         allow_incomplete: bool,
@@ -229,12 +232,7 @@ fn main() -> ExitCode {
             long,
             claim,
         } => {
-            let limits = Limits {
-                max_states,
-                threads,
-                bfs,
-                timeout: Duration::from_secs(timeout_secs),
-            };
+            let default_suite = config.is_none() && !long && !bounds.changes_anything();
             let mut extra = Vec::new();
             let properties = TunnelModel::new(Bounds::tiny()).properties();
             for name in &claim {
@@ -257,6 +255,7 @@ fn main() -> ExitCode {
                         about: "bounds from the command line; claims no examples",
                         bounds: bounds.apply(base),
                         claims: Vec::new(),
+                        max_states: usize::MAX,
                     }]
                 }
             };
@@ -266,6 +265,18 @@ fn main() -> ExitCode {
             let start = Instant::now();
             let mut worst = Overall::Good;
             for c in &configurations {
+                // Each configuration's own bound unless one is given; a configuration outside
+                // the suite's bounds (long, custom, or changed) gets the open default.
+                let limits = Limits {
+                    max_states: max_states.unwrap_or(c.max_states.min(200_000_000)),
+                    threads,
+                    bfs,
+                    timeout: Duration::from_secs(timeout_secs.unwrap_or(if default_suite {
+                        600
+                    } else {
+                        3600
+                    })),
+                };
                 worst = worst.max(check(c, limits));
             }
             println!(

@@ -18,6 +18,10 @@ pub struct Configuration {
     pub bounds: Bounds,
     /// The examples it must reach; a complete run that misses one fails.
     pub claims: Vec<&'static str>,
+    /// The states a run of it may visit before it stops incomplete (exit 2): about four times
+    /// what a correct run visits (docs/MODEL.md, "Bounds"), so a session bug that makes the
+    /// state space grow without end gets a verdict in seconds, not a CI timeout.
+    pub max_states: usize,
 }
 
 /// Streams: two at once from each end, half-close both ways, reject.
@@ -38,6 +42,7 @@ pub fn streams() -> Configuration {
             ..Bounds::tiny()
         },
         claims: vec![COMPLETES, TWO_LIVE_EACH],
+        max_states: 13_000_000,
     }
 }
 
@@ -69,6 +74,7 @@ pub fn cancel() -> Configuration {
             WALKS_AWAY,
             DROP_FAILS_DIAL,
         ],
+        max_states: 4_500_000,
     }
 }
 
@@ -97,6 +103,7 @@ pub fn flow() -> Configuration {
             SPLIT,
             RESET_CROSSES_FIN,
         ],
+        max_states: 4_000_000,
     }
 }
 
@@ -115,6 +122,7 @@ pub fn sendbuf() -> Configuration {
             ..flow().bounds
         },
         claims: vec![COMPLETES, SEND_BUFFER_FULL, RESET_CROSSES_FIN],
+        max_states: 2_000_000,
     }
 }
 
@@ -149,6 +157,7 @@ pub fn session() -> Configuration {
             AGENT_DRAINS,
             DROP_FAILS_DIAL,
         ],
+        max_states: 10_000_000,
     }
 }
 
@@ -165,6 +174,7 @@ pub fn ping() -> Configuration {
             ..session().bounds
         },
         claims: vec![COMPLETES, PING_ANSWERED, KEEPALIVE_PING, KEEPALIVE_EXPIRES],
+        max_states: 6_500_000,
     }
 }
 
@@ -189,6 +199,7 @@ pub fn hostile() -> Configuration {
             ..Bounds::tiny()
         },
         claims: Misbehavior::ALL.iter().map(|m| m.detected()).collect(),
+        max_states: 11_500_000,
     }
 }
 
@@ -225,7 +236,12 @@ pub fn long_suite() -> Vec<Configuration> {
     hostile.name = "hostile-long";
     hostile.bounds.chunks = 1;
     hostile.bounds.reply_chunks = 1;
-    vec![streams, flow, session, hostile]
+    let mut long = vec![streams, flow, session, hostile];
+    // Bigger bounds than the default suite's: up to `--max-states` (200,000,000).
+    for c in &mut long {
+        c.max_states = usize::MAX;
+    }
+    long
 }
 
 /// How far one run may go.
@@ -352,5 +368,22 @@ pub fn check(c: &Configuration, limits: Limits) -> Report {
     } else {
         let checker = builder.spawn_dfs().join();
         judge(&checker)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_configuration_of_the_default_suite_has_a_bound_of_its_own() {
+        for c in default_suite() {
+            assert!(
+                c.max_states <= 20_000_000,
+                "{}: a bound of {} states is no bound",
+                c.name,
+                c.max_states
+            );
+        }
     }
 }
