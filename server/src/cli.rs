@@ -140,6 +140,18 @@ pub struct ServerArgs {
     /// Agent connections accepted at once before --agent-accept-rate applies.
     #[arg(long, default_value_t = 256)]
     pub agent_accept_burst: u32,
+    /// CONNECT client connections on --server-port that may be in their TLS handshake or
+    /// request head at once; the rest wait in the listen backlog.
+    #[arg(long, default_value_t = 1024)]
+    pub max_pending_client_heads: usize,
+    /// TLS client connections on --server-port accepted per second at most, after a burst
+    /// of --client-accept-burst (0: no limit; otherwise at least 0.01). Plain TCP is not
+    /// paced.
+    #[arg(long, value_parser = tether_ops::cli::parse_accept_rate, default_value_t = 5000.0)]
+    pub client_accept_rate: f64,
+    /// TLS client connections accepted at once before --client-accept-rate applies.
+    #[arg(long, default_value_t = 1024)]
+    pub client_accept_burst: u32,
     /// This server's id, sent to agents; unique per server in HA (default: a random id).
     #[arg(long, env = "PROXY_SERVER_ID")]
     pub server_id: Option<String>,
@@ -442,6 +454,11 @@ impl ServerArgs {
                 (None, None) => Some(SocketAddr::new(self.server_bind_address, 8090)),
             },
             connect_tls,
+            client_admission: crate::connect::ClientAdmission {
+                max_pending: self.max_pending_client_heads,
+                tls_rate: self.client_accept_rate,
+                tls_burst: self.client_accept_burst,
+            },
             reload_interval: self.reload_interval,
             delete_existing_uds: self.delete_existing_uds_file,
             uds_path: self.uds_name.clone().filter(|_| !grpc_mode),

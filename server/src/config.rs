@@ -8,6 +8,7 @@ use std::time::Duration;
 use tether::reload::Reloadable;
 use tether_proto::Config;
 
+use crate::connect::ClientAdmission;
 use crate::grpc::GrpcLimits;
 use crate::identity::{IdentityPolicy, Tokens};
 use crate::registry::Strategy;
@@ -59,6 +60,9 @@ pub struct ServerConfig {
     pub connect_addr: Option<SocketAddr>,
     /// TLS for the CONNECT frontend (with a client CA: mTLS required).
     pub connect_tls: Option<Reloadable<rustls::ServerConfig>>,
+    /// What the CONNECT frontend on TCP bounds before a client is through its request head:
+    /// connections at once, and (TLS) the accept pace.
+    pub client_admission: ClientAdmission,
     /// How often certificate, key, CA and token files are re-read for changes.
     pub reload_interval: Duration,
     /// Replace a Unix socket file that no server answers on (a stale one); one that answers
@@ -110,6 +114,11 @@ impl ServerConfig {
             session: Config::default(),
             connect_addr: None,
             connect_tls: None,
+            client_admission: ClientAdmission {
+                max_pending: 1024,
+                tls_rate: 0.0,
+                tls_burst: 1024,
+            },
             reload_interval: Duration::from_secs(5),
             delete_existing_uds: true,
             uds_path: None,

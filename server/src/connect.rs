@@ -9,10 +9,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use tether::listen::AcceptPacer;
 use tether::pump::{Socket, pump};
 use tether::reload::Reloadable;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
@@ -125,16 +127,21 @@ pub async fn read_request<S: AsyncRead + Unpin>(
 }
 
 /// Serves one CONNECT client connection to its end. `deadline` is the one budget for the
-/// connection's TLS handshake (if any) and its request head together.
+/// connection's TLS handshake (if any) and its request head together; `slot`, the client's
+/// place among the connections not through their request head yet, is given back with the
+/// head.
 pub async fn serve<S>(
     core: &ServerCore,
     mut conn: S,
     frontend: Frontend,
     deadline: tokio::time::Instant,
+    slot: Option<HeadSlot>,
 ) where
     S: Socket + Send,
 {
-    let ((host, port), first) = match read_request(&mut conn, deadline).await {
+    let request = read_request(&mut conn, deadline).await;
+    drop(slot);
+    let ((host, port), first) = match request {
         Ok(r) => r,
         Err(e) => {
             tracing::info!(status = e.status, reason = %e.reason, "CONNECT refused");
@@ -162,40 +169,76 @@ pub async fn serve<S>(
     relay.done(result);
 }
 
+/// What a CONNECT listener on TCP bounds before a client is through its request head.
+#[derive(Clone, Copy, Debug)]
+pub struct ClientAdmission {
+    /// Connections in their TLS handshake or request head at once; the rest wait in the
+    /// listen backlog.
+    pub max_pending: usize,
+    /// TLS connections accepted per second at most after `burst` (0: no pacing). Plain TCP is
+    /// not paced: its cost before the head is a buffer, which `max_pending` bounds.
+    pub tls_rate: f64,
+    /// TLS connections accepted at once before `tls_rate` applies.
+    pub tls_burst: u32,
+}
+
+/// A client's place among the connections not through their request head yet.
+pub struct HeadSlot {
+    _permit: OwnedSemaphorePermit,
+    _gauge: tether_ops::metrics::GaugeGuard,
+}
+
 /// Serves CONNECT on TCP (with TLS when `tls` is given) until aborted.
 pub(crate) async fn accept_tcp(
     core: Arc<ServerCore>,
     l: TcpListener,
     tls: Option<Reloadable<rustls::ServerConfig>>,
+    admission: ClientAdmission,
 ) {
+    // Unauthenticated connections cost a task, a buffer and (TLS) a handshake each: at most
+    // `max_pending` at once (docs/SECURITY.md, "Bounds").
+    let pending = Arc::new(Semaphore::new(admission.max_pending.max(1)));
+    let mut pacer = AcceptPacer::new(
+        if tls.is_some() {
+            admission.tls_rate
+        } else {
+            0.0
+        },
+        admission.tls_burst,
+    );
+    let frontend = if tls.is_some() {
+        Frontend::Tls
+    } else {
+        Frontend::Tcp
+    };
     loop {
+        let Ok(slot) = pending.clone().acquire_owned().await else {
+            return;
+        };
+        pacer.pace().await;
         let Ok((tcp, peer)) = l.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
         let _ = tcp.set_nodelay(true);
         tether::pump::keep_alive(&tcp);
+        let slot = HeadSlot {
+            _permit: slot,
+            _gauge: core.metrics.client_head(frontend),
+        };
         // One budget for the TLS handshake and the request head together.
         let deadline = tokio::time::Instant::now() + core.header_timeout;
         let core = core.clone();
         let acceptor = tls.as_ref().map(|t| TlsAcceptor::from(t.get()));
+        let span = span(&peer.to_string(), frontend);
         // Two kinds of task, so a plain connection's task is not sized for a TLS one (a
         // rustls connection is over 1 KiB, and every idle connection would carry it).
-        let peer = peer.to_string();
-        let span = span(
-            &peer,
-            if acceptor.is_some() {
-                Frontend::Tls
-            } else {
-                Frontend::Tcp
-            },
-        );
         match acceptor {
             Some(a) => tokio::spawn(
                 async move {
                     match tokio::time::timeout_at(deadline, a.accept(tcp)).await {
                         Ok(Ok(tls)) => {
-                            serve(&core, tls, Frontend::Tls, deadline).await;
+                            serve(&core, tls, Frontend::Tls, deadline, Some(slot)).await;
                         }
                         Ok(Err(e)) => {
                             tracing::info!(error = %e, "CONNECT client TLS failed")
@@ -207,7 +250,7 @@ pub(crate) async fn accept_tcp(
             ),
             None => tokio::spawn(
                 async move {
-                    serve(&core, tcp, Frontend::Tcp, deadline).await;
+                    serve(&core, tcp, Frontend::Tcp, deadline, Some(slot)).await;
                 }
                 .instrument(span),
             ),

@@ -54,6 +54,7 @@ pub struct Metrics {
     pending_dials: Gauge,
     connects: Family<Labels, Counter>,
     open_connects: Family<Labels, Gauge>,
+    client_heads: Family<Labels, Gauge>,
     failed: Family<Labels, Counter>,
     /// What the agent listener and its tunnels count (the library's counters).
     pub(crate) listener: Arc<ListenerStats>,
@@ -80,6 +81,7 @@ impl Metrics {
             pending_dials: Gauge::default(),
             connects: Family::default(),
             open_connects: Family::default(),
+            client_heads: Family::default(),
             failed: Family::default(),
             listener: Arc::new(ListenerStats::default()),
             grpc_budget: Arc::default(),
@@ -109,6 +111,11 @@ impl Metrics {
             "connect_streams",
             "CONNECT streams open now (after the 200), by frontend",
             m.open_connects.clone(),
+        );
+        r.register(
+            "connect_pending_heads",
+            "CONNECT client connections in their TLS handshake or request head now, by frontend",
+            m.client_heads.clone(),
         );
         r.register(
             "connect_streams_failed",
@@ -166,6 +173,16 @@ impl Metrics {
     pub(crate) fn stream_open(&self, frontend: Frontend) -> GaugeGuard {
         let g = self
             .open_connects
+            .get_or_create(&vec![("frontend".to_owned(), frontend.name().to_owned())])
+            .clone();
+        GaugeGuard::up(&g)
+    }
+
+    /// One more CONNECT client before the end of its request head on `frontend`, until the
+    /// guard is dropped.
+    pub(crate) fn client_head(&self, frontend: Frontend) -> GaugeGuard {
+        let g = self
+            .client_heads
             .get_or_create(&vec![("frontend".to_owned(), frontend.name().to_owned())])
             .clone();
         GaugeGuard::up(&g)

@@ -130,6 +130,7 @@ impl Server {
                     core.clone(),
                     l,
                     config.connect_tls.clone(),
+                    config.client_admission,
                 )),
             );
         }

@@ -170,7 +170,7 @@ pub(crate) async fn accept(
             None => {
                 tokio::spawn(
                     async move {
-                        connect::serve(&core, s, Frontend::Uds, deadline).await;
+                        connect::serve(&core, s, Frontend::Uds, deadline, None).await;
                     }
                     .instrument(span),
                 );

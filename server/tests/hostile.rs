@@ -1191,6 +1191,59 @@ async fn the_tls_handshake_and_the_request_head_share_one_budget() {
 }
 
 #[tokio::test]
+async fn connect_clients_on_tls_are_capped_while_they_handshake_or_send_their_head() {
+    let pki = Pki::new();
+    let mut cfg = server_config(&pki);
+    cfg.header_timeout = Duration::from_millis(600);
+    cfg.client_admission.max_pending = 2;
+    cfg.connect_tls = Some(
+        tether::tls::server_config(pki.server.cert.as_bytes(), pki.server.key.as_bytes(), None)
+            .unwrap()
+            .into(),
+    );
+    let server = Server::start(cfg).await.unwrap();
+    let _agent = Agent::start(agent_config(&pki, server.agent_addr, "agent-1"));
+    assert!(server.wait_agents(1, WAIT).await);
+    let addr = server.connect_addr.unwrap();
+    // Eight silent connections: two at a time are taken into a handshake, the rest wait in
+    // the backlog until a slot frees (each taken one ends at its deadline).
+    let mut silent = Vec::new();
+    for _ in 0..8 {
+        silent.push(TcpStream::connect(addr).await.unwrap());
+    }
+    let gauge = || {
+        server
+            .core()
+            .render_metrics()
+            .lines()
+            .find_map(|l| l.strip_prefix("tether_connect_pending_heads{frontend=\"tls\"} "))
+            .and_then(|v| v.trim().parse::<i64>().ok())
+            .unwrap_or(0)
+    };
+    let mut most = 0;
+    for _ in 0..150 {
+        most = most.max(gauge());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(most, 2, "at most two at once, and the cap was reached");
+    // Every silent one is closed in turn; an honest client then gets its tunnel.
+    let backend = echo_backend().await;
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let tls = tether::tls::client_config(pki.ca_pem(), None).unwrap();
+    let mut s = tokio_rustls::TlsConnector::from(tls)
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    s.write_all(format!("CONNECT {backend} HTTP/1.1\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let (head, _) = read_head(&mut s).await;
+    assert_eq!(status_of(&head), 200, "{head}");
+    assert_eq!(gauge(), 0, "a client through its head holds no slot");
+    drop(silent);
+}
+
+#[tokio::test]
 async fn unauthenticated_connections_on_the_agent_port_are_capped_while_they_handshake() {
     let pki = Pki::new();
     let mut cfg = server_config(&pki);

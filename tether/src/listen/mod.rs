@@ -44,7 +44,7 @@ use tether_proto::Config;
 use tether_proto::frame::Hello;
 use tokio::sync::watch;
 
-pub use pacer::MIN_AGENT_ACCEPT_RATE;
+pub use pacer::{AcceptPacer, MIN_AGENT_ACCEPT_RATE};
 
 use crate::reload::Reloadable;
 use crate::stats::{ListenerStats, RefusalKind};

@@ -1,15 +1,16 @@
-//! Accept pacing: a reconnect storm (every agent at once after a restart) is taken at a steady
-//! rate; the rest wait in the kernel's backlog, or retry.
+//! Accept pacing: a reconnect storm (every agent at once after a restart) or a burst of TLS
+//! clients is taken at a steady rate; the rest wait in the kernel's backlog, or retry.
 
 use std::time::Duration;
 
-/// The lowest agent accept rate, per second: one connection every 100 s. A lower rate is
+/// The lowest accept rate, per second: one connection every 100 s. A lower rate is
 /// taken as this one, so the pacer's intervals and debt stay far inside the clock's range.
 pub const MIN_AGENT_ACCEPT_RATE: f64 = 0.01;
 
-/// Spaces out accepted agent connections: at most `burst` at once, then `rate` per second
+/// Spaces out accepted connections (the agent port's, and an embedding proxy's own): at most `burst` at once, then `rate` per second
 /// (a token bucket); a rate of 0 does not pace.
-pub(super) struct AcceptPacer {
+#[derive(Debug)]
+pub struct AcceptPacer {
     every: Option<Duration>,
     burst: u32,
     /// When the bucket is full again: each accept moves it one interval on.
@@ -17,7 +18,9 @@ pub(super) struct AcceptPacer {
 }
 
 impl AcceptPacer {
-    pub(super) fn new(rate: f64, burst: u32) -> AcceptPacer {
+    /// A pacer allowing `burst` accepts at once, then `rate` per second (at least
+    /// [`MIN_AGENT_ACCEPT_RATE`]); a rate of 0, or one that is not finite, does not pace.
+    pub fn new(rate: f64, burst: u32) -> AcceptPacer {
         AcceptPacer {
             // At most 100 s, so `every * (burst - 1)` is at most about 4e11 s: no overflow.
             every: (rate > 0.0 && rate.is_finite())
@@ -28,7 +31,7 @@ impl AcceptPacer {
     }
 
     /// Waits until one more connection may be accepted, and counts it.
-    pub(super) async fn pace(&mut self) {
+    pub async fn pace(&mut self) {
         let Some(every) = self.every else {
             return;
         };
