@@ -2,7 +2,7 @@
 //! never taken over from a live server, and each client's user checked against an allowlist.
 
 use std::io;
-use std::path::PathBuf;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -76,16 +76,16 @@ pub(crate) async fn bind(
     }
     // Bound first inside a directory of this process's own, made with mode 0700 under a
     // random name (so nobody can have prepared it, and nobody else can connect while the
-    // socket still has the umask's mode), given its mode, then linked into place.
+    // socket still has the umask's mode), given its mode, then linked into place. The names
+    // are short (`<dir>/.<8 hex>/s`), so any socket path of 12 characters or more in its
+    // directory fits the kernel's 108-byte limit whenever the path itself does.
+    let parent = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let private = (0..16)
         .find_map(|_| {
-            let mut name = path.as_os_str().to_owned();
-            name.push(format!(
-                ".{}.{:016x}.d",
-                std::process::id(),
-                rand::random::<u64>()
-            ));
-            let dir = PathBuf::from(name);
+            let dir = parent.join(format!(".{:08x}", rand::random::<u32>()));
             std::fs::DirBuilder::new()
                 .mode(0o700)
                 .create(&dir)
@@ -93,7 +93,7 @@ pub(crate) async fn bind(
                 .map(|()| dir)
         })
         .ok_or_else(|| io::Error::other("cannot make a private directory beside the socket"))?;
-    let tmp = private.join("socket");
+    let tmp = private.join("s");
     let bound = tokio::net::UnixListener::bind(&tmp).and_then(|l| {
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o770))?;
         // A hard link fails if the name exists: of two servers starting together, the

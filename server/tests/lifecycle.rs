@@ -90,3 +90,22 @@ async fn a_unix_socket_gets_mode_0770_and_nothing_is_left_beside_it() {
     assert_eq!(beside, vec![std::ffi::OsString::from("connect.socket")]);
     drop(server);
 }
+
+#[tokio::test]
+async fn a_unix_socket_path_at_the_kernels_limit_still_binds() {
+    // 107 bytes, the most a Unix socket path can have, with a file name of 12 characters or
+    // more: the private directory it is bound in first must not push it over.
+    let pki = Pki::new();
+    let dir = tempdir("uds-long");
+    let base = dir.as_os_str().len();
+    assert!(base < 80, "{base}");
+    let sub = dir.join("d".repeat(107 - base - "/".len() - "/konnectivity.sock".len()));
+    std::fs::create_dir(&sub).unwrap();
+    let path = sub.join("konnectivity.sock");
+    assert_eq!(path.as_os_str().len(), 107, "{}", path.display());
+    let mut cfg = server_config(&pki);
+    cfg.uds_path = Some(path.clone());
+    let server = tether_server::Server::start(cfg).await.unwrap();
+    assert!(tokio::net::UnixStream::connect(&path).await.is_ok());
+    drop(server);
+}
