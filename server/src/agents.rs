@@ -4,6 +4,7 @@
 //! token (docs/SECURITY.md); an admitted tunnel is registered for routing, displaces the
 //! agent's oldest tunnels beyond its cap, and is unregistered when it ends.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,10 +29,23 @@ pub(crate) struct Agents {
     pub(crate) token_review: Option<Arc<TokenReviewer>>,
     pub(crate) identity: IdentityPolicy,
     pub(crate) max_tunnels_per_agent: usize,
+    /// How often node-bound address claims are checked again (zero: never).
+    pub(crate) address_recheck: Duration,
+}
+
+/// What an admission proved, for the tunnel's life.
+pub(crate) struct Grant {
+    /// Who proved the ipv4/ipv6 claims, when they are the holder's alone (`--address-identifiers
+    /// cert` or `node`).
+    holder: Option<Arc<str>>,
+    /// The node whose addresses the claims are, to check them again (`node`).
+    node: Option<String>,
 }
 
 impl Admission for Agents {
-    async fn admit(&self, hello: &Hello, peer: &Peer) -> Result<(), Refusal> {
+    type Grant = Grant;
+
+    async fn admit(&self, hello: &Hello, peer: &Peer) -> Result<Grant, Refusal> {
         // What the connection proved: the verified client certificate's names (mTLS).
         let credential = match peer.certificates.first() {
             None => Credential::default(),
@@ -49,15 +63,43 @@ impl Admission for Agents {
                 }
             },
         };
-        self.authenticate(credential, hello).await
+        let credential = self.authenticate(credential, hello).await?;
+        let ips = identity::claimed_ips(&hello.identifiers);
+        let proven = matches!(
+            self.identity.address_claims,
+            AddressClaims::Cert | AddressClaims::Node
+        );
+        let holder: Option<Arc<str>> =
+            (proven && !ips.is_empty()).then(|| credential.principal(&hello.agent_id).into());
+        if let Some(h) = &holder
+            && let Some(held) = self.core.registry.claimed_by_other(&ips, h)
+        {
+            return Err(conflict(held, h));
+        }
+        let node = match (&credential.review, self.identity.address_claims) {
+            (Some(r), AddressClaims::Node) if !ips.is_empty() => r.node_name.clone(),
+            _ => None,
+        };
+        Ok(Grant { holder, node })
     }
 
-    async fn serve(&self, agent: Admitted) {
+    async fn serve(&self, agent: Admitted, grant: Grant) {
         let Admitted { tunnel, hello, .. } = agent;
         let core = &self.core;
         let agent_id = hello.agent_id.escape_debug().to_string();
         tracing::Span::current().record("agent_id", tracing::field::display(&agent_id));
-        let _registered = Registered::new(core, &hello, &tunnel);
+        // Checked again as one step with the registration: another agent of another holder
+        // may have been admitted with the same address since.
+        let _registered = match Registered::new(core, &hello, &tunnel, grant.holder.clone()) {
+            Ok(r) => r,
+            Err((ip, other)) => {
+                let r = conflict((ip, other), grant.holder.as_deref().unwrap_or_default());
+                tracing::warn!(reason = %r.log, "agent refused");
+                core.metrics.listener.refuse(r.kind);
+                tunnel.close(ErrorCode::UNAUTHORIZED, &r.wire);
+                return;
+            }
+        };
         let (drain, close) = core
             .registry
             .over_cap(&hello.agent_id, self.max_tunnels_per_agent);
@@ -72,8 +114,33 @@ impl Admission for Agents {
             );
         }
         tracing::info!(identifiers = ?hello.identifiers, "agent connected");
-        let reason = tunnel.closed().await;
+        let recheck = async {
+            match (&grant.node, &self.token_review) {
+                // Boxed: an API call's state would otherwise size every tunnel's task.
+                (Some(node), Some(reviewer)) if !self.address_recheck.is_zero() => {
+                    Box::pin(self.recheck(reviewer, node, &hello, &tunnel)).await
+                }
+                _ => std::future::pending().await,
+            }
+        };
+        let reason = tokio::select! {
+            reason = tunnel.closed() => reason,
+            () = recheck => tunnel.closed().await,
+        };
         tracing::info!(%reason, "agent disconnected");
+    }
+}
+
+/// The refusal of a HELLO claiming `ip`, which a live tunnel of another holder (agent id
+/// `other`) claims already: the address is never split between the two.
+fn conflict((ip, other): (IpAddr, Arc<str>), holder: &str) -> Refusal {
+    Refusal {
+        kind: RefusalKind::Conflict,
+        wire: format!("address {ip} is claimed by another agent's live tunnel"),
+        log: format!(
+            "address {ip} is claimed by the live tunnel of agent {:?}, with another credential than this one's ({holder})",
+            other.escape_debug().to_string()
+        ),
     }
 }
 
@@ -102,14 +169,21 @@ struct Registered<'a> {
 }
 
 impl<'a> Registered<'a> {
-    fn new(core: &'a ServerCore, hello: &Hello, tunnel: &Tunnel) -> Registered<'a> {
-        let conn = core.registry.add(
-            hello.agent_id.clone(),
-            hello.identifiers.clone(),
-            tunnel.clone(),
-        );
+    /// Registers `tunnel`; with a `holder`, only if no live tunnel of another holder claims
+    /// one of its addresses (else that address and the other tunnel's agent id).
+    fn new(
+        core: &'a ServerCore,
+        hello: &Hello,
+        tunnel: &Tunnel,
+        holder: Option<Arc<str>>,
+    ) -> Result<Registered<'a>, (IpAddr, Arc<str>)> {
+        let (id, ids) = (hello.agent_id.clone(), hello.identifiers.clone());
+        let conn = match holder {
+            Some(h) => core.registry.add_exclusive(id, h, ids, tunnel.clone())?,
+            None => core.registry.add(id, ids, tunnel.clone()),
+        };
         core.metrics.agents(core.registry.len());
-        Registered { core, conn }
+        Ok(Registered { core, conn })
     }
 }
 
@@ -121,9 +195,41 @@ impl Drop for Registered<'_> {
 }
 
 impl Agents {
+    /// Checks the tunnel's node-bound address claims against its Node every
+    /// `address_recheck`, and returns once it closed the tunnel because the node no longer has
+    /// one of them. A check that gets no answer keeps the tunnel (the API server being down
+    /// must not cut every node off) and is logged.
+    async fn recheck(&self, reviewer: &TokenReviewer, node: &str, hello: &Hello, tunnel: &Tunnel) {
+        let ips = identity::claimed_ips(&hello.identifiers);
+        loop {
+            tokio::time::sleep(self.address_recheck).await;
+            let now = match reviewer.node_addresses(node).await {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(%node, error = %e, "node addresses not read; the claims stand until the next check");
+                    continue;
+                }
+            };
+            if let Some(gone) = ips.iter().find(|ip| !now.contains(ip)) {
+                tracing::warn!(%node, address = %gone, "the node no longer has a claimed address; closing the tunnel");
+                self.core.metrics.listener.refuse(RefusalKind::Revoked);
+                reviewer.forget_node(node);
+                tunnel.close(
+                    ErrorCode::UNAUTHORIZED,
+                    &format!("address {gone} is no longer an address of node {node}"),
+                );
+                return;
+            }
+        }
+    }
+
     /// Checks an agent's HELLO against what its connection proved and, with Kubernetes
-    /// authentication, what the API server says of its token.
-    async fn authenticate(&self, mut credential: Credential, hello: &Hello) -> Result<(), Refusal> {
+    /// authentication, what the API server says of its token; returns what was proved.
+    async fn authenticate(
+        &self,
+        mut credential: Credential,
+        hello: &Hello,
+    ) -> Result<Credential, Refusal> {
         let tokens = self.tokens.as_ref().map(Reloadable::get);
         if let Some(reviewer) = &self.token_review {
             // What can be refused without the API server is, first: a peer with garbage costs
@@ -153,6 +259,7 @@ impl Agents {
             credential.review = Some(review);
         }
         identity::check(&self.identity, tokens.as_deref(), &credential, hello)
-            .map_err(Refusal::unauthorized)
+            .map_err(Refusal::unauthorized)?;
+        Ok(credential)
     }
 }

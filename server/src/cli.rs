@@ -124,6 +124,11 @@ pub struct ServerArgs {
     /// reviewed service-account token was issued for) or `none`.
     #[arg(long, default_value = "any")]
     pub address_identifiers: AddressClaims,
+    /// With --address-identifiers node: how often each tunnel's address claims are checked
+    /// against its Node again (one GET per tunnel); a tunnel whose node no longer has a
+    /// claimed address is closed. 0: only at the handshake.
+    #[arg(long, value_parser = parse_duration, default_value = "5m")]
+    pub address_recheck_interval: Duration,
     /// Tunnels one agent id may hold to this server at once (default: --server-count); a
     /// newer tunnel replaces the oldest.
     #[arg(long)]
@@ -477,6 +482,7 @@ impl ServerArgs {
             health_addr: (self.health_port != 0)
                 .then(|| SocketAddr::new(self.health_bind_address, self.health_port)),
             header_timeout: Duration::from_secs(10),
+            address_recheck: self.address_recheck_interval,
             linger: tether::pump::LINGER,
         })
     }

@@ -82,6 +82,10 @@ pub struct ServerConfig {
     /// How long a CONNECT client may take from its connection to the end of its request head,
     /// TLS handshake included (one budget).
     pub header_timeout: Duration,
+    /// With `--address-identifiers node`: how often a tunnel's address claims are checked
+    /// against its Node again; one whose node no longer has a claimed address is closed
+    /// (docs/SECURITY.md, "Address claims"). Zero: only at the handshake.
+    pub address_recheck: Duration,
     /// How long a stream whose client has finished sending (a FIN on CONNECT, CLOSE_REQ on
     /// gRPC) may wait for the agent's credit without moving a byte before it is reset
     /// (docs/SECURITY.md, "Nothing stranded").
@@ -128,6 +132,7 @@ impl ServerConfig {
             health_addr: None,
             header_timeout: Duration::from_secs(10),
             linger: tether::pump::LINGER,
+            address_recheck: Duration::from_secs(300),
         }
     }
 }

@@ -155,6 +155,40 @@ pub struct Credential {
     pub review: Option<tether_ops::kube::Reviewed>,
 }
 
+impl Credential {
+    /// Who the credential proves its holder to be, equal for two tunnels of one holder and
+    /// different between holders: the node a reviewed token was issued for, else its pod, else
+    /// its user; a client certificate's first common name, else its first DNS name. Without a
+    /// credential, only the agent id remains (the agent's own word).
+    pub fn principal(&self, agent_id: &str) -> String {
+        if let Some(r) = &self.review {
+            return match (&r.node_name, &r.pod_name) {
+                (Some(node), _) => format!("node {node}"),
+                (None, Some(pod)) => format!("pod {pod}"),
+                (None, None) => format!("user {}", r.username),
+            };
+        }
+        if let Some(c) = &self.cert
+            && let Some(name) = c.common_names.first().or(c.dns.first())
+        {
+            return format!("certificate {name}");
+        }
+        format!("agent id {agent_id}")
+    }
+}
+
+/// The ipv4 and ipv6 addresses among `identifiers`.
+pub fn claimed_ips(identifiers: &[Identifier]) -> Vec<IpAddr> {
+    identifiers
+        .iter()
+        .filter_map(|i| match i {
+            Identifier::Ipv4(a) => Some(IpAddr::V4(*a)),
+            Identifier::Ipv6(a) => Some(IpAddr::V6(*a)),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Bearer tokens and the agent id each may be used with (`token agent-id` per line of the
 /// tokens file; `*` for any id).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -364,6 +398,17 @@ mod tests {
                 node_addresses: vec!["10.0.0.5".parse().unwrap()],
             }),
         }
+    }
+
+    #[test]
+    fn a_principal_names_the_node_then_the_pod_then_the_certificate_then_only_the_agent_id() {
+        assert_eq!(
+            reviewed(Some("node-1"), Some("pod-x")).principal("a"),
+            "node node-1"
+        );
+        assert_eq!(reviewed(None, Some("pod-x")).principal("a"), "pod pod-x");
+        assert_eq!(cert("cn-1", &["dns-1"]).principal("a"), "certificate cn-1");
+        assert_eq!(Credential::default().principal("a"), "agent id a");
     }
 
     #[test]

@@ -56,6 +56,8 @@ struct Entry {
     agent_id: Arc<str>,
     identifiers: Vec<Identifier>,
     tunnel: Tunnel,
+    /// Who proved these claims, when its ipv4/ipv6 claims are its alone (`add_exclusive`).
+    holder: Option<Arc<str>>,
 }
 
 /// Registrations by what their agents announced: the positions (registration numbers) of
@@ -138,6 +140,18 @@ struct Index {
 }
 
 impl Index {
+    /// The first of `ips` that a usable tunnel of a holder other than `holder` claims as its
+    /// own, with that tunnel's agent id. A draining tunnel is not counted: routing skips it.
+    fn claimed_by_other(&self, ips: &[IpAddr], holder: &str) -> Option<(IpAddr, Arc<str>)> {
+        ips.iter().find_map(|ip| {
+            self.routes.by_ip.get(ip)?.iter().find_map(|c| {
+                let e = self.entries.get(c)?;
+                let other = e.holder.as_deref().is_some_and(|h| h != holder);
+                (other && e.tunnel.is_usable()).then(|| (*ip, e.agent_id.clone()))
+            })
+        })
+    }
+
     /// The `turn`-th usable registration among `candidates`, without allocating: usable ones
     /// are counted, then the chosen one found.
     fn pick(&self, candidates: impl Iterator<Item = u64> + Clone, turn: usize) -> Option<&Entry> {
@@ -203,8 +217,44 @@ impl Registry {
 
     /// Adds an agent's tunnel; returns its registration number.
     pub fn add(&self, agent_id: String, identifiers: Vec<Identifier>, tunnel: Tunnel) -> u64 {
-        let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let mut ix = self.write();
+        self.insert(&mut ix, agent_id, identifiers, tunnel, None)
+    }
+
+    /// Adds an agent's tunnel whose ipv4 and ipv6 claims `holder` proved (docs/SECURITY.md,
+    /// "Address claims"), unless a usable tunnel of another holder claims one of them: then
+    /// nothing is added, and the address and that tunnel's agent id come back. The check and
+    /// the addition are one step, so two agents admitted at once cannot both get an address.
+    pub fn add_exclusive(
+        &self,
+        agent_id: String,
+        holder: Arc<str>,
+        identifiers: Vec<Identifier>,
+        tunnel: Tunnel,
+    ) -> Result<u64, (IpAddr, Arc<str>)> {
+        let ips = crate::identity::claimed_ips(&identifiers);
+        let mut ix = self.write();
+        if let Some(held) = ix.claimed_by_other(&ips, &holder) {
+            return Err(held);
+        }
+        Ok(self.insert(&mut ix, agent_id, identifiers, tunnel, Some(holder)))
+    }
+
+    /// The first of `ips` that a usable tunnel of a holder other than `holder` claims as its
+    /// own (see [`Registry::add_exclusive`]), with that tunnel's agent id.
+    pub fn claimed_by_other(&self, ips: &[IpAddr], holder: &str) -> Option<(IpAddr, Arc<str>)> {
+        self.read().claimed_by_other(ips, holder)
+    }
+
+    fn insert(
+        &self,
+        ix: &mut Index,
+        agent_id: String,
+        identifiers: Vec<Identifier>,
+        tunnel: Tunnel,
+        holder: Option<Arc<str>>,
+    ) -> u64 {
+        let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         ix.routes.add(conn, &identifiers);
         ix.order.push(conn);
         ix.entries.insert(
@@ -213,6 +263,7 @@ impl Registry {
                 agent_id: agent_id.into(),
                 identifiers,
                 tunnel,
+                holder,
             },
         );
         conn
@@ -356,6 +407,49 @@ mod tests {
             r.over_cap("agent-1", usize::MAX).0.len(),
             0,
             "nothing registered, nothing displaced"
+        );
+    }
+
+    #[cfg(feature = "test-util")]
+    #[tokio::test]
+    async fn an_exclusive_address_is_never_registered_for_two_holders() {
+        let (a, _peer_a, _ia) = tether::testing::tunnel_pair().await;
+        let (b, _peer_b, _ib) = tether::testing::tunnel_pair().await;
+        let (c, _peer_c, _ic) = tether::testing::tunnel_pair().await;
+        let ip = Identifier::Ipv4("10.0.0.5".parse().unwrap());
+        let r = Registry::default();
+        let first = r
+            .add_exclusive(
+                "node-1".into(),
+                "node node-1".into(),
+                vec![ip.clone()],
+                a.clone(),
+            )
+            .unwrap();
+        // Another holder: refused, and nothing of it is registered.
+        let (held, by) = r
+            .add_exclusive(
+                "node-2".into(),
+                "node node-2".into(),
+                vec![ip.clone()],
+                b.clone(),
+            )
+            .unwrap_err();
+        assert_eq!((held.to_string().as_str(), &*by), ("10.0.0.5", "node-1"));
+        assert_eq!(r.agent_ids(), vec!["node-1"]);
+        // The same holder again (a reconnect): registered beside it.
+        r.add_exclusive("node-1".into(), "node node-1".into(), vec![ip.clone()], c)
+            .unwrap();
+        // A draining holder no longer holds the address (routing skips it), a gone one either.
+        r.remove(first);
+        a.go_away("drain");
+        let d = Registry::default();
+        d.add_exclusive("node-1".into(), "node node-1".into(), vec![ip.clone()], a)
+            .unwrap();
+        assert!(
+            d.add_exclusive("node-2".into(), "node node-2".into(), vec![ip], b)
+                .is_ok(),
+            "a draining tunnel does not hold its addresses"
         );
     }
 

@@ -126,6 +126,29 @@ impl TokenReviewer {
         Ok(r)
     }
 
+    /// The addresses of Node `node` as the API server has them now (never cached), within the
+    /// review timeout and in turn with the reviews in flight: what a tunnel's node-bound
+    /// address claims are checked against again while it lives.
+    pub async fn node_addresses(
+        &self,
+        node: &str,
+    ) -> Result<Vec<std::net::IpAddr>, tether_ops::kube::KubeError> {
+        let fetch = async {
+            let _permit = self.in_flight.acquire().await;
+            self.client.node_addresses(node).await
+        };
+        tokio::time::timeout(self.timeout, fetch)
+            .await
+            .map_err(|_| tether_ops::kube::KubeError::Timeout)?
+    }
+
+    /// Forgets the cached reviews of tokens issued for `node`, whose addresses are stale: the
+    /// next handshake of its agent is reviewed, and its addresses read, afresh.
+    pub fn forget_node(&self, node: &str) {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache.retain(|_, (_, r)| r.node_name.as_deref() != Some(node));
+    }
+
     fn cached(&self, token: &str) -> Option<Reviewed> {
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         match cache.get(token) {

@@ -113,6 +113,7 @@ impl Server {
             token_review: config.token_review.clone(),
             identity: config.identity.clone(),
             max_tunnels_per_agent: config.max_tunnels_per_agent,
+            address_recheck: config.address_recheck,
         };
         let listener = Listener::bind(config.agent_addr, listen, Arc::new(admission))
             .await

@@ -480,3 +480,129 @@ async fn with_node_address_rules_an_agent_claims_only_its_own_nodes_addresses() 
     );
     assert_eq!(server.core().registry.agent_ids(), vec!["node-1"]);
 }
+
+/// Refusals of `reason` the server counted.
+fn refusals(server: &tether_server::Server, reason: &str) -> u64 {
+    let prefix = format!("tether_agents_refused_total{{reason=\"{reason}\"}} ");
+    server
+        .core()
+        .render_metrics()
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn an_address_two_nodes_claim_is_never_split_between_their_agents() {
+    let pki = Pki::new();
+    let kube = FakeKube::start().await;
+    kube.review("t1", ok("node-1"));
+    kube.review("t2", ok("node-2"));
+    // node-2 wrote node-1's address into its own Node status, as a compromised kubelet can.
+    kube.node("node-1", &["10.0.0.5"]);
+    kube.node("node-2", &["10.0.0.6", "10.0.0.5"]);
+    let dir = tempdir("addr-split");
+    let running =
+        reviewing_server_with(&pki, &kube, &dir, &["--address-identifiers", "node"]).await;
+    let server = &running.server;
+    let ip = |a: &str| Identifier::Ipv4(a.parse().unwrap());
+    let one = token_agent_claiming(
+        &pki,
+        server.agent_addr,
+        "node-1",
+        &dir,
+        "t1",
+        vec![ip("10.0.0.5")],
+    );
+    assert!(server.wait_agents(1, WAIT).await);
+    let (_two, m) = token_agent_claiming(
+        &pki,
+        server.agent_addr,
+        "node-2",
+        &dir,
+        "t2",
+        vec![ip("10.0.0.6"), ip("10.0.0.5")],
+    );
+    assert!(
+        eventually(WAIT, || refusals(server, "conflict") > 0).await,
+        "{}",
+        server.core().render_metrics()
+    );
+    assert!(unauthorized(&m), "{}", m.render());
+    assert_eq!(server.core().registry.agent_ids(), vec!["node-1"]);
+    for _ in 0..20 {
+        let (_, to) = server
+            .core()
+            .registry
+            .route("10.0.0.5", &[tether_server::Strategy::DestHost])
+            .unwrap();
+        assert_eq!(&*to, "node-1", "every dial to the address goes to its node");
+    }
+    // Once node-1's tunnel is gone, the address is free for the next holder.
+    drop(one);
+    assert!(
+        eventually(WAIT, || server.core().registry.agent_ids() == ["node-2"]).await,
+        "{:?}",
+        server.core().registry.agent_ids()
+    );
+}
+
+#[tokio::test]
+async fn a_tunnel_whose_node_no_longer_has_a_claimed_address_is_closed() {
+    let pki = Pki::new();
+    let kube = FakeKube::start().await;
+    kube.review("t2", ok("node-2"));
+    kube.node("node-2", &["10.0.0.6", "10.0.0.5"]);
+    let dir = tempdir("addr-revert");
+    let running = reviewing_server_with(
+        &pki,
+        &kube,
+        &dir,
+        &[
+            "--address-identifiers",
+            "node",
+            "--address-recheck-interval",
+            "200ms",
+        ],
+    )
+    .await;
+    let server = &running.server;
+    let ip = |a: &str| Identifier::Ipv4(a.parse().unwrap());
+    let (_two, _m) = token_agent_claiming(
+        &pki,
+        server.agent_addr,
+        "node-2",
+        &dir,
+        "t2",
+        vec![ip("10.0.0.5")],
+    );
+    assert!(server.wait_agents(1, WAIT).await);
+    // Checks that find the address still there keep the tunnel.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(server.core().registry.agent_ids(), vec!["node-2"]);
+    assert_eq!(refusals(server, "revoked"), 0);
+    // The node reverts its status after connecting: the next check closes the tunnel, and
+    // its reconnects are refused (the claim is no longer proven).
+    kube.node("node-2", &["10.0.0.6"]);
+    assert!(
+        eventually(WAIT, || refusals(server, "revoked") == 1).await,
+        "{}",
+        server.core().render_metrics()
+    );
+    assert!(
+        eventually(WAIT, || server.core().registry.is_empty()).await,
+        "{:?}",
+        server.core().registry.agent_ids()
+    );
+    // Its reconnects are reviewed afresh (not from the cache of the first review), so they are
+    // refused, never admitted again until the next check.
+    assert!(
+        eventually(WAIT, || refusals(server, "unauthorized") >= 1).await,
+        "{}",
+        server.core().render_metrics()
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(refusals(server, "revoked"), 1);
+    assert!(server.core().registry.is_empty());
+}

@@ -29,6 +29,8 @@ struct ByCertificate {
 }
 
 impl Admission for ByCertificate {
+    type Grant = ();
+
     async fn admit(&self, hello: &Hello, peer: &Peer) -> Result<(), Refusal> {
         // A real server parses the certificate (x509-parser); this example checks that the
         // claimed id appears in it, which is enough to show where the decision goes.
@@ -48,7 +50,7 @@ impl Admission for ByCertificate {
         }
     }
 
-    async fn serve(&self, agent: Admitted) {
+    async fn serve(&self, agent: Admitted, (): ()) {
         let id = agent.hello.agent_id.clone();
         println!("server: agent {id} connected from {}", agent.peer.addr);
         self.lock().insert(id.clone(), agent.tunnel.clone());

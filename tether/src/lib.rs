@@ -34,10 +34,11 @@
 //! struct First(tokio::sync::mpsc::Sender<tether::Tunnel>);
 //!
 //! impl Admission for First {
+//!     type Grant = ();
 //!     async fn admit(&self, _: &tether_proto::frame::Hello, _: &Peer) -> Result<(), Refusal> {
 //!         Ok(())
 //!     }
-//!     async fn serve(&self, agent: Admitted) {
+//!     async fn serve(&self, agent: Admitted, (): ()) {
 //!         let _ = self.0.send(agent.tunnel.clone()).await;
 //!         agent.tunnel.closed().await;
 //!     }

@@ -101,7 +101,8 @@ impl TunnelStats {
     }
 }
 
-/// Why an agent connection was refused before it became a tunnel.
+/// Why an agent connection was refused before it became a tunnel (or, `Revoked`, closed
+/// after).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RefusalKind {
     /// The TLS handshake failed (bad or missing client certificate, wrong CA, not TLS).
@@ -114,16 +115,24 @@ pub enum RefusalKind {
     Unauthorized,
     /// The client certificate could not be read.
     Certificate,
+    /// What the HELLO claims is held by a live tunnel of another credential (an address that
+    /// must not be split between two agents).
+    Conflict,
+    /// An admitted tunnel closed because what it claims is no longer proven (its node no
+    /// longer has the address, say).
+    Revoked,
 }
 
 impl RefusalKind {
     /// Every kind, in the order [`ListenerStats::refused`] reports them.
-    pub const ALL: [RefusalKind; 5] = [
+    pub const ALL: [RefusalKind; 7] = [
         RefusalKind::Tls,
         RefusalKind::Timeout,
         RefusalKind::Handshake,
         RefusalKind::Unauthorized,
         RefusalKind::Certificate,
+        RefusalKind::Conflict,
+        RefusalKind::Revoked,
     ];
 
     /// A short name, for a metrics label.
@@ -134,6 +143,8 @@ impl RefusalKind {
             RefusalKind::Handshake => "handshake",
             RefusalKind::Unauthorized => "unauthorized",
             RefusalKind::Certificate => "certificate",
+            RefusalKind::Conflict => "conflict",
+            RefusalKind::Revoked => "revoked",
         }
     }
 }
@@ -143,7 +154,7 @@ impl RefusalKind {
 #[derive(Debug, Default)]
 pub struct ListenerStats {
     handshaking: AtomicU64,
-    refused: [AtomicU64; 5],
+    refused: [AtomicU64; RefusalKind::ALL.len()],
     /// Bytes and stream errors of every tunnel this listener accepted.
     pub tunnels: std::sync::Arc<TunnelStats>,
 }
@@ -155,11 +166,12 @@ impl ListenerStats {
     }
 
     /// Refusals so far, by kind (in [`RefusalKind::ALL`]'s order).
-    pub fn refused(&self) -> [(RefusalKind, u64); 5] {
+    pub fn refused(&self) -> [(RefusalKind, u64); RefusalKind::ALL.len()] {
         RefusalKind::ALL.map(|k| (k, count(&self.refused[k as usize])))
     }
 
-    pub(crate) fn refuse(&self, kind: RefusalKind) {
+    /// Counts one refusal (the listener's own, and a caller's after admission).
+    pub fn refuse(&self, kind: RefusalKind) {
         add(&self.refused[kind as usize]);
     }
 

@@ -25,6 +25,8 @@ struct Keep {
 }
 
 impl Admission for Keep {
+    type Grant = ();
+
     async fn admit(&self, hello: &Hello, _: &Peer) -> Result<(), Refusal> {
         if hello.agent_id == "refused" {
             return Err(Refusal::unauthorized("not this one"));
@@ -32,7 +34,7 @@ impl Admission for Keep {
         Ok(())
     }
 
-    async fn serve(&self, agent: Admitted) {
+    async fn serve(&self, agent: Admitted, (): ()) {
         let id = agent.hello.agent_id.clone();
         self.tunnels
             .lock()

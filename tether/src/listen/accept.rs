@@ -242,22 +242,28 @@ impl Conn {
             stats.refuse(RefusalKind::Timeout);
             return;
         }
-        if let Err(r) = verdict {
-            tracing::warn!(agent_id = %hello.agent_id.escape_debug(), reason = %r.log, "agent refused");
-            stats.refuse(r.kind);
-            // The slot is given back once the session is over (the refusal closed it), never
-            // while it could still hold a half-open connection.
-            tunnel.closed().await;
-            return;
-        }
+        let grant = match verdict {
+            Ok(grant) => grant,
+            Err(r) => {
+                tracing::warn!(agent_id = %hello.agent_id.escape_debug(), reason = %r.log, "agent refused");
+                stats.refuse(r.kind);
+                // The slot is given back once the session is over (the refusal closed it),
+                // never while it could still hold a half-open connection.
+                tunnel.closed().await;
+                return;
+            }
+        };
         drop(slot);
         let _close = CloseOnDrop(tunnel.clone());
         admission
-            .serve(Admitted {
-                tunnel,
-                hello,
-                peer,
-            })
+            .serve(
+                Admitted {
+                    tunnel,
+                    hello,
+                    peer,
+                },
+                grant,
+            )
             .await;
     }
 }

@@ -17,10 +17,11 @@
 //! struct Anyone;
 //!
 //! impl Admission for Anyone {
+//!     type Grant = ();
 //!     async fn admit(&self, _: &Hello, _: &Peer) -> Result<(), Refusal> {
 //!         Ok(()) // the client certificate was checked by TLS
 //!     }
-//!     async fn serve(&self, agent: Admitted) {
+//!     async fn serve(&self, agent: Admitted, (): ()) {
 //!         let mut s = agent.tunnel.dial("10.0.0.7", 10250, std::time::Duration::from_secs(5)).await;
 //!         agent.tunnel.closed().await;
 //!     }
@@ -149,16 +150,23 @@ impl Refusal {
 
 /// The caller's part in accepting agents.
 pub trait Admission: Send + Sync + 'static {
+    /// What a decision to admit hands to [`serve`](Admission::serve): who the agent proved
+    /// to be, say, beyond its HELLO and certificates (`()` when nothing).
+    type Grant: Send + 'static;
+
     /// Decides a HELLO against what the connection proved (an API call may be made: the wait
     /// is bounded by the session's handshake deadline, and dropped at once if the agent
     /// leaves). `Err` refuses it: GOAWAY UNAUTHORIZED with the refusal's wire reason.
-    fn admit(&self, hello: &Hello, peer: &Peer)
-    -> impl Future<Output = Result<(), Refusal>> + Send;
+    fn admit(
+        &self,
+        hello: &Hello,
+        peer: &Peer,
+    ) -> impl Future<Output = Result<Self::Grant, Refusal>> + Send;
 
     /// Runs for an admitted tunnel's life, in the connection's task: register it, wait for
     /// [`Tunnel::closed`], unregister. The tunnel is closed when this returns, and when the
     /// listener is dropped.
-    fn serve(&self, agent: Admitted) -> impl Future<Output = ()> + Send;
+    fn serve(&self, agent: Admitted, grant: Self::Grant) -> impl Future<Output = ()> + Send;
 }
 
 /// A listening agent port. Dropping it stops accepting, ends every connection it accepted (a
