@@ -11,7 +11,7 @@ use tokio::net::TcpStream;
 #[tokio::test]
 async fn connect_over_tcp_in_kube_apiservers_dialect_reaches_the_backend() {
     let pki = Pki::new();
-    let (server, _agent) = server_and_agent(&pki).await;
+    let (server, agent) = server_and_agent(&pki).await;
     let backend = echo_backend().await;
     let (status, head, mut s) =
         connect_tcp(server.connect_addr.unwrap(), &backend.to_string()).await;
@@ -26,12 +26,14 @@ async fn connect_over_tcp_in_kube_apiservers_dialect_reaches_the_backend() {
         read_to_end(&mut s).await.unwrap(),
         b"ping through the tunnel"
     );
+    drop(s);
+    at_rest(&server, &[&agent]).await;
 }
 
 #[tokio::test]
 async fn bytes_sent_right_after_the_request_head_are_not_lost() {
     let pki = Pki::new();
-    let (server, _agent) = server_and_agent(&pki).await;
+    let (server, agent) = server_and_agent(&pki).await;
     let backend = echo_backend().await;
     let mut s = TcpStream::connect(server.connect_addr.unwrap())
         .await
@@ -42,6 +44,8 @@ async fn bytes_sent_right_after_the_request_head_are_not_lost() {
     let (head, _) = read_head(&mut s).await;
     assert_eq!(status_of(&head), 200);
     assert_eq!(read_to_end(&mut s).await.unwrap(), b"early bytes");
+    drop(s);
+    at_rest(&server, &[&agent]).await;
 }
 
 #[tokio::test]
@@ -58,7 +62,7 @@ async fn connect_over_mtls_needs_a_client_certificate_signed_by_the_ca() {
         .into(),
     );
     let server = tether_server::Server::start(cfg).await.unwrap();
-    let _agent = tether_agent::Agent::start(agent_config(&pki, server.agent_addr, "agent-1"));
+    let agent = tether_agent::Agent::start(agent_config(&pki, server.agent_addr, "agent-1"));
     assert!(server.wait_agents(1, WAIT).await);
     let backend = echo_backend().await;
     let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
@@ -85,6 +89,7 @@ async fn connect_over_mtls_needs_a_client_certificate_signed_by_the_ca() {
         .unwrap()
         .unwrap();
     assert_eq!(&got, b"over mTLS");
+    drop(tls);
 
     // Without one: no CONNECT is ever answered.
     let without = tether::tls::client_config(pki.ca_pem(), None).unwrap();
@@ -102,6 +107,7 @@ async fn connect_over_mtls_needs_a_client_certificate_signed_by_the_ca() {
         Ok::<_, std::io::Error>(())
     };
     assert!(tokio::time::timeout(WAIT, refused).await.unwrap().is_err());
+    at_rest(&server, &[&agent]).await;
 }
 
 #[cfg(unix)]
@@ -117,7 +123,7 @@ async fn connect_over_the_unix_socket_reaches_the_backend() {
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&path).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o770, "owner and group only");
-    let _agent = tether_agent::Agent::start(agent_config(&pki, server.agent_addr, "agent-1"));
+    let agent = tether_agent::Agent::start(agent_config(&pki, server.agent_addr, "agent-1"));
     assert!(server.wait_agents(1, WAIT).await);
     let backend = echo_backend().await;
     let mut s = tokio::net::UnixStream::connect(&path).await.unwrap();
@@ -126,13 +132,15 @@ async fn connect_over_the_unix_socket_reaches_the_backend() {
     s.write_all(b"via uds").await.unwrap();
     s.shutdown().await.unwrap();
     assert_eq!(read_to_end(&mut s).await.unwrap(), b"via uds");
+    drop(s);
+    at_rest(&server, &[&agent]).await;
     let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test]
 async fn half_close_passes_through_in_both_directions() {
     let pki = Pki::new();
-    let (server, _agent) = server_and_agent(&pki).await;
+    let (server, agent) = server_and_agent(&pki).await;
     // A backend that reads the whole request, then answers, then closes.
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let backend = l.local_addr().unwrap();
@@ -151,6 +159,8 @@ async fn half_close_passes_through_in_both_directions() {
     // The client half-closes; the backend sees EOF while the other direction stays open.
     s.shutdown().await.unwrap();
     assert_eq!(read_to_end(&mut s).await.unwrap(), b"got 100000 bytes");
+    drop(s);
+    at_rest(&server, &[&agent]).await;
 }
 
 async fn status_for(server: &tether_server::Server, request: &str) -> (u16, String) {
@@ -188,7 +198,7 @@ async fn every_failure_maps_to_a_clear_status_with_a_reason() {
     let mut cfg = agent_config(&pki, server.agent_addr, "agent-1");
     cfg.allowlist = tether_agent::Allowlist::parse("127.0.0.1").unwrap();
     cfg.dial_timeout = Duration::from_millis(300);
-    let _agent = tether_agent::Agent::start(cfg);
+    let agent = tether_agent::Agent::start(cfg);
     assert!(server.wait_agents(1, WAIT).await);
 
     // Refused by the destination: 502.
@@ -230,12 +240,14 @@ async fn every_failure_maps_to_a_clear_status_with_a_reason() {
     let (status, text) =
         status_for(&server, &format!("CONNECT {full_addr} HTTP/1.1\r\n\r\n")).await;
     assert_eq!(status, 504, "{text}");
+    drop(fillers);
+    at_rest(&server, &[&agent]).await;
 }
 
 #[tokio::test]
 async fn a_slow_request_head_gets_408_and_an_oversized_one_431() {
     let pki = Pki::new();
-    let (server, _agent) = server_and_agent(&pki).await;
+    let (server, agent) = server_and_agent(&pki).await;
     let mut s = TcpStream::connect(server.connect_addr.unwrap())
         .await
         .unwrap();
@@ -254,12 +266,14 @@ async fn a_slow_request_head_gets_408_and_an_oversized_one_431() {
     let _ = s.write_all(big.as_bytes()).await;
     let out = read_to_end(&mut s).await.unwrap_or_default();
     assert_eq!(status_of(&String::from_utf8_lossy(&out)), 431);
+    drop(s);
+    at_rest(&server, &[&agent]).await;
 }
 
 #[tokio::test]
 async fn health_ready_and_metrics_answer() {
     let pki = Pki::new();
-    let (server, _agent) = server_and_agent(&pki).await;
+    let (server, agent) = server_and_agent(&pki).await;
     let get = |path: &'static str| {
         let addr = server.health_addr.unwrap();
         async move {
@@ -274,4 +288,5 @@ async fn health_ready_and_metrics_answer() {
     assert_eq!(status_of(&get("/readyz").await), 200);
     let metrics = get("/metrics").await;
     assert!(metrics.contains("tether_agents 1"), "{metrics}");
+    at_rest(&server, &[&agent]).await;
 }

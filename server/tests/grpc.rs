@@ -53,7 +53,7 @@ fn metric(server: &Server, series: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eight_mib_each_way_arrive_intact_whatever_the_client_puts_in_authority() {
     let pki = Pki::new();
-    let (server, _agent, path) = grpc_server_and_agent(&pki, "grpc-8mib").await;
+    let (server, agent, path) = grpc_server_and_agent(&pki, "grpc-8mib").await;
     let echo = echo_backend().await;
     for style in [
         AuthorityStyle::PercentEncoded,
@@ -106,12 +106,13 @@ async fn eight_mib_each_way_arrive_intact_whatever_the_client_puts_in_authority(
         ),
         0.0
     );
+    at_rest(&server, &[&agent]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dial_to_a_closed_port_gets_an_error_dial_response() {
     let pki = Pki::new();
-    let (_server, _agent, path) = grpc_server_and_agent(&pki, "grpc-refused").await;
+    let (server, agent, path) = grpc_server_and_agent(&pki, "grpc-refused").await;
     let closed = {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         l.local_addr().unwrap()
@@ -134,6 +135,9 @@ async fn a_dial_to_a_closed_port_gets_an_error_dial_response() {
     let mut call = client.dial(&echo.to_string()).await.unwrap();
     call.write(Bytes::from_static(b"ping")).await.unwrap();
     assert_eq!(&call.read().await.unwrap().unwrap()[..], b"ping");
+    drop(call);
+    drop(client);
+    at_rest(&server, &[&agent]).await;
 }
 
 /// A server with a gRPC socket and one agent whose only destination is a black hole, so
@@ -158,7 +162,7 @@ async fn server_with_a_slow_destination(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dial_cls_during_a_slow_dial_cancels_it_at_the_agent() {
     let pki = Pki::new();
-    let (server, _agent, path, port, _hole) =
+    let (server, agent, path, port, _hole) =
         server_with_a_slow_destination(&pki, "grpc-cancel").await;
     let client = GrpcClient::connect(&path, AuthorityStyle::PercentEncoded)
         .await
@@ -188,12 +192,15 @@ async fn dial_cls_during_a_slow_dial_cancels_it_at_the_agent() {
         metric(&server, "tether_dials_total{result=\"cancelled\"}"),
         1.0
     );
+    drop(call);
+    drop(client);
+    at_rest(&server, &[&agent]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pending_dials_fail_at_once_when_the_agent_goes() {
     let pki = Pki::new();
-    let (_server, agent, path, port, _hole) =
+    let (server, agent, path, port, _hole) =
         server_with_a_slow_destination(&pki, "grpc-agent-gone-dial").await;
     let client = GrpcClient::connect(&path, AuthorityStyle::Raw)
         .await
@@ -210,6 +217,9 @@ async fn pending_dials_fail_at_once_when_the_agent_goes() {
         Ok(other) => panic!("{:?}", other.err()),
         Err(_) => panic!("no DIAL_RSP after the agent left"),
     }
+    drop(call);
+    drop(client);
+    at_rest(&server, &[&agent]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -236,13 +246,16 @@ async fn an_agent_lost_mid_stream_gives_close_rsp_with_an_error() {
         ) == 1.0)
         .await
     );
+    drop(call);
+    drop(client);
+    at_rest(&server, &[&agent]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_holds_its_stream_to_the_windows() {
     const OFFERED: usize = 64 * 1024 * 1024;
     let pki = Pki::new();
-    let (_server, _agent, path) = grpc_server_and_agent(&pki, "grpc-slow-reader").await;
+    let (server, agent, path) = grpc_server_and_agent(&pki, "grpc-slow-reader").await;
     // A backend that writes as fast as it may and counts what the kernel took.
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
@@ -305,12 +318,15 @@ async fn a_client_that_stops_reading_holds_its_stream_to_the_windows() {
         got += chunk.len();
     }
     assert_eq!(got, OFFERED);
+    drop(call);
+    drop(client);
+    at_rest(&server, &[&agent]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_calls_at_once_on_one_channel() {
     let pki = Pki::new();
-    let (_server, _agent, path) = grpc_server_and_agent(&pki, "grpc-hundred").await;
+    let (server, agent, path) = grpc_server_and_agent(&pki, "grpc-hundred").await;
     let echo = echo_backend().await;
     let client = GrpcClient::connect(&path, AuthorityStyle::PercentEncoded)
         .await
@@ -338,6 +354,8 @@ async fn a_hundred_calls_at_once_on_one_channel() {
     ids.sort_unstable();
     ids.dedup();
     assert_eq!(ids.len(), 100, "every call has its own connectID");
+    drop(client);
+    at_rest(&server, &[&agent]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -348,7 +366,7 @@ async fn a_message_over_the_limit_ends_its_call_and_frees_its_budget() {
         budget: 256 * 1024,
         ..GrpcLimits::default()
     };
-    let (_server, _agent, path) = grpc_server_and_agent_limited(&pki, "grpc-limit", limits).await;
+    let (server, agent, path) = grpc_server_and_agent_limited(&pki, "grpc-limit", limits).await;
     let echo = echo_backend().await;
     let client = GrpcClient::connect(&path, AuthorityStyle::PercentEncoded)
         .await
@@ -368,6 +386,9 @@ async fn a_message_over_the_limit_ends_its_call_and_frees_its_budget() {
     while got < 60 * 1024 {
         got += call.read().await.unwrap().unwrap().len();
     }
+    drop(call);
+    drop(client);
+    at_rest(&server, &[&agent]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -379,8 +400,7 @@ async fn a_message_that_stops_arriving_loses_its_call_and_frees_its_budget() {
         budget: 64 * 1024,
         message_deadline: Duration::from_millis(300),
     };
-    let (_server, _agent, path) =
-        grpc_server_and_agent_limited(&pki, "grpc-deadline", limits).await;
+    let (server, agent, path) = grpc_server_and_agent_limited(&pki, "grpc-deadline", limits).await;
     let echo = echo_backend().await;
     let client = GrpcClient::connect(&path, AuthorityStyle::PercentEncoded)
         .await
@@ -405,6 +425,10 @@ async fn a_message_that_stops_arriving_loses_its_call_and_frees_its_budget() {
     assert!(e.to_string().contains("no byte of it within"), "{e}");
     // The other call's bytes come back.
     grpc_read(&mut other, 60 * 1024).await;
+    drop(silent);
+    drop(other);
+    drop(client);
+    at_rest(&server, &[&agent]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -456,6 +480,8 @@ async fn grpc_and_connect_serve_side_by_side_and_only_allowed_users_get_in() {
         Ok(c) => c.dial(&echo.to_string()).await.is_err(),
     };
     assert!(refused, "a user not listed got a gRPC call through");
+    drop(s);
+    at_rest(&server, &[]).await;
     drop(server);
 }
 
@@ -467,7 +493,7 @@ async fn small_messages_packed_in_frames_and_a_large_one_between_arrive_in_order
     use prost::Message as _;
     use tether_server::grpc::konnectivity::{self, Packet, PacketType, packet::Payload};
     let pki = Pki::new();
-    let (_server, _agent, path) = grpc_server_and_agent(&pki, "grpc-packed").await;
+    let (server, agent, path) = grpc_server_and_agent(&pki, "grpc-packed").await;
     let echo = echo_backend().await;
     let client = GrpcClient::connect(&path, AuthorityStyle::PercentEncoded)
         .await
@@ -495,4 +521,7 @@ async fn small_messages_packed_in_frames_and_a_large_one_between_arrive_in_order
     call.send_raw(Bytes::from(wire)).await.unwrap();
     let got = grpc_read(&mut call, data.len()).await;
     assert!(got == data, "the echo differs");
+    drop(call);
+    drop(client);
+    at_rest(&server, &[&agent]).await;
 }

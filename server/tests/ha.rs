@@ -274,6 +274,14 @@ async fn one_replica_killed_under_load_fails_only_its_streams_and_comes_back() {
         all_read(&agent_health, "tether_agent_tunnels", 3.0).await,
         "an agent lacks a replica (logs in {logs})"
     );
+    // What each process holds at rest, tunnels up and nothing else.
+    let pids: Vec<u32> = servers
+        .iter()
+        .flatten()
+        .chain(&_agents)
+        .map(|k| k.0.id())
+        .collect();
+    let fds_at_rest: Vec<usize> = pids.iter().map(|p| open_fds(*p)).collect();
     // Load: four open streams through each replica (as each kube-apiserver uses its own).
     let mut streams: Vec<(usize, TcpStream)> = Vec::new();
     for (i, p) in ports.iter().enumerate() {
@@ -332,6 +340,20 @@ async fn one_replica_killed_under_load_fails_only_its_streams_and_comes_back() {
         all_read(&server_health, "tether_agents", 2.0).await,
         "a replica holds a duplicate tunnel (logs in {logs})"
     );
+    // Once every client has left, every process is back at rest: no stream, dial or
+    // destination connection held, no fd more than with its tunnels alone (the restarted
+    // replica's own count taken now that its tunnels are back).
+    drop((s, streams));
+    let restarted = servers[1].as_ref().unwrap().0.id();
+    let at = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+    let mut rest: Vec<(SocketAddr, u32, usize)> = server_health
+        .iter()
+        .chain(&agent_health)
+        .zip(pids.iter().zip(&fds_at_rest))
+        .map(|(port, (pid, fds))| (at(*port), *pid, *fds))
+        .collect();
+    rest[1] = (at(ports[1].health), restarted, open_fds(restarted));
+    processes_at_rest(&rest).await;
     drop(servers);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -60,6 +60,8 @@ async fn a_silent_agent_gets_goaway_handshake_timeout_from_the_server() {
         "{frames:?}"
     );
     assert_eq!(server.agents(), 0);
+    drop(s);
+    at_rest(&server, &[]).await;
 }
 
 #[tokio::test]
@@ -118,4 +120,6 @@ async fn a_client_that_never_finishes_tls_is_dropped_at_the_same_deadline() {
         "{}",
         server.core().render_metrics()
     );
+    drop(tcp);
+    at_rest(&server, &[]).await;
 }

@@ -514,6 +514,8 @@ async fn a_peer_that_allows_unlimited_streams_gets_no_more_than_the_servers_own_
         }
     }
     assert_eq!((dials, refused, timed_out), (3, 7, 3));
+    drop(pending);
+    at_rest(&server, &[]).await;
 }
 
 #[tokio::test]
@@ -543,6 +545,7 @@ async fn a_one_millisecond_keepalive_interval_gets_at_most_one_ping_a_second() {
     }
     // The floor is 1000 ms: two in 2.5 s (a loaded machine sends fewer, never more).
     assert!(pings <= 2, "{pings} PINGs in 2.5 s");
+    at_rest(&server, &[]).await;
 }
 
 // ----- 3. identity is bound to the credential -----
@@ -569,7 +572,7 @@ async fn registered_ids(server: &Server) -> Vec<String> {
 async fn a_second_certificate_cannot_take_another_agents_id_or_host_name() {
     let pki = Pki::new();
     // The victim serves the name `localhost` (its id, its certificate, its host identifier).
-    let (server, _victim, port) = with_agent(&pki, "localhost", |port| {
+    let (server, victim, port) = with_agent(&pki, "localhost", |port| {
         format!("localhost:{port}, 127.0.0.1:{port}")
     })
     .await;
@@ -604,6 +607,7 @@ async fn a_second_certificate_cannot_take_another_agents_id_or_host_name() {
         registered_ids(&server).await,
         vec!["localhost".to_owned(), "node-2".to_owned()]
     );
+    at_rest(&server, &[&victim]).await;
 }
 
 #[tokio::test]
@@ -640,6 +644,7 @@ async fn a_token_bound_to_another_agent_id_is_refused() {
         .answer()
         .await
         .expect("its own id with its own token");
+    at_rest(&server, &[]).await;
 }
 
 #[tokio::test]
@@ -693,6 +698,7 @@ async fn a_new_tunnel_with_an_id_already_present_replaces_the_oldest_beyond_the_
         "{} tunnels still registered after the grace",
         server.agents()
     );
+    at_rest(&server, &[]).await;
 }
 
 #[tokio::test]
@@ -722,6 +728,7 @@ async fn an_agent_id_with_control_characters_is_refused_whatever_the_rule() {
     assert_eq!(code, ErrorCode::UNAUTHORIZED);
     assert!(reason.contains("control"), "{reason}");
     assert!(registered_ids(&server).await.is_empty());
+    at_rest(&server, &[]).await;
 }
 
 #[tokio::test]
@@ -745,6 +752,7 @@ async fn a_refusal_whose_reason_is_over_255_bytes_still_goes_out_at_once() {
         "{refused}"
     );
     assert!(!refused.contains("reason=\"timeout\""), "{refused}");
+    at_rest(&server, &[]).await;
 }
 
 // ----- 8. a bounded label set -----
@@ -781,6 +789,7 @@ async fn reset_codes_an_agent_picks_do_not_grow_the_metrics_label_set() {
         .filter(|l| l.starts_with("tether_dials_total{"))
         .count();
     assert_eq!(series, 1, "40 made-up codes are one `other` series");
+    at_rest(&server, &[]).await;
 }
 
 // ----- 4. a stream that fails never looks complete -----
@@ -1011,7 +1020,7 @@ async fn an_agent_killed_mid_transfer_fails_every_unix_socket_stream_visibly() {
 #[tokio::test]
 async fn a_name_rule_that_resolves_to_loopback_does_not_reach_loopback() {
     let pki = Pki::new();
-    let (server, _agent, port) =
+    let (server, agent, port) =
         with_agent(&pki, "agent-1", |port| format!("localhost:{port}")).await;
     let frontend = server.connect_addr.unwrap();
     let (status, head, mut s) = connect_tcp(frontend, &format!("localhost:{port}")).await;
@@ -1024,12 +1033,14 @@ async fn a_name_rule_that_resolves_to_loopback_does_not_reach_loopback() {
     // The literal address, not on the list either.
     let (status, _, _) = connect_tcp(frontend, &format!("127.0.0.1:{port}")).await;
     assert_eq!(status, 403);
+    drop(s);
+    at_rest(&server, &[&agent]).await;
 }
 
 #[tokio::test]
 async fn an_ip_rule_that_names_loopback_lets_a_name_resolving_to_it_through() {
     let pki = Pki::new();
-    let (server, _agent, port) = with_agent(&pki, "agent-1", |port| {
+    let (server, agent, port) = with_agent(&pki, "agent-1", |port| {
         format!("localhost:{port}, 127.0.0.1:{port}")
     })
     .await;
@@ -1039,15 +1050,18 @@ async fn an_ip_rule_that_names_loopback_lets_a_name_resolving_to_it_through() {
     s.write_all(b"ping").await.unwrap();
     s.shutdown().await.unwrap();
     assert_eq!(read_to_end(&mut s).await.unwrap(), b"ping");
+    drop(s);
+    at_rest(&server, &[&agent]).await;
 }
 
 #[tokio::test]
 async fn an_empty_allowlist_refuses_the_agents_own_loopback() {
     let pki = Pki::new();
-    let (server, _agent, port) = with_agent(&pki, "agent-1", |_| String::new()).await;
+    let (server, agent, port) = with_agent(&pki, "agent-1", |_| String::new()).await;
     let target = format!("127.0.0.1:{port}");
     let (status, head, _) = connect_tcp(server.connect_addr.unwrap(), &target).await;
     assert_eq!(status, 403, "{head}");
+    at_rest(&server, &[&agent]).await;
 }
 
 #[cfg(unix)]
@@ -1112,7 +1126,7 @@ async fn the_agent_drops_its_connect_when_the_server_gives_up_on_the_dial() {
     let mut acfg = agent_config(&pki, server.agent_addr, "agent-1");
     acfg.allowlist = Allowlist::parse(&format!("127.0.0.1:{port}")).unwrap();
     acfg.dial_timeout = Duration::from_secs(30);
-    let _agent = Agent::start(acfg);
+    let agent = Agent::start(acfg);
     assert!(server.wait_agents(1, WAIT).await);
     let frontend = server.connect_addr.unwrap();
     let target = format!("127.0.0.1:{port}");
@@ -1139,6 +1153,7 @@ async fn the_agent_drops_its_connect_when_the_server_gives_up_on_the_dial() {
         "the agent still holds {} connects for dials the server gave up on",
         syn_sent_to(port)
     );
+    at_rest(&server, &[&agent]).await;
     drop(hole);
 }
 
@@ -1188,6 +1203,8 @@ async fn the_tls_handshake_and_the_request_head_share_one_budget() {
     let _ = s.write_all(b"Host: x\r\n\r\n").await;
     let (head, _) = read_head(&mut s).await;
     assert_eq!(status_of(&head), 408, "{head}");
+    drop(s);
+    at_rest(&server, &[]).await;
 }
 
 #[tokio::test]
@@ -1202,7 +1219,7 @@ async fn connect_clients_on_tls_are_capped_while_they_handshake_or_send_their_he
             .into(),
     );
     let server = Server::start(cfg).await.unwrap();
-    let _agent = Agent::start(agent_config(&pki, server.agent_addr, "agent-1"));
+    let agent = Agent::start(agent_config(&pki, server.agent_addr, "agent-1"));
     assert!(server.wait_agents(1, WAIT).await);
     let addr = server.connect_addr.unwrap();
     // Eight silent connections: two at a time are taken into a handshake, the rest wait in
@@ -1240,7 +1257,9 @@ async fn connect_clients_on_tls_are_capped_while_they_handshake_or_send_their_he
     let (head, _) = read_head(&mut s).await;
     assert_eq!(status_of(&head), 200, "{head}");
     assert_eq!(gauge(), 0, "a client through its head holds no slot");
+    drop(s);
     drop(silent);
+    at_rest(&server, &[&agent]).await;
 }
 
 #[tokio::test]
@@ -1275,7 +1294,8 @@ async fn unauthenticated_connections_on_the_agent_port_are_capped_while_they_han
         "at most two handshakes at once, and the cap was reached"
     );
     // Every silent one is closed in turn; an honest agent then gets in.
-    let _agent = Agent::start(agent_config(&pki, server.agent_addr, "agent-1"));
+    let agent = Agent::start(agent_config(&pki, server.agent_addr, "agent-1"));
     assert!(server.wait_agents(1, WAIT).await);
     drop(silent);
+    at_rest(&server, &[&agent]).await;
 }

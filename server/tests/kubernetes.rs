@@ -157,7 +157,7 @@ async fn service_account_tokens_are_reviewed_and_bind_the_agent_to_its_node() {
     let running = reviewing_server(&pki, &kube, &dir).await;
     let server = &running.server;
 
-    let _good = token_agent(&pki, server.agent_addr, "node-1", &dir, "good-1");
+    let (good, _) = token_agent(&pki, server.agent_addr, "node-1", &dir, "good-1");
     assert!(
         server.wait_agents(1, WAIT).await,
         "the reviewed agent is in"
@@ -178,6 +178,9 @@ async fn service_account_tokens_are_reviewed_and_bind_the_agent_to_its_node() {
     }
     assert_eq!(server.core().registry.agent_ids(), vec!["node-1"]);
     assert!(refused(server) != "none", "the server counts them");
+    let mut agents = vec![&good];
+    agents.extend(refused_agents.iter().map(|(a, _)| a));
+    at_rest(server, &agents).await;
 }
 
 #[tokio::test]
@@ -195,8 +198,8 @@ async fn a_slow_or_failing_api_server_refuses_that_agent_and_never_blocks_the_ot
     let slow: Vec<(Agent, Arc<AgentMetrics>)> = (0..tether_server::review::MAX_IN_FLIGHT + 8)
         .map(|i| token_agent(&pki, server.agent_addr, &format!("slow-{i}"), &dir, "slow"))
         .collect();
-    let (_fail, fail_metrics) = token_agent(&pki, server.agent_addr, "node-9", &dir, "fail");
-    let _good = token_agent(&pki, server.agent_addr, "node-1", &dir, "good-1");
+    let (fail, fail_metrics) = token_agent(&pki, server.agent_addr, "node-9", &dir, "fail");
+    let (good, _) = token_agent(&pki, server.agent_addr, "node-1", &dir, "good-1");
     assert!(
         server.wait_agents(1, WAIT).await,
         "the good agent gets in while others hang"
@@ -227,6 +230,7 @@ async fn a_slow_or_failing_api_server_refuses_that_agent_and_never_blocks_the_ot
         "handshake slots freed: {}",
         slots(server)
     );
+    at_rest(server, &[&fail, &good]).await;
 }
 
 #[tokio::test]
@@ -247,7 +251,7 @@ async fn positive_reviews_are_cached_and_the_agent_rereads_its_rotated_token() {
         token_path: Some(token_file.clone()),
         ..agent_config(&pki, server.agent_addr, "node-1")
     };
-    let _agent = Agent::start(cfg);
+    let agent = Agent::start(cfg);
     assert!(server.wait_agents(1, WAIT).await);
     assert_eq!(kube.review_calls(), 1);
     // The tunnel drops; the agent comes back with the same token: the cached review serves.
@@ -269,6 +273,7 @@ async fn positive_reviews_are_cached_and_the_agent_rereads_its_rotated_token() {
     assert!(server.wait_agents_at_most(0, WAIT).await);
     assert!(server.wait_agents(1, WAIT).await);
     assert_eq!(kube.review_calls(), 2, "the rotated token was reviewed");
+    at_rest(server, &[&agent]).await;
 }
 
 fn settings(holder: &str) -> LeaseSettings {
@@ -454,7 +459,7 @@ async fn with_node_address_rules_an_agent_claims_only_its_own_nodes_addresses() 
         reviewing_server_with(&pki, &kube, &dir, &["--address-identifiers", "node"]).await;
     let server = &running.server;
     let ip = |a: &str| Identifier::Ipv4(a.parse().unwrap());
-    let _one = token_agent_claiming(
+    let (one, _) = token_agent_claiming(
         &pki,
         server.agent_addr,
         "node-1",
@@ -465,7 +470,7 @@ async fn with_node_address_rules_an_agent_claims_only_its_own_nodes_addresses() 
     assert!(server.wait_agents(1, WAIT).await, "its own node's address");
     // node-2's agent claims node-1's address, as a compromised node would to take its
     // kubelet traffic.
-    let (_two, m) = token_agent_claiming(
+    let (two, m) = token_agent_claiming(
         &pki,
         server.agent_addr,
         "node-2",
@@ -479,6 +484,7 @@ async fn with_node_address_rules_an_agent_claims_only_its_own_nodes_addresses() 
         m.render()
     );
     assert_eq!(server.core().registry.agent_ids(), vec!["node-1"]);
+    at_rest(server, &[&one, &two]).await;
 }
 
 /// Refusals of `reason` the server counted.
@@ -516,7 +522,7 @@ async fn an_address_two_nodes_claim_is_never_split_between_their_agents() {
         vec![ip("10.0.0.5")],
     );
     assert!(server.wait_agents(1, WAIT).await);
-    let (_two, m) = token_agent_claiming(
+    let (two, m) = token_agent_claiming(
         &pki,
         server.agent_addr,
         "node-2",
@@ -546,6 +552,7 @@ async fn an_address_two_nodes_claim_is_never_split_between_their_agents() {
         "{:?}",
         server.core().registry.agent_ids()
     );
+    at_rest(server, &[&two]).await;
 }
 
 #[tokio::test]
@@ -569,7 +576,7 @@ async fn a_tunnel_whose_node_no_longer_has_a_claimed_address_is_closed() {
     .await;
     let server = &running.server;
     let ip = |a: &str| Identifier::Ipv4(a.parse().unwrap());
-    let (_two, _m) = token_agent_claiming(
+    let (two, _m) = token_agent_claiming(
         &pki,
         server.agent_addr,
         "node-2",
@@ -605,4 +612,5 @@ async fn a_tunnel_whose_node_no_longer_has_a_claimed_address_is_closed() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(refusals(server, "revoked"), 1);
     assert!(server.core().registry.is_empty());
+    at_rest(server, &[&two]).await;
 }

@@ -37,6 +37,7 @@ async fn a_server_from_the_defaults_opens_its_agent_port_and_nothing_else() {
     assert_eq!(server.uds_path, None);
     assert_eq!(server.grpc_uds_path, None);
     assert_ne!(server.agent_addr.port(), 0);
+    at_rest(&server, &[]).await;
 }
 
 #[tokio::test]
@@ -56,6 +57,7 @@ async fn a_dropped_server_frees_every_port_and_socket_file_and_closes_its_tunnel
         server.connect_addr.unwrap(),
         server.health_addr.unwrap(),
     ];
+    // No resting-state check: the test is about what the server leaves once dropped.
     drop(server);
     for addr in ports {
         assert!(
@@ -88,6 +90,7 @@ async fn a_unix_socket_gets_mode_0770_and_nothing_is_left_beside_it() {
         .map(|e| e.file_name())
         .collect();
     assert_eq!(beside, vec![std::ffi::OsString::from("connect.socket")]);
+    at_rest(&server, &[]).await;
     drop(server);
 }
 
@@ -107,5 +110,6 @@ async fn a_unix_socket_path_at_the_kernels_limit_still_binds() {
     cfg.uds_path = Some(path.clone());
     let server = tether_server::Server::start(cfg).await.unwrap();
     assert!(tokio::net::UnixStream::connect(&path).await.is_ok());
+    at_rest(&server, &[]).await;
     drop(server);
 }

@@ -14,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_concurrent_streams_arrive_whole_and_in_order() {
     let pki = Pki::new();
-    let (server, _agent) = server_and_agent(&pki).await;
+    let (server, agent) = server_and_agent(&pki).await;
     let backend = echo_backend().await;
     let frontend = server.connect_addr.unwrap();
     let mut tasks = Vec::new();
@@ -42,6 +42,7 @@ async fn two_hundred_concurrent_streams_arrive_whole_and_in_order() {
     for t in tasks {
         t.await.unwrap();
     }
+    at_rest(&server, &[&agent]).await;
 }
 
 #[tokio::test]
@@ -56,7 +57,7 @@ async fn a_silently_dead_agent_fails_its_streams_within_the_keepalive_deadline_a
     acfg.session = session(100);
     acfg.sync_interval = Duration::from_secs(60);
     acfg.sync_interval_cap = Duration::from_secs(60);
-    let _agent = Agent::start(acfg);
+    let agent = Agent::start(acfg);
     assert!(server.wait_agents(1, WAIT).await);
     let backend = echo_backend().await;
     let (status, _, mut s) = connect_tcp(server.connect_addr.unwrap(), &backend.to_string()).await;
@@ -85,6 +86,8 @@ async fn a_silently_dead_agent_fails_its_streams_within_the_keepalive_deadline_a
         server.wait_agents_at_most(0, WAIT).await,
         "the server forgot the agent"
     );
+    drop(s);
+    at_rest(&server, &[&agent]).await;
 }
 
 #[tokio::test]
@@ -96,7 +99,7 @@ async fn an_agent_with_the_wrong_ca_or_no_client_certificate_gets_no_session() {
     cfg.tls = tether::tls::client_config(pki.ca_pem(), None)
         .unwrap()
         .into();
-    let _a = Agent::start(cfg);
+    let a = Agent::start(cfg);
     // A certificate from another CA.
     let other = tether::tls::testpki::Ca::new("someone else");
     let rogue = other.leaf("rogue", &["rogue"]);
@@ -107,7 +110,7 @@ async fn an_agent_with_the_wrong_ca_or_no_client_certificate_gets_no_session() {
     )
     .unwrap()
     .into();
-    let _b = Agent::start(cfg);
+    let b = Agent::start(cfg);
     assert!(
         !server.wait_agents(1, Duration::from_millis(800)).await,
         "no agent registered"
@@ -119,6 +122,7 @@ async fn an_agent_with_the_wrong_ca_or_no_client_certificate_gets_no_session() {
             .contains("tether_agents_refused_total{reason=\"tls\"}"),
         "refusals are counted"
     );
+    at_rest(&server, &[&a, &b]).await;
 }
 
 #[tokio::test]
@@ -133,22 +137,23 @@ async fn a_bad_token_is_refused_and_a_good_one_accepted() {
     std::fs::write(&bad, "wrong\n").unwrap();
     let mut cfg = agent_config(&pki, server.agent_addr, "bad");
     cfg.token_path = Some(bad);
-    let _bad = Agent::start(cfg);
+    let bad = Agent::start(cfg);
     assert!(!server.wait_agents(1, Duration::from_millis(500)).await);
     let good = dir.join("good");
     std::fs::write(&good, "s3cret\n").unwrap();
     let mut cfg = agent_config(&pki, server.agent_addr, "good");
     cfg.token_path = Some(good);
-    let _good = Agent::start(cfg);
+    let good = Agent::start(cfg);
     assert!(server.wait_agents(1, WAIT).await);
     assert_eq!(server.core().registry.agent_ids(), vec!["good".to_owned()]);
     let _ = std::fs::remove_dir_all(dir);
+    at_rest(&server, &[&bad, &good]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_reader_does_not_stop_a_large_transfer_on_another_stream() {
     let pki = Pki::new();
-    let (server, _agent) = server_and_agent(&pki).await;
+    let (server, agent) = server_and_agent(&pki).await;
     // A backend that sends a lot and never reads, and one that sinks everything it gets.
     let source = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let source_addr = source.local_addr().unwrap();
@@ -173,7 +178,7 @@ async fn a_stalled_reader_does_not_stop_a_large_transfer_on_another_stream() {
         s.shutdown().await.unwrap();
     });
     // The stalled stream: its client never reads.
-    let (status, _, _stalled) =
+    let (status, _, stalled) =
         connect_tcp(server.connect_addr.unwrap(), &source_addr.to_string()).await;
     assert_eq!(status, 200);
     let (status, _, mut busy) =
@@ -192,6 +197,9 @@ async fn a_stalled_reader_does_not_stop_a_large_transfer_on_another_stream() {
         .await
         .expect("the transfer finished");
     assert_eq!(String::from_utf8(reply).unwrap(), total.to_string());
+    drop(stalled);
+    drop(busy);
+    at_rest(&server, &[&agent]).await;
 }
 
 #[tokio::test]
@@ -235,6 +243,7 @@ async fn dest_host_routing_sends_each_destination_to_the_agent_that_serves_it() 
     // No agent claims this one, and there is no fallback strategy: 503.
     let (status, _, _) = connect_tcp(server.connect_addr.unwrap(), "127.0.0.3:1").await;
     assert_eq!(status, 503);
+    at_rest(&server, &agents.iter().collect::<Vec<_>>()).await;
 }
 
 #[tokio::test]
@@ -243,7 +252,7 @@ async fn the_agent_reconnects_after_a_server_restart() {
     let mut cfg = server_config(&pki);
     let server = Server::start(cfg.clone()).await.unwrap();
     let addr = server.agent_addr;
-    let _agent = Agent::start(agent_config(&pki, addr, "agent-1"));
+    let agent = Agent::start(agent_config(&pki, addr, "agent-1"));
     assert!(server.wait_agents(1, WAIT).await);
     server.shutdown(Duration::from_millis(500)).await;
     // The same port, a new server: shutdown returns once the listeners are closed.
@@ -253,12 +262,13 @@ async fn the_agent_reconnects_after_a_server_restart() {
     let backend = echo_backend().await;
     let (status, _, _) = connect_tcp(server.connect_addr.unwrap(), &backend.to_string()).await;
     assert_eq!(status, 200);
+    at_rest(&server, &[&agent]).await;
 }
 
 #[tokio::test]
 async fn the_library_dial_api_gives_an_async_stream_with_half_close() {
     let pki = Pki::new();
-    let (server, _agent) = server_and_agent(&pki).await;
+    let (server, agent) = server_and_agent(&pki).await;
     let backend = echo_backend().await;
     let mut s = server.dial("127.0.0.1", backend.port()).await.unwrap();
     s.write_all(b"embedded").await.unwrap();
@@ -280,6 +290,8 @@ async fn the_library_dial_api_gives_an_async_stream_with_half_close() {
         }
         other => panic!("{:?}", other.map(|_| ())),
     }
+    drop(s);
+    at_rest(&server, &[&agent]).await;
 }
 
 #[tokio::test]
@@ -299,7 +311,7 @@ async fn an_agent_given_every_servers_address_holds_one_tunnel_to_each_and_opens
         metrics: metrics.clone(),
         ..agent_config(&pki, s1.agent_addr, "agent-1")
     };
-    let _agent = Agent::start(cfg);
+    let agent = Agent::start(cfg);
     assert!(s1.wait_agents(1, WAIT).await && s2.wait_agents(1, WAIT).await);
     let count = |name: &str| {
         metrics
@@ -329,4 +341,6 @@ async fn an_agent_given_every_servers_address_holds_one_tunnel_to_each_and_opens
         metrics.render()
     );
     assert_eq!((s1.agents(), s2.agents()), (1, 1));
+    at_rest(&s1, &[&agent]).await;
+    at_rest(&s2, &[&agent]).await;
 }

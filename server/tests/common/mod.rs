@@ -439,8 +439,13 @@ pub fn fixed_port() -> u16 {
 
 /// `GET path` from an HTTP server on a loopback port; `None` if nothing answers within `WAIT`.
 pub async fn http_get(port: u16, path: &str) -> Option<String> {
+    http_get_at(SocketAddr::from(([127, 0, 0, 1], port)), path).await
+}
+
+/// `GET path` from an HTTP server at `addr`; `None` if nothing answers within `WAIT`.
+pub async fn http_get_at(addr: SocketAddr, path: &str) -> Option<String> {
     let get = async {
-        let mut s = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+        let mut s = TcpStream::connect(addr).await.ok()?;
         s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
             .await
             .ok()?;
@@ -544,6 +549,7 @@ pub fn held(server: &Server, agents: &[&Agent]) -> Vec<String> {
         .filter(|l| {
             [
                 "tether_connect_streams{",
+                "tether_connect_pending_heads{",
                 "tether_pending_dials ",
                 "tether_agent_handshakes ",
                 "tether_grpc_message_bytes_held ",
@@ -569,5 +575,63 @@ pub fn held(server: &Server, agents: &[&Agent]) -> Vec<String> {
 pub async fn at_rest(server: &Server, agents: &[&Agent]) {
     if !eventually(WAIT, || held(server, agents).is_empty()).await {
         panic!("not at rest: {:?}", held(server, agents));
+    }
+}
+
+/// The gauges of a server's or an agent's `/metrics` that are zero at rest: streams, dials,
+/// handshakes, request heads, the gRPC budget, destination connections.
+const AT_REST_ZERO: [&str; 8] = [
+    "tether_connect_streams{",
+    "tether_connect_pending_heads{",
+    "tether_pending_dials ",
+    "tether_agent_handshakes ",
+    "tether_grpc_message_bytes_held ",
+    "tether_open_streams{",
+    "tether_agent_open_streams",
+    "tether_agent_endpoint_connections ",
+];
+
+/// Open file descriptors of process `pid` (`/proc/<pid>/fd`).
+pub fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
+}
+
+/// What a server or agent *process* still holds: its resting-zero gauges off zero (read
+/// from its `/metrics` at `health`), and file descriptors over `fds_at_rest` (counted when it
+/// had its tunnels and nothing else). Empty at rest.
+pub async fn process_held(health: SocketAddr, pid: u32, fds_at_rest: usize) -> Vec<String> {
+    let Some(text) = http_get_at(health, "/metrics").await else {
+        return vec![format!("no /metrics at {health}")];
+    };
+    let mut out: Vec<String> = text
+        .lines()
+        .filter(|l| AT_REST_ZERO.iter().any(|p| l.starts_with(p)))
+        .filter(|l| l.rsplit(' ').next().is_some_and(|v| v.trim() != "0"))
+        .map(str::to_owned)
+        .collect();
+    let fds = open_fds(pid);
+    if fds > fds_at_rest {
+        out.push(format!("{fds} open fds, {fds_at_rest} at rest"));
+    }
+    out
+}
+
+/// Waits (at most `WAIT`) until [`process_held`] is empty for each `(health address, pid, fds
+/// at rest)`; fails the test with what is still held.
+pub async fn processes_at_rest(processes: &[(SocketAddr, u32, usize)]) {
+    for &(health, pid, fds) in processes {
+        let rest = eventually_some(WAIT, || async move {
+            process_held(health, pid, fds)
+                .await
+                .is_empty()
+                .then_some(())
+        })
+        .await;
+        if rest.is_none() {
+            panic!(
+                "process {pid} not at rest: {:?}",
+                process_held(health, pid, fds).await
+            );
+        }
     }
 }
