@@ -98,6 +98,16 @@ impl Relay<'_> {
     }
 }
 
+impl Relay<'_> {
+    /// Logs a relaying its client cancelled (a gRPC call reset with CANCEL: how a Go client
+    /// ends a call it no longer needs). Not a failure: not counted as one.
+    pub(crate) fn cancelled(self, why: &std::io::Error) {
+        let secs = self.started.elapsed().as_secs_f64();
+        drop(self.open);
+        tracing::info!(seconds = secs, reason = %why, "stream cancelled by its client");
+    }
+}
+
 /// The span of one CONNECT client: its peer and frontend, then the stream's agent, id and
 /// destination once dialled. Every line about the client is logged inside it.
 pub(crate) fn span(peer: &str, frontend: Frontend) -> tracing::Span {

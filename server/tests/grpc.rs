@@ -525,3 +525,31 @@ async fn small_messages_packed_in_frames_and_a_large_one_between_arrive_in_order
     drop(client);
     at_rest(&server, &[&agent]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_its_client_cancels_after_use_is_not_counted_as_a_failure() {
+    let pki = Pki::new();
+    let (server, agent, path) = grpc_server_and_agent(&pki, "grpc-cancel-after-use").await;
+    let client = GrpcClient::connect(&path, AuthorityStyle::PercentEncoded)
+        .await
+        .unwrap();
+    let echo = echo_backend().await;
+    for _ in 0..3 {
+        let mut call = client.dial(&echo.to_string()).await.unwrap();
+        call.write(Bytes::from_static(b"ping")).await.unwrap();
+        assert_eq!(&call.read().await.unwrap().unwrap()[..], b"ping");
+        // Go's client, its context done: RST_STREAM(CANCEL), no CLOSE_REQ.
+        drop(call);
+    }
+    at_rest(&server, &[&agent]).await;
+    assert_eq!(
+        metric(
+            &server,
+            "tether_connect_streams_failed_total{frontend=\"grpc\"}"
+        ),
+        0.0,
+        "{}",
+        server.core().render_metrics()
+    );
+    drop(client);
+}

@@ -49,7 +49,11 @@ pub(super) async fn call_main(
         ..
     } = call;
     drop((stream, reader, out));
-    relay.done(result);
+    match result {
+        // The client cancelled the call (Go's client, done with it): its own end.
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionAborted => relay.cancelled(&e),
+        result => relay.done(result),
+    }
 }
 
 /// A call whose dial succeeded and whose DIAL_RSP went out.
@@ -221,6 +225,8 @@ async fn relay_bytes(
     // Whether a client message is part-way into the stream: if the node side ends then, the
     // message cannot be whole, and the node must not see a clean end after part of it.
     let mid_message = std::sync::atomic::AtomicBool::new(false);
+    // Whether a send waiting for credit saw the client cancel the call.
+    let cancel_seen = std::sync::atomic::AtomicBool::new(false);
     let (up, down) = {
         let up = async {
             let r: Result<(), CallError> = async {
@@ -237,10 +243,17 @@ async fn relay_bytes(
                                     // going resets the stream at once; CLOSE_REQ (or the
                                     // end of its side) right behind leaves the send the
                                     // linger to move (tether::SendHalf::send_watching).
-                                    let watch = watch_call(&mut *reader, out);
+                                    let watch = watch_call(&mut *reader, out, &cancel_seen);
                                     mid_message.store(true, Ordering::Relaxed);
                                     Box::pin(tx.send_watching(d.data, watch)).await.map_err(
-                                        |e| (code::UNAVAILABLE, format!("stream failed: {e}")),
+                                        |e| {
+                                            let c = if cancel_seen.load(Ordering::Relaxed) {
+                                                code::CANCELLED
+                                            } else {
+                                                code::UNAVAILABLE
+                                            };
+                                            (c, format!("stream failed: {e}"))
+                                        },
                                     )?;
                                     mid_message.store(false, Ordering::Relaxed);
                                 }
@@ -276,7 +289,7 @@ async fn relay_bytes(
                 }
             }
             let _ = close_tx.send(r.clone().err());
-            r.map_err(|e| std::io::Error::other(e.1))
+            r.map_err(call_error)
         };
         let down = async {
             let mut total = 0u64;
@@ -294,7 +307,12 @@ async fn relay_bytes(
                             let n = chunks.remaining();
                             if let Err(e) = Box::pin(out.data(connect_id, &mut chunks)).await {
                                 rx.reset(tether_proto::ErrorCode::CANCEL, "gRPC client stopped");
-                                break Err((code::UNAVAILABLE, e.to_string()));
+                                let c = if Sender::is_client_cancel(&e) {
+                                    code::CANCELLED
+                                } else {
+                                    code::UNAVAILABLE
+                                };
+                                break Err((c, e.to_string()));
                             }
                             total += n as u64;
                             rx.release(n);
@@ -326,7 +344,7 @@ async fn relay_bytes(
                     let _ = Box::pin(tokio::time::timeout(linger, drain)).await;
                     Ok(total)
                 }
-                Err((_, e)) => Err(std::io::Error::other(e)),
+                Err(e) => Err(call_error(e)),
             }
         };
         tokio::pin!(up, down);
@@ -357,19 +375,43 @@ async fn relay_bytes(
     })
 }
 
+/// A call's failure as the relay's error: the client's cancel as `ConnectionAborted`, which
+/// the call's end logs as the client's own end rather than counting it as a failure.
+fn call_error((c, e): CallError) -> std::io::Error {
+    if c == code::CANCELLED {
+        std::io::Error::new(std::io::ErrorKind::ConnectionAborted, e)
+    } else {
+        std::io::Error::other(e)
+    }
+}
+
 /// What a parked send on the way up watches: the client resetting the call (or its
 /// connection going), and the packet after the one being sent.
-async fn watch_call(reader: &mut Reader, out: &Sender) -> Gone {
+async fn watch_call(
+    reader: &mut Reader,
+    out: &Sender,
+    cancel_seen: &std::sync::atomic::AtomicBool,
+) -> Gone {
     let ahead = async {
         match reader.ahead_finishes().await {
             Some(true) => Gone::Finished,
-            Some(false) => Gone::Failed("the call failed".into()),
+            Some(false) => {
+                if reader.ahead_cancelled() {
+                    cancel_seen.store(true, Ordering::Relaxed);
+                }
+                Gone::Failed("the call failed".into())
+            }
             // More DATA behind: nothing to learn from the packets until this send is done.
             None => std::future::pending().await,
         }
     };
     tokio::select! {
         gone = ahead => gone,
-        why = out.reset() => Gone::Failed(why),
+        (cancel, why) = out.reset() => {
+            if cancel {
+                cancel_seen.store(true, Ordering::Relaxed);
+            }
+            Gone::Failed(why)
+        }
     }
 }

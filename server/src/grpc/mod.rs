@@ -185,9 +185,17 @@ fn percent_encode(s: &str) -> String {
     out
 }
 
+/// Whether `e` is the client's own RST_STREAM(CANCEL).
+fn cancelled_by_client(e: &h2::Error) -> bool {
+    e.is_remote() && e.reason() == Some(h2::Reason::CANCEL)
+}
+
 /// gRPC status codes used here.
 mod code {
     pub(super) const OK: u32 = 0;
+    /// The client cancelled the call (RST_STREAM with CANCEL): how a Go client ends a call it
+    /// no longer needs, not a failure.
+    pub(super) const CANCELLED: u32 = 1;
     pub(super) const INVALID_ARGUMENT: u32 = 3;
     pub(super) const DEADLINE_EXCEEDED: u32 = 4;
     pub(super) const RESOURCE_EXHAUSTED: u32 = 8;

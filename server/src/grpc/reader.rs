@@ -83,6 +83,12 @@ impl Reader {
                         self.buf.extend_from_slice(&chunk);
                     }
                 }
+                Some(Err(e)) if super::cancelled_by_client(&e) => {
+                    return Err((
+                        code::CANCELLED,
+                        format!("the client cancelled the call: {e}"),
+                    ));
+                }
                 Some(Err(e)) => return Err((code::OK, format!("the call was reset: {e}"))),
                 None => self.done = true,
             }
@@ -100,6 +106,11 @@ impl Reader {
         let (packet, permit) = self.read_packet().await?;
         self.held = permit;
         Ok(packet)
+    }
+
+    /// Whether the packet read ahead is the client's cancel of the call.
+    pub(super) fn ahead_cancelled(&self) -> bool {
+        matches!(self.ahead.as_deref(), Some(Err((c, _))) if *c == code::CANCELLED)
     }
 
     /// Whether the client has finished its side of the call, seen from the packet after the

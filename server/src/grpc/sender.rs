@@ -14,24 +14,40 @@ use super::{ANSWER_DEADLINE, code, percent_encode};
 /// relay's way up can watch it for a reset while the way down sends on it.
 pub(super) struct Sender {
     send: Mutex<h2::SendStream<Bytes>>,
+    /// Set before this end resets the call itself, so its own CANCEL is never taken for
+    /// the client's.
+    reset_here: std::sync::atomic::AtomicBool,
 }
 
 impl Sender {
     pub(super) fn new(send: h2::SendStream<Bytes>) -> Sender {
         Sender {
             send: Mutex::new(send),
+            reset_here: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Whether a failed send was the client cancelling the call (RST_STREAM(CANCEL)).
+    pub(super) fn is_client_cancel(e: &std::io::Error) -> bool {
+        e.get_ref()
+            .and_then(|i| i.downcast_ref::<h2::Error>())
+            .is_some_and(super::cancelled_by_client)
     }
 
     fn lock(&self) -> MutexGuard<'_, h2::SendStream<Bytes>> {
         self.send.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Resolves when the client resets the call or its connection goes, with why.
-    pub(super) async fn reset(&self) -> String {
+    /// Resolves when the client resets the call or its connection goes, with why, and
+    /// whether it was the client cancelling the call (RST_STREAM(CANCEL)).
+    pub(super) async fn reset(&self) -> (bool, String) {
         match std::future::poll_fn(|cx| self.lock().poll_reset(cx)).await {
-            Ok(reason) => format!("the client reset the call ({reason})"),
-            Err(e) => format!("the client's connection ended: {e}"),
+            Ok(reason) => (
+                reason == h2::Reason::CANCEL
+                    && !self.reset_here.load(std::sync::atomic::Ordering::Relaxed),
+                format!("the client reset the call ({reason})"),
+            ),
+            Err(e) => (false, format!("the client's connection ended: {e}")),
         }
     }
 
@@ -66,6 +82,8 @@ impl Sender {
         tokio::time::timeout(ANSWER_DEADLINE, self.send_all(b.freeze()))
             .await
             .unwrap_or_else(|_| {
+                self.reset_here
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
                 self.lock().send_reset(h2::Reason::CANCEL);
                 Err(std::io::Error::other(
                     "the client granted no window for an answer in 10 s",
