@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use ipnet::IpNet;
-use tether::agent::dial_code;
+use tether::agent::{dial_code, os_words};
 use tether_proto::ErrorCode;
 use tokio::net::TcpStream;
 
@@ -249,7 +249,7 @@ pub async fn connect(
                 let found = tokio::net::lookup_host((bare, port)).await.map_err(|e| {
                     (
                         ErrorCode::DIAL_UNREACHABLE,
-                        format!("resolving {host}: {e}"),
+                        format!("dial tcp: lookup {host}: {}", os_words(&e)),
                     )
                 })?;
                 (found.collect::<Vec<_>>(), true)
@@ -278,17 +278,21 @@ pub async fn connect(
                     tether::pump::keep_alive(&s);
                     return Ok(s);
                 }
-                Err(e) => last = Some(e),
+                Err(e) => last = Some((Some(addr), e)),
             }
         }
-        let e = last.unwrap_or_else(|| io::Error::other("no address"));
-        Err((dial_code(&e), e.to_string()))
+        let (addr, e) = last.unwrap_or_else(|| (None, io::Error::other("no address")));
+        let addr = addr.map_or_else(|| format!("{host}:{port}"), |a: SocketAddr| a.to_string());
+        Err((
+            dial_code(&e),
+            format!("dial tcp {addr}: connect: {}", os_words(&e)),
+        ))
     };
     match tokio::time::timeout(timeout, attempt).await {
         Ok(r) => r,
         Err(_) => Err((
             ErrorCode::DIAL_TIMEOUT,
-            format!("no connection within {timeout:?}"),
+            format!("dial tcp {host}:{port}: i/o timeout (no connection within {timeout:?})"),
         )),
     }
 }

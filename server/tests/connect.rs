@@ -208,7 +208,15 @@ async fn every_failure_maps_to_a_clear_status_with_a_reason() {
     };
     let (status, text) = status_for(&server, &format!("CONNECT {closed} HTTP/1.1\r\n\r\n")).await;
     assert_eq!(status, 502, "{text}");
-    assert!(text.contains("DIAL_REFUSED"), "{text}");
+    // The OS's words as Go's net package writes them, which clients match on, after tether's
+    // code; never Rust's "Connection refused (os error 111)".
+    assert!(
+        text.contains(&format!(
+            "DIAL_REFUSED: dial tcp {closed}: connect: connection refused"
+        )),
+        "{text}"
+    );
+    assert!(!text.contains("os error"), "{text}");
 
     // Not on the agent's allowlist: 403.
     let (status, text) = status_for(&server, "CONNECT 127.0.0.2:80 HTTP/1.1\r\n\r\n").await;
@@ -288,5 +296,40 @@ async fn health_ready_and_metrics_answer() {
     assert_eq!(status_of(&get("/readyz").await), 200);
     let metrics = get("/metrics").await;
     assert!(metrics.contains("tether_agents 1"), "{metrics}");
+    at_rest(&server, &[&agent]).await;
+}
+
+#[tokio::test]
+async fn a_name_that_does_not_resolve_reads_no_such_host_on_both_frontends() {
+    let pki = Pki::new();
+    let dir = tempdir("no-such-host");
+    let mut cfg = server_config(&pki);
+    cfg.grpc_uds_path = Some(dir.join("g.sock"));
+    let server = tether_server::Server::start(cfg).await.unwrap();
+    let host = "no-such-host.invalid";
+    let mut acfg = agent_config(&pki, server.agent_addr, "agent-1");
+    acfg.allowlist = tether_agent::Allowlist::parse(host).unwrap();
+    let agent = tether_agent::Agent::start(acfg);
+    assert!(server.wait_agents(1, WAIT).await);
+    let (status, text) = status_for(&server, &format!("CONNECT {host}:80 HTTP/1.1\r\n\r\n")).await;
+    assert_eq!(status, 502, "{text}");
+    // A resolver that cannot be reached says so instead (a machine with no DNS at all).
+    let words = |t: &str| {
+        t.contains(&format!("dial tcp: lookup {host}: no such host"))
+            || t.contains("temporary failure in name resolution")
+    };
+    assert!(words(&text), "{text}");
+    assert!(!text.contains("failed to lookup"), "{text}");
+    let client = tether_server::client::grpc::GrpcClient::connect(
+        &dir.join("g.sock"),
+        tether_server::client::grpc::AuthorityStyle::PercentEncoded,
+    )
+    .await
+    .unwrap();
+    match client.dial(&format!("{host}:80")).await {
+        Err(e) => assert!(words(&e.to_string()), "{e}"),
+        Ok(_) => panic!("{host} dialled"),
+    }
+    drop(client);
     at_rest(&server, &[&agent]).await;
 }

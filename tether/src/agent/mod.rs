@@ -39,7 +39,7 @@ use tether_proto::{Config, ErrorCode};
 use tokio::sync::watch;
 
 pub use run::{Agent, TunnelSet};
-pub use serve::{connect_tcp, dial_code};
+pub use serve::{connect_tcp, dial_code, os_words};
 
 use crate::pump::Socket;
 use crate::reload::Reloadable;

@@ -84,10 +84,13 @@ pub async fn connect_tcp(
             crate::pump::keep_alive(&s);
             Ok(s)
         }
-        Ok(Err(e)) => Err((dial_code(&e), format!("connecting to {host}:{port}: {e}"))),
+        Ok(Err(e)) => Err((
+            dial_code(&e),
+            format!("dial tcp {host}:{port}: connect: {}", os_words(&e)),
+        )),
         Err(_) => Err((
             ErrorCode::DIAL_TIMEOUT,
-            format!("connecting to {host}:{port}: timed out"),
+            format!("dial tcp {host}:{port}: i/o timeout"),
         )),
     }
 }
@@ -98,5 +101,48 @@ pub fn dial_code(e: &io::Error) -> ErrorCode {
         io::ErrorKind::ConnectionRefused => ErrorCode::DIAL_REFUSED,
         io::ErrorKind::TimedOut => ErrorCode::DIAL_TIMEOUT,
         _ => ErrorCode::DIAL_UNREACHABLE,
+    }
+}
+
+/// An OS error in the words clients match on, as Go's `net` package writes them (and
+/// Konnectivity's agent passes on): `connection refused`, not `Connection refused (os error
+/// 111)`; a name that does not resolve is `no such host`.
+pub fn os_words(e: &io::Error) -> String {
+    let text = e.to_string();
+    // getaddrinfo's EAI_NONAME and EAI_NODATA, in glibc's words.
+    if text.contains("Name or service not known") || text.contains("No address associated") {
+        return "no such host".into();
+    }
+    let text = match text.rfind(" (os error ") {
+        Some(i) if text.ends_with(')') => &text[..i],
+        _ => text.as_str(),
+    };
+    let text = text
+        .strip_prefix("failed to lookup address information: ")
+        .unwrap_or(text);
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(first) => first.to_lowercase().chain(chars).collect(),
+        None => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn os_errors_read_as_gos_net_package_writes_them() {
+        let refused = io::Error::from_raw_os_error(111);
+        assert_eq!(os_words(&refused), "connection refused");
+        let unreachable = io::Error::from_raw_os_error(113);
+        assert_eq!(os_words(&unreachable), "no route to host");
+        let lookup =
+            io::Error::other("failed to lookup address information: Name or service not known");
+        assert_eq!(os_words(&lookup), "no such host");
+        let again = io::Error::other(
+            "failed to lookup address information: Temporary failure in name resolution",
+        );
+        assert_eq!(os_words(&again), "temporary failure in name resolution");
     }
 }
