@@ -157,10 +157,68 @@ struct Shared {
     by_server: Arc<Mutex<HashMap<String, Tunnel>>>,
 }
 
+/// What one connection attempt came to, for [`Retry`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Attempt {
+    /// A server not held yet.
+    New,
+    /// A server already held (a load balancer sent the agent there again, or another address
+    /// leads to it).
+    Known,
+    /// No tunnel.
+    Failed,
+}
+
+/// When an address's next connection attempt goes (before jitter). A failure backs off
+/// exponentially from the sync interval to its cap. Landing on a known server is not a
+/// failure: behind a round-robin balancer the next attempt likely reaches another server, so
+/// the first `3 × servers wanted` in a row go at the sync pace; only past them (an address
+/// that always leads to the same server, one of several direct addresses while another server
+/// is down) do they back off like failures, so such a list does not churn duplicate tunnels.
+#[derive(Debug, Clone, Copy)]
+struct Retry {
+    sync: Duration,
+    cap: Duration,
+    backoff: Duration,
+    known_in_a_row: usize,
+}
+
+impl Retry {
+    fn new(sync: Duration, cap: Duration) -> Retry {
+        Retry {
+            sync,
+            cap,
+            backoff: sync,
+            known_in_a_row: 0,
+        }
+    }
+
+    /// The wait after `attempt`, with `want` servers wanted.
+    fn after(&mut self, attempt: Attempt, want: usize) -> Duration {
+        match attempt {
+            Attempt::New => {
+                self.backoff = self.sync;
+                self.known_in_a_row = 0;
+                Duration::ZERO
+            }
+            Attempt::Known if self.known_in_a_row < want.saturating_mul(3) => {
+                self.known_in_a_row += 1;
+                self.sync
+            }
+            Attempt::Known | Attempt::Failed => {
+                if attempt == Attempt::Failed {
+                    self.known_in_a_row = 0;
+                }
+                let wait = self.backoff;
+                self.backoff = (self.backoff * 2).min(self.cap);
+                wait
+            }
+        }
+    }
+}
+
 /// Dials one server address until the agent holds tunnels to as many distinct server ids as
-/// the server count says, over all its addresses; reconnects with exponential backoff and
-/// jitter. An address that leads to a server already held backs off the same way, so a list
-/// of direct server addresses does not churn duplicate tunnels.
+/// the server count says, over all its addresses; reconnects as [`Retry`] says, with jitter.
 async fn manage<D: Dialer>(
     cfg: Arc<AgentConfig>,
     dialer: Arc<D>,
@@ -169,7 +227,7 @@ async fn manage<D: Dialer>(
     shared: Shared,
 ) {
     let Shared { all, by_server } = shared;
-    let mut backoff = cfg.sync_interval;
+    let mut retry = Retry::new(cfg.sync_interval, cfg.sync_interval_cap);
     let mut want = 1usize;
     // The count the last server reached announced (Konnectivity's `--server-count-source`).
     let mut announced = 1usize;
@@ -238,26 +296,26 @@ async fn manage<D: Dialer>(
                     if let Ok(mut list) = all.lock() {
                         list.push(tunnel);
                     }
-                    backoff = cfg.sync_interval;
+                    retry.after(Attempt::New, want);
                 } else {
                     // A load balancer sent us to a server we already have, or this address is
                     // one we already reached through another.
                     cfg.stats.duplicate();
                     tunnel.go_away("already connected to this server");
+                    let wait = retry.after(Attempt::Known, want);
                     tokio::select! {
                         r = shutdown.changed() => if r.is_err() { return; },
-                        () = tokio::time::sleep(jitter(backoff)) => {}
+                        () = tokio::time::sleep(jitter(wait)) => {}
                     }
-                    backoff = (backoff * 2).min(cfg.sync_interval_cap);
                 }
             }
             Err(e) => {
-                tracing::warn!(%addr, error = %e, retry_in = ?backoff, "connecting to the server failed");
+                let wait = retry.after(Attempt::Failed, want);
+                tracing::warn!(%addr, error = %e, retry_in = ?wait, "connecting to the server failed");
                 tokio::select! {
                     r = shutdown.changed() => if r.is_err() { return; },
-                    () = tokio::time::sleep(jitter(backoff)) => {}
+                    () = tokio::time::sleep(jitter(wait)) => {}
                 }
-                backoff = (backoff * 2).min(cfg.sync_interval_cap);
             }
         }
     }
@@ -273,4 +331,40 @@ fn jitter(d: Duration) -> Duration {
         .build_hasher()
         .finish();
     Duration::from_millis(ms.saturating_add(r % (ms / 2 + 1)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: Duration = Duration::from_secs(1);
+    const CAP: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn landing_on_a_known_server_retries_at_the_sync_pace_and_a_failure_backs_off() {
+        let mut r = Retry::new(S, CAP);
+        // Three servers wanted: nine known landings in a row at the sync pace...
+        for _ in 0..9 {
+            assert_eq!(r.after(Attempt::Known, 3), S);
+        }
+        // ...then they back off as failures do, so one address that always leads to the
+        // same server does not churn.
+        let waits: Vec<u64> = (0..5)
+            .map(|_| r.after(Attempt::Known, 3).as_secs())
+            .collect();
+        assert_eq!(waits, [1, 2, 4, 8, 10]);
+        // A new server resets both.
+        assert_eq!(r.after(Attempt::New, 3), Duration::ZERO);
+        assert_eq!(r.after(Attempt::Known, 3), S);
+        // Failures back off at once, and a failure restarts the known count.
+        let waits: Vec<u64> = (0..5)
+            .map(|_| r.after(Attempt::Failed, 3).as_secs())
+            .collect();
+        assert_eq!(waits, [1, 2, 4, 8, 10]);
+        assert_eq!(
+            r.after(Attempt::Known, 3),
+            S,
+            "known landings are not failures"
+        );
+    }
 }
