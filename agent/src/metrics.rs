@@ -31,6 +31,8 @@ pub struct AgentMetrics {
     registry: Registry,
     pub(crate) dial_seconds: Histogram,
     dials: Family<Labels, Counter>,
+    /// Konnectivity's `endpoint_dial_failure_total{reason}`: `timeout` or `unknown`.
+    knp_dial_failures: Family<Labels, Counter>,
     pub(crate) open_endpoints: Gauge,
     /// What the agent's tunnels and connection loops count (the library's counters).
     pub stats: Arc<AgentStats>,
@@ -59,6 +61,7 @@ impl AgentMetrics {
             registry: Registry::default(),
             dial_seconds: Histogram::new(DIAL_BUCKETS),
             dials: Family::default(),
+            knp_dial_failures: Family::default(),
             open_endpoints: Gauge::default(),
             stats: Arc::new(AgentStats::default()),
             tunnels: Arc::default(),
@@ -82,6 +85,25 @@ impl AgentMetrics {
             m.open_endpoints.clone(),
         );
         r.register_collector(Box::new(TunnelCollector(m.stats.tunnel.clone())));
+        // Konnectivity's names for the same things (pkg/agent/metrics), for its dashboards.
+        let k = root.sub_registry_with_prefix("konnectivity_network_proxy_agent");
+        k.register_collector(Box::new(KnpLoops(m.stats.clone())));
+        k.register_with_unit(
+            "dial_duration",
+            "Time to connect to a destination (successful dials)",
+            prometheus_client::registry::Unit::Seconds,
+            m.dial_seconds.clone(),
+        );
+        k.register(
+            "endpoint_dial_failure",
+            "Failed dials of destinations, by reason (timeout, unknown)",
+            m.knp_dial_failures.clone(),
+        );
+        k.register(
+            "open_endpoint_connections",
+            "Connections to destinations open now",
+            m.open_endpoints.clone(),
+        );
         AgentMetrics {
             registry: root,
             ..m
@@ -99,6 +121,14 @@ impl AgentMetrics {
     pub(crate) fn dial(&self, result: &str) {
         self.dials
             .get_or_create(&vec![("result".to_owned(), result.to_owned())])
+            .inc();
+        let reason = match result {
+            "ok" => return,
+            "DIAL_TIMEOUT" => "timeout",
+            _ => "unknown",
+        };
+        self.knp_dial_failures
+            .get_or_create(&vec![("reason".to_owned(), reason.to_owned())])
             .inc();
     }
 
@@ -181,6 +211,36 @@ impl Collector for Loops {
                 help,
                 None,
                 MetricType::Counter,
+            )?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Konnectivity's `open_server_connections` and `known_server_count`, from the loops'
+/// counters.
+#[derive(Debug)]
+struct KnpLoops(Arc<AgentStats>);
+
+impl Collector for KnpLoops {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        for (name, help, v) in [
+            (
+                "open_server_connections",
+                "Tunnels open to servers (tether_agent_tunnels)",
+                self.0.tunnels(),
+            ),
+            (
+                "known_server_count",
+                "Servers this agent keeps tunnels to (tether_agent_known_server_count)",
+                self.0.server_count(),
+            ),
+        ] {
+            gauge_of(v).encode(encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                MetricType::Gauge,
             )?)?;
         }
         Ok(())

@@ -139,6 +139,7 @@ pub async fn serve<S>(
 ) where
     S: Socket + Send,
 {
+    let _connection = core.metrics.http_connection();
     let request = read_request(&mut conn, deadline).await;
     drop(slot);
     let ((host, port), first) = match request {

@@ -26,7 +26,7 @@ pub struct ServerCore {
 impl ServerCore {
     /// `/metrics` as of now.
     pub fn render_metrics(&self) -> String {
-        self.metrics.render(&self.registry)
+        self.metrics.render(&self.registry, &self.strategies)
     }
 
     /// Opens a stream to `host:port` through an agent chosen by the routing strategies.

@@ -65,7 +65,7 @@ pub(crate) struct Relay<'a> {
     frontend: Frontend,
     stream: Option<TetherStream>,
     started: std::time::Instant,
-    open: tether_ops::metrics::GaugeGuard,
+    open: [tether_ops::metrics::GaugeGuard; 2],
 }
 
 impl Relay<'_> {

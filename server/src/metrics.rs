@@ -60,6 +60,69 @@ pub struct Metrics {
     pub(crate) listener: Arc<ListenerStats>,
     /// The gRPC frontend's byte budget and its size, once the frontend is up.
     grpc_budget: Arc<std::sync::OnceLock<(Arc<tokio::sync::Semaphore>, usize)>>,
+    /// Konnectivity's series (docs/OPERATIONS.md, "Konnectivity's metric names").
+    knp: Knp,
+}
+
+/// The series of Konnectivity's `pkg/server/metrics` that tether has a meaning for, beside
+/// tether's own (`konnectivity_network_proxy_server_*`).
+#[derive(Default)]
+struct Knp {
+    /// Streams open after the dial, every frontend (`established_connections`).
+    established: Gauge,
+    /// CONNECT client connections being served (`http_connections`).
+    http: Gauge,
+    /// gRPC calls being served (`grpc_connections{service_method="Proxy"}`).
+    grpc_calls: Family<Labels, Gauge>,
+    /// Dial failures by Konnectivity's reasons (`dial_failure_count`), in
+    /// [`KNP_DIAL_FAILURES`]' order.
+    dial_failures: Arc<[std::sync::atomic::AtomicU64; 5]>,
+}
+
+/// Konnectivity's `dial_failure_count` reasons that tether has a meaning for.
+const KNP_DIAL_FAILURES: [&str; 5] = [
+    "no_agent",
+    "error_response",
+    "backend_dial_timeout",
+    "backend_close",
+    "frontend_close",
+];
+
+/// `konnectivity_network_proxy_server_dial_failure_count`, under Konnectivity's exact name: a
+/// counter in OpenMetrics must end in `_total`, so it is written untyped (`unknown`), as
+/// dashboards that match the name expect it.
+#[derive(Debug)]
+struct KnpDialFailures(Arc<[std::sync::atomic::AtomicU64; 5]>);
+
+impl Collector for KnpDialFailures {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let mut m = encoder.encode_descriptor(
+            "dial_failure_count",
+            "Dial failures, by Konnectivity's reasons (a counter, written untyped to keep Konnectivity's name)",
+            None,
+            MetricType::Unknown,
+        )?;
+        for (reason, n) in KNP_DIAL_FAILURES.iter().zip(self.0.iter()) {
+            let n = n.load(std::sync::atomic::Ordering::Relaxed);
+            ConstGauge::new(i64::try_from(n).unwrap_or(i64::MAX))
+                .encode(m.encode_family(&[("reason", *reason)])?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Konnectivity's `dial_failure_count` reason for a tether dial result; `None` for a success.
+pub fn konnectivity_dial_failure(result: &str) -> Option<&'static str> {
+    match result {
+        "ok" => None,
+        "no_agent" => Some("no_agent"),
+        "timeout" => Some("backend_dial_timeout"),
+        "cancelled" => Some("frontend_close"),
+        // The tunnel went before the agent answered.
+        "unavailable" => Some("backend_close"),
+        // Every RESET code the agent sent back.
+        _ => Some("error_response"),
+    }
 }
 
 impl Default for Metrics {
@@ -85,6 +148,7 @@ impl Metrics {
             failed: Family::default(),
             listener: Arc::new(ListenerStats::default()),
             grpc_budget: Arc::default(),
+            knp: Knp::default(),
         };
         let r = root.sub_registry_with_prefix("tether");
         r.register_collector(Box::new(Handshakes(m.listener.clone())));
@@ -124,6 +188,40 @@ impl Metrics {
         );
         r.register_collector(Box::new(TunnelCollector(m.listener.tunnels.clone())));
         r.register_collector(Box::new(GrpcBudget(m.grpc_budget.clone())));
+        // Konnectivity's names for the same things, for its dashboards and tests.
+        let k = root.sub_registry_with_prefix("konnectivity_network_proxy_server");
+        k.register(
+            "ready_backend_connections",
+            "Agent tunnels connected (tether_agents)",
+            m.agents.clone(),
+        );
+        k.register(
+            "pending_backend_dials",
+            "Dials sent to agents and not answered yet (tether_pending_dials)",
+            m.pending_dials.clone(),
+        );
+        k.register(
+            "established_connections",
+            "Streams open after the dial, every frontend (the sum of tether_connect_streams)",
+            m.knp.established.clone(),
+        );
+        k.register(
+            "http_connections",
+            "HTTP CONNECT client connections being served",
+            m.knp.http.clone(),
+        );
+        k.register(
+            "grpc_connections",
+            "gRPC calls being served, by service method (Proxy)",
+            m.knp.grpc_calls.clone(),
+        );
+        k.register_collector(Box::new(KnpDialFailures(m.knp.dial_failures.clone())));
+        k.register_with_unit(
+            "dial_duration",
+            "Time from a dial's start to the agent's answer (successful dials)",
+            prometheus_client::registry::Unit::Seconds,
+            m.dial_seconds.clone(),
+        );
         Metrics {
             registry: root,
             ..m
@@ -156,6 +254,26 @@ impl Metrics {
         if let Some(s) = seconds {
             self.dial_seconds.observe(s);
         }
+        if let Some(reason) = konnectivity_dial_failure(result)
+            && let Some(i) = KNP_DIAL_FAILURES.iter().position(|r| *r == reason)
+        {
+            self.knp.dial_failures[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// One more CONNECT client connection being served, until the guard is dropped.
+    pub(crate) fn http_connection(&self) -> GaugeGuard {
+        GaugeGuard::up(&self.knp.http)
+    }
+
+    /// One more gRPC call being served, until the guard is dropped.
+    pub(crate) fn grpc_call(&self) -> GaugeGuard {
+        let g = self
+            .knp
+            .grpc_calls
+            .get_or_create(&vec![("service_method".to_owned(), "Proxy".to_owned())])
+            .clone();
+        GaugeGuard::up(&g)
     }
 
     /// One more dial waiting for its agent, until the guard is dropped.
@@ -169,13 +287,13 @@ impl Metrics {
             .inc();
     }
 
-    /// One more CONNECT stream open on `frontend`, until the guard is dropped.
-    pub(crate) fn stream_open(&self, frontend: Frontend) -> GaugeGuard {
+    /// One more CONNECT stream open on `frontend`, until the guards are dropped.
+    pub(crate) fn stream_open(&self, frontend: Frontend) -> [GaugeGuard; 2] {
         let g = self
             .open_connects
             .get_or_create(&vec![("frontend".to_owned(), frontend.name().to_owned())])
             .clone();
-        GaugeGuard::up(&g)
+        [GaugeGuard::up(&g), GaugeGuard::up(&self.knp.established)]
     }
 
     /// One more CONNECT client before the end of its request head on `frontend`, until the
@@ -194,11 +312,24 @@ impl Metrics {
             .inc();
     }
 
-    /// The text exposition, with the per-agent gauges of `core`'s registry as of now.
-    pub fn render(&self, agents: &Agents) -> String {
+    /// The text exposition, with the per-agent gauges of `core`'s registry as of now, and
+    /// Konnectivity's agents per routing strategy in use.
+    pub fn render(&self, agents: &Agents, strategies: &[crate::registry::Strategy]) -> String {
         let mut now = Registry::with_prefix("tether");
         now.register_collector(Box::new(PerAgent(agents.per_agent())));
-        tether_ops::metrics::render(&[&self.registry, &now])
+        let mut knp = Registry::with_prefix("konnectivity_network_proxy_server");
+        let ready: Family<Labels, Gauge> = Family::default();
+        for s in strategies {
+            ready
+                .get_or_create(&vec![("proxy_strategy".to_owned(), s.name().to_owned())])
+                .set(i64::try_from(agents.usable_by(*s)).unwrap_or(i64::MAX));
+        }
+        knp.register(
+            "ready_backends",
+            "Agents usable by each routing strategy in use",
+            ready,
+        );
+        tether_ops::metrics::render(&[&self.registry, &now, &knp])
     }
 }
 

@@ -37,6 +37,17 @@ impl FromStr for Strategy {
     }
 }
 
+impl Strategy {
+    /// The name `--proxy-strategies` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::DestHost => "destHost",
+            Strategy::DefaultRoute => "defaultRoute",
+            Strategy::Default => "default",
+        }
+    }
+}
+
 /// Parses `destHost,default`.
 pub fn parse_strategies(s: &str) -> Result<Vec<Strategy>, String> {
     let list: Vec<Strategy> = s
@@ -344,6 +355,25 @@ impl Registry {
             .collect();
         out.sort();
         out
+    }
+
+    /// Usable tunnels `strategy` can route to: any (`default`), those that announced the
+    /// default route (`defaultRoute`), those that announced a name, an address or a range
+    /// (`destHost`).
+    pub fn usable_by(&self, strategy: Strategy) -> usize {
+        let ix = self.read();
+        ix.entries
+            .values()
+            .filter(|e| e.tunnel.is_usable())
+            .filter(|e| match strategy {
+                Strategy::Default => true,
+                Strategy::DefaultRoute => e.identifiers.contains(&Identifier::DefaultRoute),
+                Strategy::DestHost => e
+                    .identifiers
+                    .iter()
+                    .any(|i| !matches!(i, Identifier::DefaultRoute | Identifier::Unknown(..))),
+            })
+            .count()
     }
 
     /// The ids of the registered agents.

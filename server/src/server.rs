@@ -278,7 +278,7 @@ async fn serve_health(core: Arc<ServerCore>, l: TcpListener) {
                 "text/plain",
                 "no agent connected\n".into(),
             ),
-            "/metrics" => (200, "OK", OPENMETRICS, core.metrics.render(&core.registry)),
+            "/metrics" => (200, "OK", OPENMETRICS, core.render_metrics()),
             _ => (404, "Not Found", "text/plain", "not found\n".into()),
         }
     };

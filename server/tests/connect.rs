@@ -333,3 +333,107 @@ async fn a_name_that_does_not_resolve_reads_no_such_host_on_both_frontends() {
     drop(client);
     at_rest(&server, &[&agent]).await;
 }
+
+/// The value of the series `series` (name and labels, as written) in `text`.
+fn series(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+#[tokio::test]
+async fn konnectivitys_metric_names_read_the_same_as_tethers_own() {
+    let pki = Pki::new();
+    let server = tether_server::Server::start(server_config(&pki))
+        .await
+        .unwrap();
+    let metrics = std::sync::Arc::new(tether_agent::AgentMetrics::new());
+    let agent = tether_agent::Agent::start(tether_agent::AgentConfig {
+        metrics: metrics.clone(),
+        ..agent_config(&pki, server.agent_addr, "agent-1")
+    });
+    assert!(server.wait_agents(1, WAIT).await);
+    let backend = echo_backend().await;
+    let (status, head, mut s) =
+        connect_tcp(server.connect_addr.unwrap(), &backend.to_string()).await;
+    assert_eq!(status, 200, "{head}");
+    s.write_all(b"x").await.unwrap();
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b).await.unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let (status, _) = status_for(&server, &format!("CONNECT {closed} HTTP/1.1\r\n\r\n")).await;
+    assert_eq!(status, 502);
+
+    let m = server.core().render_metrics();
+    let k = "konnectivity_network_proxy_server_";
+    for (theirs, ours) in [
+        ("ready_backend_connections", "tether_agents"),
+        (
+            "ready_backends{proxy_strategy=\"default\"}",
+            "tether_agents",
+        ),
+        ("pending_backend_dials", "tether_pending_dials"),
+        (
+            "established_connections",
+            "tether_connect_streams{frontend=\"tcp\"}",
+        ),
+        (
+            "http_connections",
+            "tether_connect_streams{frontend=\"tcp\"}",
+        ),
+        (
+            "dial_duration_seconds_count",
+            "tether_dial_duration_seconds_count",
+        ),
+        (
+            "dial_failure_count{reason=\"error_response\"}",
+            "tether_dials_total{result=\"DIAL_REFUSED\"}",
+        ),
+    ] {
+        let (a, b) = (series(&m, &format!("{k}{theirs}")), series(&m, ours));
+        assert!(
+            a.is_some() && a == b,
+            "{theirs} {a:?} against {ours} {b:?}:\n{m}"
+        );
+    }
+    assert_eq!(series(&m, "tether_agents"), Some(1.0));
+    assert_eq!(
+        series(&m, "tether_connect_streams{frontend=\"tcp\"}"),
+        Some(1.0)
+    );
+
+    let a = metrics.render();
+    let k = "konnectivity_network_proxy_agent_";
+    for (theirs, ours) in [
+        ("open_server_connections", "tether_agent_tunnels"),
+        ("known_server_count", "tether_agent_known_server_count"),
+        (
+            "open_endpoint_connections",
+            "tether_agent_endpoint_connections",
+        ),
+        (
+            "dial_duration_seconds_count",
+            "tether_agent_dial_duration_seconds_count",
+        ),
+        (
+            "endpoint_dial_failure_total{reason=\"unknown\"}",
+            "tether_agent_dials_total{result=\"DIAL_REFUSED\"}",
+        ),
+    ] {
+        let (x, y) = (series(&a, &format!("{k}{theirs}")), series(&a, ours));
+        assert!(
+            x.is_some() && x == y,
+            "{theirs} {x:?} against {ours} {y:?}:\n{a}"
+        );
+    }
+    assert_eq!(series(&a, "tether_agent_endpoint_connections"), Some(1.0));
+    drop(s);
+    at_rest(&server, &[&agent]).await;
+}

@@ -746,7 +746,7 @@ async fn a_refusal_whose_reason_is_over_255_bytes_still_goes_out_at_once() {
     assert_eq!(code, ErrorCode::UNAUTHORIZED, "{reason}");
     // Not HANDSHAKE_TIMEOUT at the deadline: the refusal itself, cut to the frame's limit.
     assert!(reason.len() <= 255 && reason.contains("hhhh"), "{reason}");
-    let refused = server.core().metrics.render(&server.core().registry);
+    let refused = server.core().render_metrics();
     assert!(
         refused.contains("tether_agents_refused_total{reason=\"unauthorized\"} 1"),
         "{refused}"

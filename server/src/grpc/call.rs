@@ -27,6 +27,7 @@ pub(super) async fn call_main(
     req: http::Request<RecvStream>,
     respond: SendResponse<Bytes>,
 ) {
+    let _call = core.metrics.grpc_call();
     let Some(mut call) = Box::pin(dial_call(core, grpc, req, respond)).await else {
         return;
     };
