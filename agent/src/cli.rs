@@ -98,7 +98,7 @@ pub struct AgentArgs {
     pub admin_server_port: u16,
     /// Count the servers from their Kubernetes leases instead of trusting the count they
     /// announce.
-    #[arg(long)]
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = tether_ops::cli::parse_go_bool)]
     pub count_server_leases: bool,
     /// Namespace of the server leases.
     #[arg(long, default_value = "kube-system")]
@@ -224,15 +224,32 @@ impl AgentArgs {
     pub fn notices(&self) -> Vec<String> {
         let mut n = self.log.notices();
         n.extend(self.konnectivity.notices());
+        n.extend(self.tunnel.notices());
         n
     }
 
     /// Checks the flags and reads every file they name; each error names its flag or file.
     pub fn config(&self) -> Result<AgentConfig, String> {
+        // Konnectivity's rules: a cap under the first interval is refused. And 0 would
+        // reconnect without a pause, a storm against the servers.
+        if self.sync_interval.is_zero() {
+            return Err(
+                "--sync-interval must be above 0 (0 would reconnect without a pause)".into(),
+            );
+        }
+        if self.sync_interval > self.sync_interval_cap {
+            return Err(format!(
+                "--sync-interval {:?} must not be above --sync-interval-cap {:?}",
+                self.sync_interval, self.sync_interval_cap
+            ));
+        }
+        if self.proxy_server_port == 0 {
+            return Err("--proxy-server-port 0 is not a port a server listens on".into());
+        }
         let files = ClientFiles {
             ca: self.ca_cert.clone(),
             cert_key: self.agent_cert.clone().zip(self.agent_key.clone()),
-            alpn: self.alpn_proto.clone(),
+            alpn: alpn(&self.alpn_proto)?,
         };
         let tls = files.load("agent TLS (--ca-cert, --agent-cert, --agent-key)")?;
         let tls_stats = tls.clone();
@@ -240,7 +257,12 @@ impl AgentArgs {
             std::fs::metadata(p)
                 .map_err(|e| format!("--service-account-token-path {}: {e}", p.display()))?;
         }
-        let agent_id = self.agent_id.clone().unwrap_or_else(|| {
+        // An empty id (a PROXY_AGENT_ID set but empty, say) is no id: the default.
+        let agent_id = self.agent_id.clone().filter(|i| !i.is_empty());
+        if agent_id.as_ref().is_some_and(|i| i.len() > 255) {
+            return Err("--agent-id is over 255 bytes".into());
+        }
+        let agent_id = agent_id.unwrap_or_else(|| {
             std::fs::read_to_string("/etc/hostname")
                 .map(|h| h.trim().to_owned())
                 .ok()
@@ -342,4 +364,18 @@ pub fn main() -> Result<(), String> {
         running.shutdown(a.tunnel.drain_grace).await;
         failure.map_or(Ok(()), Err)
     })
+}
+
+/// `--alpn-proto` as offered: empty (`--alpn-proto=`) is none, as in Konnectivity; an empty
+/// or over-long name among others is refused (TLS cannot carry it).
+fn alpn(list: &[String]) -> Result<Vec<String>, String> {
+    if list.iter().all(String::is_empty) {
+        return Ok(Vec::new());
+    }
+    if let Some(bad) = list.iter().find(|p| p.is_empty() || p.len() > 255) {
+        return Err(format!(
+            "--alpn-proto: {bad:?} is not a protocol name (1 to 255 bytes)"
+        ));
+    }
+    Ok(list.to_vec())
 }

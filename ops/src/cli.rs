@@ -287,19 +287,56 @@ pub fn parse_bind(s: &str) -> Result<std::net::IpAddr, String> {
         .map_err(|_| format!("{s:?} is not an IP address (empty: every interface)"))
 }
 
-/// Parses `10s`, `500ms`, `2m`, `1h`, or a bare number of seconds (flag values).
+/// Parses a duration flag in Go's `time.ParseDuration` grammar, as Konnectivity's flags take
+/// them (`10s`, `500ms`, `1h0m0s` as its `--help` prints, `1m30s`, `300us`, `+5s`): one or more
+/// decimal numbers each with a unit (`ns`, `us`, `µs`, `μs`, `ms`, `s`, `m`, `h`), or `0`; also
+/// a bare number of seconds (`10`). Negative durations and ones over a year are refused.
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    let (num, unit) = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .map_or((s, "s"), |i| s.split_at(i));
-    let n: f64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(format!("bad duration unit in {s:?} (ms, s, m, h)")),
-    };
+    let bad = || format!("bad duration {s:?} (Go's syntax: 10s, 500ms, 1h30m, 300us)");
+    let body = s.trim();
+    let body = body.strip_prefix('+').unwrap_or(body);
+    if body.starts_with('-') {
+        return Err(format!("duration {s:?} is negative"));
+    }
+    if body.is_empty() {
+        return Err(bad());
+    }
+    // A bare number: seconds (tether's own form; `0` is Go's too).
+    if let Ok(n) = body.parse::<f64>() {
+        return from_secs(n, s);
+    }
+    let mut secs = 0.0f64;
+    let mut rest = body;
+    while !rest.is_empty() {
+        let num_end = rest
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .ok_or_else(bad)?;
+        let (num, tail) = rest.split_at(num_end);
+        let n: f64 = num.parse().map_err(|_| bad())?;
+        let unit_end = tail
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(tail.len());
+        let (unit, tail) = tail.split_at(unit_end);
+        let scale = match unit {
+            "ns" => 1e-9,
+            "us" | "µs" | "μs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => {
+                return Err(format!(
+                    "bad duration unit {unit:?} in {s:?} (ns, us, ms, s, m, h)"
+                ));
+            }
+        };
+        secs += n * scale;
+        rest = tail;
+    }
+    from_secs(secs, s)
+}
+
+fn from_secs(secs: f64, s: &str) -> Result<std::time::Duration, String> {
     if !secs.is_finite() || secs < 0.0 {
         return Err(format!("bad duration {s:?}"));
     }
@@ -325,10 +362,24 @@ pub fn parse_accept_rate(s: &str) -> Result<f64, String> {
     }
 }
 
+/// `--keepalive-time`'s default, and what 0 means.
+pub const DEFAULT_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Parses a boolean flag value as Go's `strconv.ParseBool` does (Konnectivity's flags):
+/// `1`, `t`, `T`, `TRUE`, `true`, `True`, and the same for false.
+pub fn parse_go_bool(s: &str) -> Result<bool, String> {
+    match s {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Ok(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Ok(false),
+        _ => Err(format!("{s:?} is not a boolean (true, false, 1, 0)")),
+    }
+}
+
 /// Flags both binaries share: keepalive, window, drain.
 #[derive(clap::Args, Debug, Clone)]
 pub struct TunnelArgs {
-    /// Keepalive interval on the tunnels.
+    /// Keepalive interval on the tunnels; 0: the default, 10s (as Konnectivity's agent
+    /// takes 0; a tunnel never goes without keepalive).
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
     pub keepalive_time: std::time::Duration,
     /// How long without any frame, once a keepalive PING is out, before a tunnel is dead.
@@ -362,6 +413,26 @@ pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 impl TunnelArgs {
+    /// The keepalive interval in use: `--keepalive-time`, or the default for 0.
+    pub fn keepalive(&self) -> std::time::Duration {
+        match self.keepalive_time {
+            std::time::Duration::ZERO => DEFAULT_KEEPALIVE,
+            t => t,
+        }
+    }
+
+    /// Notices for values taken with another meaning than they seem to have.
+    pub fn notices(&self) -> Vec<String> {
+        if self.keepalive_time.is_zero() {
+            vec![format!(
+                "--keepalive-time 0 means the default, {}s (as in Konnectivity): a tunnel never goes without keepalive",
+                DEFAULT_KEEPALIVE.as_secs()
+            )]
+        } else {
+            Vec::new()
+        }
+    }
+
     /// The session configuration these flags describe.
     pub fn session(&self) -> tether_proto::Config {
         let ms = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
@@ -370,7 +441,7 @@ impl TunnelArgs {
             // What this end holds to send per stream is its own choice, as large as what it
             // lets the peer send it, whatever window the peer announces (SPEC 6.2).
             max_send_window: self.stream_window,
-            keepalive_interval_ms: ms(self.keepalive_time),
+            keepalive_interval_ms: ms(self.keepalive()),
             keepalive_timeout_ms: ms(self.keepalive_timeout),
             handshake_timeout_ms: ms(self.handshake_timeout),
             ..tether_proto::Config::default()
@@ -393,6 +464,50 @@ mod tests {
             Ok(Duration::from_secs(365 * 24 * 3600))
         );
         assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+    }
+
+    #[test]
+    fn a_keepalive_time_of_zero_is_the_default_never_no_keepalive() {
+        #[derive(clap::Parser)]
+        struct Flags {
+            #[command(flatten)]
+            tunnel: TunnelArgs,
+        }
+        use clap::Parser;
+        let zero = Flags::try_parse_from(["x", "--keepalive-time", "0"]).unwrap();
+        assert_eq!(zero.tunnel.session().keepalive_interval_ms, 10_000);
+        assert_eq!(zero.tunnel.notices().len(), 1);
+        let set = Flags::try_parse_from(["x", "--keepalive-time", "30s"]).unwrap();
+        assert_eq!(set.tunnel.session().keepalive_interval_ms, 30_000);
+        assert!(set.tunnel.notices().is_empty());
+    }
+
+    #[test]
+    fn booleans_read_as_gos_strconv_reads_them() {
+        for t in ["1", "t", "T", "TRUE", "true", "True"] {
+            assert_eq!(parse_go_bool(t), Ok(true), "{t}");
+        }
+        for f in ["0", "f", "F", "FALSE", "false", "False"] {
+            assert_eq!(parse_go_bool(f), Ok(false), "{f}");
+        }
+        assert!(parse_go_bool("yes").is_err());
+        assert!(parse_go_bool("").is_err());
+    }
+
+    #[test]
+    fn durations_take_gos_syntax_as_konnectivitys_help_prints_it() {
+        assert_eq!(parse_duration("1h0m0s"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("300us"), Ok(Duration::from_micros(300)));
+        assert_eq!(parse_duration("300µs"), Ok(Duration::from_micros(300)));
+        assert_eq!(parse_duration("100ns"), Ok(Duration::from_nanos(100)));
+        assert_eq!(parse_duration("+5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("1.5h"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
+        for bad in ["", "1h-5m", "5x", "h", "1..5s", "-0.5s"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} was taken");
+        }
     }
 
     #[test]

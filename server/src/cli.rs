@@ -53,7 +53,7 @@ pub struct ServerArgs {
     pub grpc_buffer_budget: usize,
     /// Replace a socket file at --uds-name that no server answers on (a stale one). A socket a
     /// live server answers on is never replaced.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true", value_parser = tether_ops::cli::parse_go_bool)]
     pub delete_existing_uds_file: bool,
     /// Address of the CONNECT frontend on TCP.
     #[arg(long, value_parser = tether_ops::cli::parse_bind, default_value = "127.0.0.1")]
@@ -166,7 +166,7 @@ pub struct ServerArgs {
     pub server_count: u16,
     /// Publish this server's Lease (and delete expired ones) so agents and servers count the
     /// live servers.
-    #[arg(long)]
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = tether_ops::cli::parse_go_bool)]
     pub enable_lease_controller: bool,
     /// Namespace of the server leases.
     #[arg(long, default_value = "kube-system")]
@@ -183,7 +183,8 @@ pub struct ServerArgs {
     /// Routing strategies, in order: destHost, defaultRoute, default.
     #[arg(long, default_value = "default")]
     pub proxy_strategies: String,
-    /// How long a dial to a node may take before the client gets 504.
+    /// How long a dial to a node may take before the client gets 504; 0: no deadline of the
+    /// server's (as in Konnectivity), the agent's --dial-timeout bounds it.
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
     pub backend_dial_timeout: Duration,
     /// Address for /healthz, /readyz and /metrics.
@@ -332,11 +333,15 @@ impl ServerArgs {
     pub fn notices(&self) -> Vec<String> {
         let mut n = self.log.notices();
         n.extend(self.konnectivity.notices());
+        n.extend(self.tunnel.notices());
         n
     }
 
     /// Checks the flags and reads every file they name; each error names its flag or file.
     pub fn config(&self) -> Result<ServerConfig, String> {
+        if self.server_id.as_ref().is_some_and(|i| i.len() > 255) {
+            return Err("--server-id is over 255 bytes".into());
+        }
         let grpc_mode = self.mode == "grpc";
         if grpc_mode && self.uds_name.is_none() {
             return Err(
@@ -445,7 +450,13 @@ impl ServerArgs {
             max_handshakes: self.max_pending_handshakes,
             agent_accept_rate: self.agent_accept_rate,
             agent_accept_burst: self.agent_accept_burst,
-            server_id: self.server_id.clone().unwrap_or_else(random_id),
+            // An empty id (PROXY_SERVER_ID set but empty, say) is no id: a random one, as
+            // Konnectivity does.
+            server_id: self
+                .server_id
+                .clone()
+                .filter(|i| !i.is_empty())
+                .unwrap_or_else(random_id),
             server_count,
             server_count_source: None,
             strategies: parse_strategies(&self.proxy_strategies)

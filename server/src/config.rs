@@ -50,7 +50,8 @@ pub struct ServerConfig {
     pub server_count_source: Option<tokio::sync::watch::Receiver<u16>>,
     /// Routing strategies, in order.
     pub strategies: Vec<Strategy>,
-    /// How long a dial may take before the client gets 504.
+    /// How long a dial may take before the client gets 504; zero: no deadline of the
+    /// server's (as Konnectivity's `--backend-dial-timeout=0`), the agent's own bounds it.
     pub dial_timeout: Duration,
     /// Session settings (windows, keepalive, and the handshake deadline, which covers an
     /// agent's TLS handshake and HELLO together).

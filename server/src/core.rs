@@ -47,7 +47,13 @@ impl ServerCore {
         let started = Instant::now();
         // Counted down however the dial ends, a caller giving up on it included.
         let pending = self.metrics.pending_dial();
-        let result = tunnel.dial(host, port, self.dial_timeout).await;
+        // Zero: no deadline of the server's (Konnectivity's meaning); the agent's own dial
+        // timeout and the tunnel's keepalive still end the wait.
+        let timeout = match self.dial_timeout {
+            Duration::ZERO => Duration::MAX,
+            t => t,
+        };
+        let result = tunnel.dial(host, port, timeout).await;
         drop(pending);
         let seconds = result.is_ok().then(|| started.elapsed().as_secs_f64());
         self.metrics.dial(

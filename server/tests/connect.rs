@@ -437,3 +437,28 @@ async fn konnectivitys_metric_names_read_the_same_as_tethers_own() {
     drop(s);
     at_rest(&server, &[&agent]).await;
 }
+
+#[tokio::test]
+async fn a_backend_dial_timeout_of_zero_leaves_the_deadline_to_the_agent() {
+    // Konnectivity's --backend-dial-timeout=0 means no deadline of the server's.
+    let pki = Pki::new();
+    let mut cfg = server_config(&pki);
+    cfg.dial_timeout = Duration::ZERO;
+    let server = tether_server::Server::start(cfg).await.unwrap();
+    let hole = black_hole().await;
+    let mut acfg = agent_config(&pki, server.agent_addr, "agent-1");
+    acfg.dial_timeout = Duration::from_millis(500);
+    let agent = tether_agent::Agent::start(acfg);
+    assert!(server.wait_agents(1, WAIT).await);
+    let (status, text) = status_for(
+        &server,
+        &format!("CONNECT 127.0.0.1:{} HTTP/1.1\r\n\r\n", hole.port),
+    )
+    .await;
+    assert_eq!(status, 504, "{text}");
+    assert!(
+        text.contains("DIAL_TIMEOUT: dial tcp"),
+        "the agent's timeout, not the server's at once: {text}"
+    );
+    at_rest(&server, &[&agent]).await;
+}

@@ -745,3 +745,56 @@ async fn an_agents_tasks_run_until_it_drains_and_then_each_says_it_stopped() {
         format!("the connection loop for {} stopped", server.agent_addr)
     );
 }
+
+#[test]
+fn konnectivitys_server_flag_values_mean_what_they_mean_there() {
+    let pki = Pki::new();
+    let dir = tempdir("knp-flags");
+    let (sc, sk, ca) = server_files(&pki, &dir);
+    let parse = |extra: &[&str]| {
+        let mut argv = vec![
+            "tether-server",
+            "--cluster-cert",
+            &sc,
+            "--cluster-key",
+            &sk,
+            "--cluster-ca-cert",
+            &ca,
+        ];
+        argv.extend_from_slice(extra);
+        ServerArgs::try_parse_from(argv)
+    };
+    // Go's durations and booleans, as Konnectivity's --help prints them and manifests set them.
+    let a = parse(&[
+        "--backend-dial-timeout=0",
+        "--keepalive-time=1h0m0s",
+        "--enable-lease-controller=false",
+        "--delete-existing-uds-file=1",
+        "--server-id=",
+    ])
+    .unwrap();
+    let c = a.config().unwrap();
+    // 0: no deadline of the server's (the agent's own ends the dial).
+    assert_eq!(c.dial_timeout, Duration::ZERO);
+    assert_eq!(c.session.keepalive_interval_ms, 3_600_000);
+    assert!(c.delete_existing_uds);
+    // An empty id is no id: a random one, as Konnectivity gives an empty PROXY_SERVER_ID.
+    assert_eq!(c.server_id.len(), 32, "{:?}", c.server_id);
+    for (flag, on) in [
+        ("--enable-lease-controller=true", true),
+        ("--enable-lease-controller=True", true),
+        ("--enable-lease-controller", true),
+        ("--enable-lease-controller=false", false),
+    ] {
+        assert_eq!(
+            parse(&[flag]).unwrap().enable_lease_controller,
+            on,
+            "{flag}"
+        );
+    }
+    assert!(!a.enable_lease_controller);
+    // 0 keepalive: the default, with a notice; never a tunnel without keepalive.
+    let z = parse(&["--keepalive-time=0"]).unwrap();
+    assert_eq!(z.config().unwrap().session.keepalive_interval_ms, 10_000);
+    assert!(z.notices().iter().any(|n| n.contains("--keepalive-time 0")));
+}
