@@ -212,6 +212,21 @@ impl Running {
         }
     }
 
+    /// Announces a drain to come on every tunnel and keeps serving until a second SIGTERM (or
+    /// Ctrl-C) or `grace` has passed.
+    pub async fn announce_draining(&self, grace: Duration) {
+        let n = self.agent.announce_draining();
+        tracing::info!(
+            tunnels = n,
+            grace = ?grace,
+            "draining soon: serving dials until a second signal or the grace"
+        );
+        tokio::select! {
+            () = tether_ops::cli::shutdown_signal() => {}
+            () = tokio::time::sleep(grace) => {}
+        }
+    }
+
     /// Drains every tunnel, at most `grace`.
     pub async fn shutdown(self, grace: Duration) {
         self.agent.drain(grace).await;
@@ -361,6 +376,12 @@ pub fn main() -> Result<(), String> {
     rt.block_on(async {
         let mut running = a.start().await?;
         let failure = tether_ops::cli::until_stopped(running.failed()).await;
+        if failure.is_none() {
+            // As Konnectivity's agent: the first signal announces the drain and keeps serving
+            // (servers send new dials elsewhere when they can, here when they cannot), until a
+            // second signal or --drain-grace; then GOAWAY and the streams' own drain.
+            running.announce_draining(a.tunnel.drain_grace).await;
+        }
         running.shutdown(a.tunnel.drain_grace).await;
         failure.map_or(Ok(()), Err)
     })

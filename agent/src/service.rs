@@ -217,6 +217,12 @@ impl Agent {
         self.inner.wait_connected(n, timeout).await
     }
 
+    /// Announces a drain to come (the first SIGTERM): no reconnects, DRAINING on every tunnel;
+    /// dials are served until [`Agent::drain`]. The tunnels that took the notice.
+    pub fn announce_draining(&self) -> usize {
+        self.inner.announce_draining()
+    }
+
     /// Drains (SIGTERM): no reconnects, GOAWAY on every tunnel, waits for their streams to
     /// finish, at most `grace`; then closes what is left.
     pub async fn drain(&self, grace: Duration) {

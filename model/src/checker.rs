@@ -22,6 +22,8 @@ impl Model for TunnelModel {
             resets_left: b.resets,
             pings_left: b.pings,
             goaways_left: b.goaways,
+            notices_left: b.notices,
+            drainings_sent: 0,
             timers_left: b.timers,
             hello_pending: false,
             hello_sent: false,

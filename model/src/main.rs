@@ -77,6 +77,7 @@ enum Named {
     Flow,
     Sendbuf,
     Session,
+    Notice,
     Ping,
     Hostile,
 }
@@ -89,6 +90,7 @@ impl Named {
             Named::Flow => suite::flow(),
             Named::Sendbuf => suite::sendbuf(),
             Named::Session => suite::session(),
+            Named::Notice => suite::notice(),
             Named::Ping => suite::ping(),
             Named::Hostile => suite::hostile(),
         }

@@ -10,7 +10,7 @@ use crate::state::{AppPhase, AppStream, ModelState, Outcome};
 use crate::tunnel::TunnelModel;
 
 /// The `always` properties, by name.
-pub const ALWAYS: [&str; 12] = [
+pub const ALWAYS: [&str; 13] = [
     "invariants hold at both ends (SPEC 10)",
     "received bytes are a prefix of what the peer sent on that stream (SPEC 5.3)",
     "a completed stream received every byte the peer sent (SPEC 5.3)",
@@ -23,6 +23,7 @@ pub const ALWAYS: [&str; 12] = [
     "two sessions left alone fall silent (liveness)",
     "frames in flight stay bounded (liveness)",
     "the keepalive deadline fires only with a PING unanswered (SPEC 7.3)",
+    "DRAINING goes out at most once, never after this end's GOAWAY (SPEC 7.4)",
 ];
 
 /// Examples an honest run can reach (each configuration claims some of them).
@@ -63,6 +64,9 @@ pub const WELCOMED: &str = "the server welcomes the agent and a stream completes
 pub const VERSION_MISMATCH: &str = "the versions do not match";
 /// Handshake deadline.
 pub const HANDSHAKE_EXPIRES: &str = "a handshake deadline passes";
+/// A DRAINING notice leaves the tunnel usable (SPEC 7.4).
+pub const DIALLED_AFTER_NOTICE: &str =
+    "an end that announced a drain still accepts a dial before its GOAWAY";
 /// The drop policy, seen from the peer.
 pub const WALKS_AWAY: &str = "an application walks away from a live stream and the peer is told";
 
@@ -161,6 +165,11 @@ pub fn all() -> Vec<Property<TunnelModel>> {
         Property::always(ALWAYS[11], |_: &TunnelModel, s: &ModelState| {
             s.ends.iter().all(|e| !e.seen.keepalive_without_ping)
         }),
+        Property::always(ALWAYS[12], |_: &TunnelModel, s: &ModelState| {
+            s.ends
+                .iter()
+                .all(|e| e.drainings_sent <= 1 && !e.seen.draining_after_goaway)
+        }),
         // ----- sometimes -----
         Property::sometimes(COMPLETES, |_: &TunnelModel, s: &ModelState| {
             s.ends[0].streams.values().any(completed)
@@ -255,6 +264,9 @@ pub fn all() -> Vec<Property<TunnelModel>> {
             s.ends
                 .iter()
                 .any(|e| e.session.close_reason() == Some(&CloseReason::HandshakeTimeout))
+        }),
+        Property::sometimes(DIALLED_AFTER_NOTICE, |_: &TunnelModel, s: &ModelState| {
+            s.ends.iter().any(|e| e.seen.dialled_after_notice)
         }),
         Property::sometimes(WALKS_AWAY, |_: &TunnelModel, s: &ModelState| {
             s.ends.iter().any(|e| e.seen.reset_by_walkaway)

@@ -34,6 +34,8 @@ pub struct Bounds {
     pub pings: u8,
     /// GOAWAYs each end's application may start.
     pub goaways: u8,
+    /// DRAINING notices each end's application may announce (SPEC 7.4).
+    pub notices: u8,
     /// Whether the tunnel may drop (both ends see it).
     pub drop: bool,
     /// Timer firings per end (keepalive and handshake deadlines, keepalive PINGs).
@@ -70,6 +72,7 @@ impl Bounds {
             resets: 1,
             pings: 0,
             goaways: 1,
+            notices: 0,
             drop: true,
             timers: 0,
             keepalive: false,
@@ -233,6 +236,10 @@ pub struct End {
     pub pings_left: u8,
     /// GOAWAYs left.
     pub goaways_left: u8,
+    /// DRAINING notices left.
+    pub notices_left: u8,
+    /// DRAINING frames this end put on the wire.
+    pub drainings_sent: u8,
     /// Timer firings left.
     pub timers_left: u8,
     /// Server end: a HELLO waits for the application's decision.
@@ -285,6 +292,10 @@ pub struct Seen {
     /// The peer's application walked away from a stream this end still held: a RESET CANCEL
     /// that the peer's session sent on its own.
     pub reset_by_walkaway: bool,
+    /// A DRAINING frame went out after this end's GOAWAY.
+    pub draining_after_goaway: bool,
+    /// This end accepted a dial after it announced a drain (and before its GOAWAY).
+    pub dialled_after_notice: bool,
 }
 
 /// One item on the wire: a frame, or the misbehaving agent's bytes.
@@ -343,6 +354,8 @@ pub enum Action {
     Ping(usize),
     /// End starts a drain.
     GoAway(usize),
+    /// End announces a drain to come (DRAINING).
+    Notice(usize),
     /// The server's application accepts the agent's HELLO.
     Welcome,
     /// The server's application refuses the agent's HELLO.

@@ -161,6 +161,26 @@ pub fn session() -> Configuration {
     }
 }
 
+/// The DRAINING notice (SPEC 7.4): either end announces a drain to come, streams still open
+/// on its tunnel, then it drains.
+pub fn notice() -> Configuration {
+    Configuration {
+        name: "notice",
+        about: "DRAINING from either end before its GOAWAY, a dial accepted after it, drains, \
+                tunnel loss",
+        bounds: Bounds {
+            server_opens: 1,
+            agent_opens: 0,
+            resets: 0,
+            notices: 1,
+            goaways: 1,
+            ..Bounds::tiny()
+        },
+        claims: vec![COMPLETES, DIALLED_AFTER_NOTICE, AGENT_DRAINS, SERVER_DRAINS],
+        max_states: 10_500_000,
+    }
+}
+
 /// PINGs: the application's and the keepalive timer's, answered or timed out.
 pub fn ping() -> Configuration {
     Configuration {
@@ -211,6 +231,7 @@ pub fn default_suite() -> Vec<Configuration> {
         flow(),
         sendbuf(),
         session(),
+        notice(),
         ping(),
         hostile(),
     ]
@@ -260,7 +281,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Limits {
         Limits {
-            max_states: 20_000_000,
+            max_states: 10_500_000,
             threads: 2,
             bfs: false,
             timeout: std::time::Duration::from_secs(1800),

@@ -67,6 +67,9 @@ impl TunnelModel {
             if end.goaways_left > 0 {
                 out.push(Action::GoAway(i));
             }
+            if end.notices_left > 0 {
+                out.push(Action::Notice(i));
+            }
             for (id, st) in &end.streams {
                 let id = *id;
                 match st.phase {
@@ -158,6 +161,10 @@ impl TunnelModel {
                     end.seen.keepalive_ping |= end.pings_sent > asked;
                 }
                 Frame::GoAway(_) => end.goaway_sent = true,
+                Frame::Draining => {
+                    end.drainings_sent = end.drainings_sent.saturating_add(1);
+                    end.seen.draining_after_goaway |= end.goaway_sent;
+                }
                 _ => {}
             }
             if !state.dropped {
@@ -305,6 +312,7 @@ impl TunnelModel {
                 let end = &mut state.ends[i];
                 end.session.accept(id).ok()?;
                 end.streams.get_mut(&id)?.phase = AppPhase::Open;
+                end.seen.dialled_after_notice |= end.drainings_sent > 0 && !end.drain_started;
             }
             Action::Reject(i, id) => {
                 let end = &mut state.ends[i];
@@ -382,6 +390,12 @@ impl TunnelModel {
                 if end.session.go_away("drain").is_err() {
                     debug_assert!(end.session.is_closed(), "go_away fails only when closed");
                 }
+            }
+            Action::Notice(i) => {
+                let end = &mut state.ends[i];
+                end.notices_left -= 1;
+                // Refused once the session is closed: the budget is spent all the same.
+                let _ = end.session.announce_draining();
             }
             Action::Welcome => {
                 let end = &mut state.ends[0];

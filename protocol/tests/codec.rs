@@ -23,13 +23,15 @@ fn settings() -> impl Strategy<Value = Settings> {
         proptest::option::of(MIN_MAX_FRAME_SIZE..=MAX_PAYLOAD_LIMIT),
         proptest::option::of(any::<u32>()),
         proptest::option::of(any::<u32>()),
-        proptest::collection::btree_map(5u16.., any::<u32>(), 0..4),
+        proptest::option::of(0u32..=1),
+        proptest::collection::btree_map(6u16.., any::<u32>(), 0..4),
     )
-        .prop_map(|(w, f, c, k, unknown)| Settings {
+        .prop_map(|(w, f, c, k, d, unknown)| Settings {
             initial_window: w,
             max_frame_size: f,
             max_concurrent_streams: c,
             keepalive_interval: k,
+            drain_notice: d,
             unknown: unknown
                 .into_iter()
                 .map(|(id, v)| (SettingId(id), v))
@@ -112,8 +114,9 @@ fn frame() -> impl Strategy<Value = Frame> {
                 reason: r,
             }
         )),
+        Just(Frame::Draining),
         (
-            10u8..,
+            11u8..,
             any::<u8>(),
             0u32..=MAX_STREAM_ID,
             proptest::collection::vec(any::<u8>(), 0..40)

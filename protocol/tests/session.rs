@@ -1566,3 +1566,92 @@ fn version_0_is_reserved_and_no_session_speaks_it() {
     );
     assert!(matches!(e, Err(ApiError::InvalidConfig(_))), "{e:?}");
 }
+
+// ----- the DRAINING notice (SPEC 7.4) -----
+
+#[test]
+fn a_draining_notice_goes_out_once_and_the_noticed_end_still_opens_streams_on_it() {
+    let mut p = pair();
+    assert!(
+        p.agent.peer_settings().drain_notice(),
+        "tether takes notices"
+    );
+    assert!(!p.agent.wants_transmit());
+    assert!(p.agent.announce_draining().unwrap());
+    // A writer that waits for `wants_transmit` is woken for it.
+    assert!(p.agent.wants_transmit());
+    assert!(p.agent.announce_draining().unwrap(), "again: nothing more");
+    assert_eq!(drain_frames(&mut p.agent), vec![Frame::Draining]);
+    p.agent.announce_draining().unwrap();
+    assert!(drain_frames(&mut p.agent).is_empty(), "once per session");
+    p.server.handle_frame(p.now, Frame::Draining);
+    assert!(p.server.peer_will_drain());
+    assert!(p.server.is_usable(), "a notice is not a drain");
+    // The noticed end still dials the agent, and the agent still accepts.
+    let id = open_accepted(&mut p);
+    assert_eq!(p.server.stream_state(id), Some(StreamState::Open));
+    // Then the agent drains for real.
+    p.agent.go_away("stopping").unwrap();
+    p.run();
+    assert!(!p.server.is_usable());
+}
+
+#[test]
+fn no_draining_notice_goes_to_a_peer_that_did_not_announce_it_nor_after_goaway() {
+    // An agent whose HELLO has no DRAIN_NOTICE (another implementation).
+    let mut s = Session::server(
+        config(),
+        tether_proto::testing::test_server_identity(),
+        Time::from_millis(0),
+    )
+    .unwrap();
+    s.handle_frame(
+        Time::from_millis(0),
+        Frame::Hello(Hello {
+            versions: vec![1],
+            agent_id: "other".into(),
+            identifiers: vec![],
+            settings: Settings::default(),
+            token: None,
+        }),
+    );
+    s.accept_hello(Time::from_millis(0)).unwrap();
+    assert!(matches!(&drain_frames(&mut s)[..], [Frame::Welcome(w)] if w.settings.drain_notice()));
+    assert!(!s.announce_draining().unwrap());
+    assert!(drain_frames(&mut s).is_empty());
+    // A peer that takes it, after this end's GOAWAY: nothing either.
+    let mut p = pair();
+    p.agent.go_away("stopping").unwrap();
+    assert!(!p.agent.announce_draining().unwrap());
+    assert!(!drain_frames(&mut p.agent).contains(&Frame::Draining));
+}
+
+#[test]
+fn a_draining_notice_before_the_handshake_or_with_a_payload_is_refused() {
+    let mut s = Session::server(
+        config(),
+        tether_proto::testing::test_server_identity(),
+        Time::from_millis(0),
+    )
+    .unwrap();
+    s.handle_frame(Time::from_millis(0), Frame::Draining);
+    assert_eq!(
+        goaway_code(&drain_frames(&mut s)),
+        Some(ErrorCode::PROTOCOL_ERROR)
+    );
+    let header = Header {
+        kind: FrameKind::DRAINING,
+        flags: 0,
+        stream: StreamId(0),
+        len: 1,
+    };
+    assert!(matches!(
+        Frame::decode(header, Bytes::from_static(b"x")),
+        Err(DecodeError::Malformed { .. })
+    ));
+    let bad = Settings {
+        drain_notice: Some(2),
+        ..Settings::default()
+    };
+    assert!(bad.validate().is_err());
+}

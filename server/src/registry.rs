@@ -164,14 +164,22 @@ impl Index {
     }
 
     /// The `turn`-th usable registration among `candidates`, without allocating: usable ones
-    /// are counted, then the chosen one found.
+    /// are counted, then the chosen one found. Those whose agent announced a drain to come
+    /// (DRAINING, SPEC 7.4) only when no other is usable, as Konnectivity falls back to a
+    /// draining agent: a node served by one agent stays reachable while that agent restarts.
     fn pick(&self, candidates: impl Iterator<Item = u64> + Clone, turn: usize) -> Option<&Entry> {
-        let usable = |c: u64| self.entries.get(&c).filter(|e| e.tunnel.is_usable());
-        let n = candidates.clone().filter_map(usable).count();
-        if n == 0 {
-            return None;
+        for noticed in [false, true] {
+            let usable = |c: u64| {
+                self.entries
+                    .get(&c)
+                    .filter(|e| e.tunnel.is_usable() && e.tunnel.peer_will_drain() == noticed)
+            };
+            let n = candidates.clone().filter_map(usable).count();
+            if n > 0 {
+                return candidates.filter_map(usable).nth(turn % n);
+            }
         }
-        candidates.filter_map(usable).nth(turn % n)
+        None
     }
 }
 
@@ -376,6 +384,17 @@ impl Registry {
             .count()
     }
 
+    /// The ids of the agents whose tunnels announced a drain to come (DRAINING, SPEC 7.4).
+    pub fn draining_soon(&self) -> Vec<String> {
+        let ix = self.read();
+        ix.order
+            .iter()
+            .filter_map(|c| ix.entries.get(c))
+            .filter(|e| e.tunnel.peer_will_drain())
+            .map(|e| e.agent_id.to_string())
+            .collect()
+    }
+
     /// The ids of the registered agents.
     pub fn agent_ids(&self) -> Vec<String> {
         let ix = self.read();
@@ -402,11 +421,15 @@ impl Registry {
                 Strategy::DestHost => ix.pick(dest_host_candidates(&ix.routes, host, ip), turn),
                 Strategy::DefaultRoute => ix.pick(ix.routes.default_route.iter().copied(), turn),
                 Strategy::Default => {
-                    // Any usable agent: from the one in turn onwards, the first usable.
+                    // Any usable agent: from the one in turn onwards, the first usable, one
+                    // that announced a drain only when no other is.
                     let n = ix.order.len();
-                    (0..n)
-                        .filter_map(|k| ix.entries.get(&ix.order[(turn + k) % n]))
-                        .find(|e| e.tunnel.is_usable())
+                    let next = |noticed: bool| {
+                        (0..n)
+                            .filter_map(|k| ix.entries.get(&ix.order[(turn + k) % n]))
+                            .find(|e| e.tunnel.is_usable() && e.tunnel.peer_will_drain() == noticed)
+                    };
+                    next(false).or_else(|| next(true))
                 }
             };
             if let Some(e) = found {
@@ -481,6 +504,36 @@ mod tests {
                 .is_ok(),
             "a draining tunnel does not hold its addresses"
         );
+    }
+
+    #[cfg(feature = "test-util")]
+    #[tokio::test]
+    async fn an_agent_that_announced_a_drain_is_routed_to_only_when_no_other_is_usable() {
+        let (a, a_peer, _ia) = tether::testing::tunnel_pair().await;
+        let (b, _b_peer, _ib) = tether::testing::tunnel_pair().await;
+        // Agent A announces its drain; the server's end of its tunnel learns of it.
+        assert!(a_peer.announce_draining());
+        for _ in 0..2000 {
+            if a.peer_will_drain() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        assert!(a.peer_will_drain() && a.is_usable());
+        let r = Registry::default();
+        let only_a = r.add("a".into(), vec![], a.clone());
+        // Alone, the noticed agent still gets the dials.
+        assert_eq!(&*r.route("x", &[Strategy::Default]).unwrap().1, "a");
+        r.add("b".into(), vec![], b.clone());
+        for _ in 0..10 {
+            assert_eq!(
+                &*r.route("x", &[Strategy::Default]).unwrap().1,
+                "b",
+                "another agent first"
+            );
+        }
+        r.remove(only_a);
+        assert_eq!(&*r.route("x", &[Strategy::Default]).unwrap().1, "b");
     }
 
     /// The reference: whether one identifier matches a destination, checked one by one.

@@ -126,6 +126,9 @@ wire_enum! {
         PING = 0x08,
         /// No new streams; the last word before a close.
         GOAWAY = 0x09,
+        /// The sender will drain soon: open new streams elsewhere if you can (an extension
+        /// sent only to a peer that announced DRAIN_NOTICE, SPEC 7.4).
+        DRAINING = 0x0a,
     }
 }
 
@@ -267,6 +270,8 @@ pub enum Frame {
     Ping(Ping),
     /// GOAWAY, drain or close.
     GoAway(GoAway),
+    /// DRAINING: the sender will drain soon (SPEC 7.4).
+    Draining,
     /// A kind this implementation does not know; ignored by the session (SPEC 3.2).
     Unknown(Unknown),
 }
@@ -284,6 +289,7 @@ impl Frame {
             Frame::Reset(_) => FrameKind::RESET,
             Frame::Ping(_) => FrameKind::PING,
             Frame::GoAway(_) => FrameKind::GOAWAY,
+            Frame::Draining => FrameKind::DRAINING,
             Frame::Unknown(u) => u.kind,
         }
     }
@@ -297,9 +303,11 @@ impl Frame {
             Frame::Window(f) => f.stream,
             Frame::Reset(f) => f.stream,
             Frame::Unknown(f) => f.stream,
-            Frame::Hello(_) | Frame::Welcome(_) | Frame::Ping(_) | Frame::GoAway(_) => {
-                StreamId::SESSION
-            }
+            Frame::Hello(_)
+            | Frame::Welcome(_)
+            | Frame::Ping(_)
+            | Frame::GoAway(_)
+            | Frame::Draining => StreamId::SESSION,
         }
     }
 
@@ -324,6 +332,7 @@ impl Frame {
             Frame::Reset(f) => f.encoded_len(),
             Frame::Ping(_) => 8,
             Frame::GoAway(f) => f.encoded_len(),
+            Frame::Draining => 0,
             Frame::Unknown(f) => f.payload.len(),
         }
     }
@@ -365,6 +374,7 @@ impl Frame {
             Frame::Reset(f) => f.encode(dst),
             Frame::Ping(f) => dst.put_u64(f.payload),
             Frame::GoAway(f) => f.encode(dst),
+            Frame::Draining => {}
             Frame::Unknown(f) => dst.put_slice(&f.payload),
         }
     }
@@ -390,9 +400,11 @@ impl Frame {
             return Err(malformed("reserved stream id bit is set"));
         }
         let wants_session = match kind {
-            FrameKind::HELLO | FrameKind::WELCOME | FrameKind::PING | FrameKind::GOAWAY => {
-                Some(true)
-            }
+            FrameKind::HELLO
+            | FrameKind::WELCOME
+            | FrameKind::PING
+            | FrameKind::GOAWAY
+            | FrameKind::DRAINING => Some(true),
             FrameKind::DIAL
             | FrameKind::DIAL_OK
             | FrameKind::DATA
@@ -440,6 +452,8 @@ impl Frame {
             FrameKind::RESET => Reset::decode(stream, p).map(Frame::Reset),
             FrameKind::PING => Ping::decode(header.flags, p).map(Frame::Ping),
             FrameKind::GOAWAY => GoAway::decode(p).map(Frame::GoAway),
+            FrameKind::DRAINING if p.is_empty() => Ok(Frame::Draining),
+            FrameKind::DRAINING => Err("DRAINING carries no payload"),
             //= SPEC §3.2
             //# A frame of any other kind MUST be accepted by the decoder as long as its
             //# length is within the limit
@@ -497,6 +511,7 @@ impl fmt::Display for Frame {
                 "GOAWAY last_stream={} code={} reason={:?}",
                 g.last_stream, g.code, g.reason
             ),
+            Frame::Draining => f.write_str("DRAINING"),
             Frame::Unknown(u) => write!(
                 f,
                 "UNKNOWN kind={:#04x} flags={:#04x} stream={} payload={}",

@@ -18,6 +18,8 @@ wire_enum! {
         MAX_CONCURRENT_STREAMS = 0x3,
         /// The sender's keepalive interval in milliseconds; 0 = no keepalive.
         KEEPALIVE_INTERVAL = 0x4,
+        /// 1: the sender accepts DRAINING frames (SPEC 7.4); 0 or absent: it does not.
+        DRAIN_NOTICE = 0x5,
     }
 }
 
@@ -42,6 +44,8 @@ pub struct Settings {
     pub max_concurrent_streams: Option<u32>,
     /// KEEPALIVE_INTERVAL in milliseconds; 0 = none.
     pub keepalive_interval: Option<u32>,
+    /// DRAIN_NOTICE: 0 or 1; 1 = the sender accepts DRAINING frames.
+    pub drain_notice: Option<u32>,
     /// Settings this implementation does not know, in ascending id order; carried so that
     /// re-encoding gives the same bytes, otherwise ignored.
     pub unknown: Vec<(SettingId, u32)>,
@@ -65,6 +69,7 @@ impl Settings {
                 self.max_concurrent_streams,
             ),
             (SettingId::KEEPALIVE_INTERVAL, self.keepalive_interval),
+            (SettingId::DRAIN_NOTICE, self.drain_notice),
         ];
         let mut out: Vec<(SettingId, u32)> = known
             .into_iter()
@@ -87,6 +92,9 @@ impl Settings {
             && !(MIN_MAX_FRAME_SIZE..=MAX_PAYLOAD_LIMIT).contains(&m)
         {
             return Err("MAX_FRAME_SIZE out of range");
+        }
+        if self.drain_notice.is_some_and(|d| d > 1) {
+            return Err("DRAIN_NOTICE is not 0 or 1");
         }
         let mut last: Option<SettingId> = None;
         for (id, _) in &self.unknown {
@@ -138,6 +146,7 @@ impl Settings {
                 SettingId::MAX_FRAME_SIZE => s.max_frame_size = Some(v),
                 SettingId::MAX_CONCURRENT_STREAMS => s.max_concurrent_streams = Some(v),
                 SettingId::KEEPALIVE_INTERVAL => s.keepalive_interval = Some(v),
+                SettingId::DRAIN_NOTICE => s.drain_notice = Some(v),
                 other => s.unknown.push((other, v)),
             }
         }
@@ -161,6 +170,11 @@ impl Settings {
     pub fn max_concurrent_streams(&self) -> u32 {
         self.max_concurrent_streams
             .unwrap_or(Self::DEFAULT_MAX_CONCURRENT_STREAMS)
+    }
+
+    /// Whether the sender accepts DRAINING frames (DRAIN_NOTICE = 1).
+    pub fn drain_notice(&self) -> bool {
+        self.drain_notice == Some(1)
     }
 
     /// KEEPALIVE_INTERVAL with its default (0, none) applied.

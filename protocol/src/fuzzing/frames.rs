@@ -35,13 +35,14 @@ fn settings(u: &mut Unstructured<'_>) -> Result<Settings> {
     };
     let mut unknown = BTreeMap::new();
     for _ in 0..u.int_in_range(0..=3)? {
-        unknown.insert(SettingId(u.int_in_range(5..=u16::MAX)?), u.arbitrary()?);
+        unknown.insert(SettingId(u.int_in_range(6..=u16::MAX)?), u.arbitrary()?);
     }
     Ok(Settings {
         initial_window: opt(u, 1, MAX_WINDOW)?,
         max_frame_size: opt(u, MIN_MAX_FRAME_SIZE, MAX_PAYLOAD_LIMIT)?,
         max_concurrent_streams: opt(u, 0, u32::MAX)?,
         keepalive_interval: opt(u, 0, u32::MAX)?,
+        drain_notice: opt(u, 0, 1)?,
         unknown: unknown.into_iter().collect(),
     })
 }
@@ -76,7 +77,7 @@ pub fn arbitrary_frame_with(
     u: &mut Unstructured<'_>,
     stream: &mut dyn FnMut(&mut Unstructured<'_>) -> Result<StreamId>,
 ) -> Result<Frame> {
-    Ok(match u.int_in_range(0..=9)? {
+    Ok(match u.int_in_range(0..=10)? {
         0 => {
             let mut versions: Vec<u16> = (0..u.int_in_range(1..=4)?)
                 .map(|_| u.arbitrary())
@@ -136,8 +137,9 @@ pub fn arbitrary_frame_with(
             code: ErrorCode(u.arbitrary()?),
             reason: text(u, 40)?,
         }),
+        9 => Frame::Draining,
         _ => Frame::Unknown(Unknown {
-            kind: FrameKind(u.int_in_range(0x0a..=u8::MAX)?),
+            kind: FrameKind(u.int_in_range(0x0b..=u8::MAX)?),
             flags: u.arbitrary()?,
             stream: StreamId(u.int_in_range(0..=MAX_STREAM_ID)?),
             payload: Bytes::copy_from_slice({
@@ -214,6 +216,7 @@ fn spec_bytes(frame: &Frame) -> Option<Vec<u8>> {
             str8(&mut p, &g.reason);
             header(&mut out, 0x09, 0, 0, &p);
         }
+        Frame::Draining => header(&mut out, 0x0a, 0, 0, &[]),
         Frame::Unknown(u) => header(&mut out, u.kind.0, u.flags, u.stream.0, &u.payload),
         Frame::Hello(_) | Frame::Welcome(_) | Frame::Dial(_) => return None,
     }

@@ -114,10 +114,10 @@ fn run_session_ops(u: &mut Unstructured<'_>) -> Result<()> {
                 let _ = s.ping(now);
             }
             14 => {
-                let _ = if u.arbitrary()? {
-                    s.go_away("bye")
-                } else {
-                    s.close(ErrorCode(u.arbitrary()?), "close")
+                let _ = match u.int_in_range(0..=2)? {
+                    0 => s.go_away("bye"),
+                    1 => s.announce_draining().map(|_| ()),
+                    _ => s.close(ErrorCode(u.arbitrary()?), "close"),
                 };
             }
             15 => {
@@ -162,7 +162,10 @@ fn codes_for(kind: FrameKind) -> &'static [ErrorCode] {
     match kind {
         FrameKind::HELLO | FrameKind::WELCOME => &[PROTOCOL, ErrorCode::VERSION_MISMATCH],
         FrameKind::DIAL => &[PROTOCOL, ErrorCode::ENHANCE_YOUR_CALM],
-        FrameKind::DIAL_OK | FrameKind::RESET | FrameKind::PING => &[PROTOCOL],
+        // DRAINING: before the session is open (SPEC 7.4, 4.1).
+        FrameKind::DIAL_OK | FrameKind::RESET | FrameKind::PING | FrameKind::DRAINING => {
+            &[PROTOCOL]
+        }
         FrameKind::DATA => &[
             PROTOCOL,
             ErrorCode::STREAM_CLOSED,

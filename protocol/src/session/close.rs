@@ -59,6 +59,8 @@ impl Session {
             },
             peer: false,
         };
+        // The GOAWAY says more than an unsent DRAINING notice would.
+        self.notice.out = false;
         // SPEC 7.4: no DIAL goes out after this end's GOAWAY; dials not yet sent fail here.
         let unsent = self
             .streams

@@ -265,6 +265,30 @@ impl Session {
         Ok(())
     }
 
+    /// Announces a drain to come (SPEC 7.4): a DRAINING frame goes out, once, if the peer
+    /// announced DRAIN_NOTICE; nothing else changes (streams may still be opened both ways
+    /// until [`Session::go_away`]). `Ok(false)` when the peer does not take the notice or this
+    /// end is draining already.
+    pub fn announce_draining(&mut self) -> Result<bool, ApiError> {
+        self.check_open()?;
+        //= SPEC §7.4
+        //# an end MUST NOT send DRAINING to a peer that did not, nor after its own GOAWAY, nor
+        //# more than once per session.
+        if self.is_draining() || !self.peer.drain_notice() {
+            return Ok(false);
+        }
+        //= SPEC §7.4
+        //# DRAINING changes nothing in the session: both ends may still open streams, and the
+        //# sender MUST keep accepting DIALs until its GOAWAY.
+        // (Only `drain` refuses DIALs; the notice is a flag beside it.)
+        if !self.notice.given {
+            self.notice.given = true;
+            self.notice.out = true;
+        }
+        self.debug_check();
+        Ok(true)
+    }
+
     /// Starts a graceful drain (SPEC 7.4): a GOAWAY with NO_ERROR goes out, no new streams
     /// either way, existing streams finish, then the session closes with `Drained`. A second
     /// call while draining changes nothing.

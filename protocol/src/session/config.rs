@@ -90,6 +90,8 @@ impl Config {
             max_frame_size: Some(self.max_frame_size),
             max_concurrent_streams: Some(self.max_concurrent_streams),
             keepalive_interval: Some(u32::try_from(self.keepalive_interval_ms).unwrap_or(u32::MAX)),
+            // This implementation takes DRAINING notices (SPEC 7.4).
+            drain_notice: Some(1),
             unknown: Vec::new(),
         }
     }

@@ -102,9 +102,21 @@ pub struct Session {
     /// HELLO or WELCOME, to go out first.
     handshake_out: Option<Frame>,
     drain: Drain,
+    notice: Notice,
     keepalive: Keepalive,
     timers: TimerTable,
     events: VecDeque<Event>,
+}
+
+/// The DRAINING notice (SPEC 7.4): this end's, to send once, and the peer's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+struct Notice {
+    /// Queued, not sent yet.
+    out: bool,
+    /// Sent (or queued): never again.
+    given: bool,
+    /// The peer sent one.
+    peer: bool,
 }
 
 fn violation(code: ErrorCode, kind: FrameKind, reason: &'static str) -> ProtocolError {
@@ -135,6 +147,7 @@ impl Session {
             streams: Streams::new(role),
             handshake_out: None,
             drain: Drain::Running,
+            notice: Notice::default(),
             keepalive: Keepalive::default(),
             timers,
             events: VecDeque::new(),
@@ -179,6 +192,12 @@ impl Session {
     /// Whether the session is established and may open streams (not draining).
     pub fn is_usable(&self) -> bool {
         self.is_established() && !self.is_draining()
+    }
+
+    /// Whether the peer announced it will drain soon (a DRAINING frame, SPEC 7.4): the session
+    /// is still usable, but new streams should go to another tunnel when there is one.
+    pub fn peer_will_drain(&self) -> bool {
+        self.notice.peer
     }
 
     /// The negotiated version (0 before the handshake).
@@ -272,6 +291,7 @@ impl Session {
                     || matches!(self.drain, Drain::Queued { .. })
                     || self.keepalive.pong_out.is_some()
                     || self.keepalive.ping_out.is_some()
+                    || self.notice.out
                     || !self.streams.refusals.is_empty()
                     || !self.streams.ready.is_empty()
             }
@@ -496,6 +516,9 @@ impl Session {
                 payload,
             }));
         }
+        if std::mem::take(&mut self.notice.out) {
+            return Some(Frame::Draining);
+        }
         if let Some((stream, reason)) = self.streams.refusals.pop_front() {
             let f = Frame::Reset(Reset {
                 stream,
@@ -626,6 +649,12 @@ impl Session {
                 Ok(())
             }
             Frame::GoAway(g) => self.on_goaway(g),
+            //= SPEC §7.4
+            //# A receiver of DRAINING SHOULD open new streams on another tunnel when it has one
+            Frame::Draining => {
+                self.notice.peer = true;
+                Ok(())
+            }
             Frame::Dial(d) => self.on_dial(d),
             Frame::DialOk(d) => self.on_dial_ok(d.stream),
             Frame::Data(d) => self.on_data(d),

@@ -128,6 +128,18 @@ impl Agent {
         crate::tasks::wait_until(timeout, || self.connected() >= n).await
     }
 
+    /// Announces a drain to come (Konnectivity's first SIGTERM): no reconnects, and DRAINING
+    /// on every tunnel (SPEC 7.4), so servers route new dials to other agents when they have
+    /// one and still to this one when not; dials are served as before until [`Agent::drain`].
+    /// The tunnels that took the notice.
+    pub fn announce_draining(&self) -> usize {
+        let _ = self.shutdown.send(true);
+        self.tunnels()
+            .iter()
+            .filter(|t| t.announce_draining())
+            .count()
+    }
+
     /// Drains (SIGTERM): no reconnects, GOAWAY on every tunnel, waits for their streams to
     /// finish, at most `grace`; then closes what is left.
     pub async fn drain(&self, grace: Duration) {

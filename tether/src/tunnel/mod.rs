@@ -346,6 +346,20 @@ impl Tunnel {
         self.lock().session.is_usable()
     }
 
+    /// Whether the peer announced it will drain soon (DRAINING, SPEC 7.4): still usable, but
+    /// new streams belong on another tunnel when there is one.
+    pub fn peer_will_drain(&self) -> bool {
+        self.lock().session.peer_will_drain()
+    }
+
+    /// Announces a drain to come (DRAINING, SPEC 7.4): the peer is told to open new streams
+    /// elsewhere when it can; this end still accepts them until [`Tunnel::go_away`]. `false`
+    /// when the peer does not take the notice, or the tunnel is draining or closed.
+    pub fn announce_draining(&self) -> bool {
+        self.drive(|sh, _| sh.session.announce_draining())
+            .unwrap_or(false)
+    }
+
     /// Live streams in the session.
     pub fn stream_count(&self) -> usize {
         self.lock().session.stream_count()
