@@ -8,17 +8,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tether::TetherStream;
 use tether::tls::{self, testpki::Ca};
-use tether::tunnel::{Handshake, Incoming, Start, Tunnel};
 use tether_agent::{Agent, AgentConfig};
 use tether_proto::frame::Identifier;
-use tether_proto::testing::{test_agent_identity, test_server_identity};
-use tether_proto::{Session, Time};
 use tether_server::{Server, ServerConfig, Strategy};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
 
 pub const WAIT: Duration = Duration::from_secs(10);
 
@@ -461,84 +456,9 @@ pub async fn metric(port: u16, name: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
-/// The in-memory tunnels' session settings: no keepalives.
-pub fn tunnel_config() -> tether_proto::Config {
-    tether_proto::Config {
-        keepalive_interval_ms: 0,
-        ..tether_proto::Config::default()
-    }
-}
-
-/// A server tunnel and an agent tunnel joined in memory (`tokio::io::duplex`, no TLS),
-/// handshake done; the agent's dials go to the returned receiver.
-pub async fn tunnel_pair() -> (Tunnel, Tunnel, mpsc::UnboundedReceiver<Incoming>) {
-    let (a, b) = tokio::io::duplex(1 << 20);
-    tunnel_pair_on(a, b).await
-}
-
-/// [`tunnel_pair`] over a given transport: the server's end `a`, the agent's `b`.
-pub async fn tunnel_pair_on<T>(a: T, b: T) -> (Tunnel, Tunnel, mpsc::UnboundedReceiver<Incoming>)
-where
-    T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
-{
-    let epoch = std::time::Instant::now();
-    let server = Session::server(
-        tunnel_config(),
-        test_server_identity(),
-        Time::from_millis(0),
-    )
-    .unwrap();
-    let agent =
-        Session::agent(tunnel_config(), test_agent_identity(), Time::from_millis(0)).unwrap();
-    let (tx, rx) = mpsc::unbounded_channel();
-    let (s, s_hs) = Tunnel::spawn(
-        a,
-        server,
-        Start {
-            incoming: None,
-            policy: None,
-            epoch,
-            label: "server".into(),
-            stats: None,
-            linger: tether::pump::LINGER,
-        },
-    );
-    let (g, g_hs) = Tunnel::spawn(
-        b,
-        agent,
-        Start {
-            incoming: Some(tx),
-            policy: None,
-            epoch,
-            label: "agent".into(),
-            stats: None,
-            linger: tether::pump::LINGER,
-        },
-    );
-    assert!(matches!(s_hs.done().await, Ok(Handshake::Hello(_))));
-    assert!(matches!(g_hs.done().await, Ok(Handshake::Welcome(_))));
-    (s, g, rx)
-}
-
-/// The server dials through the agent and the agent's application accepts: the agent's end
-/// (`near`) and the server's end (`far`) of one stream.
-pub async fn tunnel_stream(
-    server: &Tunnel,
-    dials: &mut mpsc::UnboundedReceiver<Incoming>,
-) -> (TetherStream, TetherStream) {
-    let server = server.clone();
-    let dialing = tokio::spawn(async move { server.dial("dest", 80, WAIT).await });
-    let incoming = tokio::time::timeout(WAIT, dials.recv())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(
-        (incoming.dial().host.as_str(), incoming.dial().port),
-        ("dest", 80)
-    );
-    let near = incoming.accept().unwrap();
-    (near, dialing.await.unwrap().unwrap())
-}
+// In-memory tunnels: the library's own test helpers.
+#[allow(unused_imports)] // each test file uses some
+pub use tether::testing::{tunnel_config, tunnel_pair, tunnel_pair_on, tunnel_stream};
 
 /// What a server and its agents still hold of streams, dials, handshakes and the gRPC
 /// frontend's budget: one line per gauge off its resting value, empty at rest.
