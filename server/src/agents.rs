@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tether::Tunnel;
-use tether::listen::{Admission, Admitted, Peer, Refusal};
+use tether::listen::{Admission, Admitted, Handover, Peer, Refusal};
 use tether::reload::Reloadable;
 use tether::stats::RefusalKind;
 use tether_proto::ErrorCode;
@@ -31,6 +31,8 @@ pub(crate) struct Agents {
     pub(crate) max_tunnels_per_agent: usize,
     /// How often node-bound address claims are checked again (zero: never).
     pub(crate) address_recheck: Duration,
+    /// What Konnectivity's own agents are allowed (`None`: not served).
+    pub(crate) konnectivity: Option<crate::KonnectivityAgents>,
 }
 
 /// What an admission proved, for the tunnel's life.
@@ -128,6 +130,13 @@ impl Admission for Agents {
             () = recheck => tunnel.closed().await,
         };
         tracing::info!(%reason, "agent disconnected");
+    }
+
+    async fn hand_over(&self, conn: Handover) {
+        match &self.konnectivity {
+            Some(limits) => crate::kagent::serve(conn, self, limits).await,
+            None => tracing::warn!(?conn, "a Konnectivity agent, and they are not served here"),
+        }
     }
 }
 

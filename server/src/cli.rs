@@ -129,6 +129,15 @@ pub struct ServerArgs {
     /// claimed address is closed. 0: only at the handshake.
     #[arg(long, value_parser = parse_duration, default_value = "5m")]
     pub address_recheck_interval: Duration,
+    /// Also accept Konnectivity's own agents (`proxy-agent`, ALPN `h2`) on the agent port, with
+    /// the same authentication and identity rules as tether's, so a cluster can switch its
+    /// server first (docs/OPERATIONS.md).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = tether_ops::cli::parse_go_bool)]
+    pub konnectivity_agents: bool,
+    /// Node-to-client bytes one Konnectivity agent's streams may hold before the server stops
+    /// reading that agent (it has no per-stream flow control: all its streams wait).
+    #[arg(long, default_value_t = 4 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(65536..=1 << 30))]
+    pub konnectivity_agent_buffer: u64,
     /// Tunnels one agent id may hold to this server at once (default: --server-count); a
     /// newer tunnel replaces the oldest.
     #[arg(long)]
@@ -495,6 +504,10 @@ impl ServerArgs {
             header_timeout: Duration::from_secs(10),
             address_recheck: self.address_recheck_interval,
             linger: tether::pump::LINGER,
+            konnectivity_agents: self.konnectivity_agents.then(|| crate::KonnectivityAgents {
+                buffer: usize::try_from(self.konnectivity_agent_buffer).unwrap_or(usize::MAX),
+                ..crate::KonnectivityAgents::default()
+            }),
         })
     }
 

@@ -91,6 +91,9 @@ pub struct ServerConfig {
     /// gRPC) may wait for the agent's credit without moving a byte before it is reset
     /// (docs/SECURITY.md, "Nothing stranded").
     pub linger: Duration,
+    /// Konnectivity's own agents (`proxy-agent`) on the agent port, beside tether's, told
+    /// apart by ALPN `h2` (docs/OPERATIONS.md, "Order of the switch"); `None`: refused.
+    pub konnectivity_agents: Option<crate::KonnectivityAgents>,
 }
 
 impl ServerConfig {
@@ -134,6 +137,7 @@ impl ServerConfig {
             header_timeout: Duration::from_secs(10),
             linger: tether::pump::LINGER,
             address_recheck: Duration::from_secs(300),
+            konnectivity_agents: Some(crate::KonnectivityAgents::default()),
         }
     }
 }

@@ -106,6 +106,10 @@ impl Server {
             accept_burst: config.agent_accept_burst,
             stats: core.metrics.listener.clone(),
             linger: config.linger,
+            handover_alpn: match config.konnectivity_agents {
+                Some(_) => vec![b"h2".to_vec()],
+                None => Vec::new(),
+            },
         };
         let admission = Agents {
             core: core.clone(),
@@ -114,6 +118,7 @@ impl Server {
             identity: config.identity.clone(),
             max_tunnels_per_agent: config.max_tunnels_per_agent,
             address_recheck: config.address_recheck,
+            konnectivity: config.konnectivity_agents.clone(),
         };
         let listener = Listener::bind(config.agent_addr, listen, Arc::new(admission))
             .await

@@ -160,7 +160,7 @@ where
 }
 
 /// A gRPC status for a call that ends without a dial (RFC: grpc's PROTOCOL-HTTP2.md).
-fn trailers_only(respond: &mut SendResponse<Bytes>, code: u32, message: &str) {
+pub(crate) fn trailers_only(respond: &mut SendResponse<Bytes>, code: u32, message: &str) {
     let resp = http::Response::builder()
         .status(200)
         .header("content-type", "application/grpc")
@@ -191,16 +191,17 @@ fn cancelled_by_client(e: &h2::Error) -> bool {
 }
 
 /// gRPC status codes used here.
-mod code {
-    pub(super) const OK: u32 = 0;
+pub(crate) mod code {
+    pub(crate) const OK: u32 = 0;
     /// The client cancelled the call (RST_STREAM with CANCEL): how a Go client ends a call it
     /// no longer needs, not a failure.
     pub(super) const CANCELLED: u32 = 1;
-    pub(super) const INVALID_ARGUMENT: u32 = 3;
+    pub(crate) const INVALID_ARGUMENT: u32 = 3;
     pub(super) const DEADLINE_EXCEEDED: u32 = 4;
     pub(super) const RESOURCE_EXHAUSTED: u32 = 8;
-    pub(super) const UNIMPLEMENTED: u32 = 12;
-    pub(super) const UNAVAILABLE: u32 = 14;
+    pub(crate) const UNIMPLEMENTED: u32 = 12;
+    pub(crate) const UNAVAILABLE: u32 = 14;
+    pub(crate) const UNAUTHENTICATED: u32 = 16;
 }
 
 #[cfg(test)]

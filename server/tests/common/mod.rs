@@ -178,7 +178,14 @@ pub async fn server_and_agent(pki: &Pki) -> (Server, Agent) {
 
 /// A backend that echoes every byte back and half-closes when its client does.
 pub async fn echo_backend() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    echo_backend_on([127, 0, 0, 1]).await
+}
+
+/// [`echo_backend`] on a given loopback address (127.0.0.2 for a second "node", say).
+pub async fn echo_backend_on(ip: [u8; 4]) -> SocketAddr {
+    let l = TcpListener::bind((std::net::Ipv4Addr::from(ip), 0))
+        .await
+        .unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
         loop {

@@ -163,8 +163,9 @@ impl Conn {
                     return;
                 }
             };
-        let tls = acceptor.accept(crate::tls::tunnel_transport(tcp));
-        let tls = match handshake_deadline(&session, epoch) {
+        let deadline = handshake_deadline(&session, epoch);
+        let tls = tls_handshake(acceptor, &cfg.handover_alpn, tcp);
+        let tls = match deadline {
             Some(deadline) => tokio::time::timeout_at(deadline, tls).await,
             None => Ok(tls.await),
         };
@@ -191,17 +192,133 @@ impl Conn {
             .peer_certificates()
             .map(<[_]>::to_vec)
             .unwrap_or_default();
+        let peer = Peer {
+            addr: peer,
+            certificates,
+        };
+        let path = TunnelPath {
+            cfg,
+            stats,
+            session,
+            epoch,
+            slot,
+        };
+        let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+        match alpn {
+            Some(alpn) if path.cfg.handover_alpn.contains(&alpn) => {
+                let handover = Handover {
+                    deadline: deadline
+                        .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600)),
+                    tls,
+                    peer,
+                    alpn,
+                    path,
+                };
+                admission.hand_over(handover).await;
+            }
+            _ => path.serve(tls, peer, &*admission).await,
+        }
+    }
+}
+
+/// The TLS handshake; when the listener hands some protocols over, a ClientHello offering one
+/// of them (by ALPN) is answered with that one selected, and any other without ALPN, as
+/// without hand-overs.
+async fn tls_handshake(
+    acceptor: TlsAcceptor,
+    handover_alpn: &[Vec<u8>],
+    tcp: TcpStream,
+) -> std::io::Result<AgentTls> {
+    let io = crate::tls::tunnel_transport(tcp);
+    if handover_alpn.is_empty() {
+        return acceptor.accept(io).await;
+    }
+    let start =
+        tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io).await?;
+    let offered = start
+        .client_hello()
+        .alpn()
+        .and_then(|mut names| names.find(|n| handover_alpn.iter().any(|h| h == n)))
+        .map(<[u8]>::to_vec);
+    let config = acceptor.config().clone();
+    let config = match offered {
+        Some(name) => {
+            let mut c = Arc::unwrap_or_clone(config);
+            c.alpn_protocols = vec![name];
+            Arc::new(c)
+        }
+        None => config,
+    };
+    start.into_stream(config).await
+}
+
+/// An agent connection over TLS, as the listener accepts it.
+pub type AgentTls = tokio_rustls::server::TlsStream<crate::tls::ReadAhead<TcpStream>>;
+
+/// A connection whose TLS handshake selected a protocol the listener hands over
+/// ([`ListenConfig::handover_alpn`]): another kind of agent, whose protocol the caller
+/// translates. It still holds its place among the connections in their handshake, and its
+/// deadline, until it becomes a tunnel through [`TunnelPath::serve`] or is dropped.
+pub struct Handover {
+    /// The connection, TLS done.
+    pub tls: AgentTls,
+    /// What the connection proved.
+    pub peer: Peer,
+    /// The protocol TLS selected.
+    pub alpn: Vec<u8>,
+    /// When the handshake budget (TLS and the first exchange, as for a HELLO) runs out.
+    pub deadline: tokio::time::Instant,
+    /// The rest of a tunnel's way in.
+    pub path: TunnelPath,
+}
+
+impl std::fmt::Debug for Handover {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handover")
+            .field("peer", &self.peer)
+            .field("alpn", &String::from_utf8_lossy(&self.alpn))
+            .finish_non_exhaustive()
+    }
+}
+
+/// What remains of an accepted connection's way to becoming a tunnel once TLS is done: the
+/// session (its handshake deadline running since the first byte), and the handshake slot.
+pub struct TunnelPath {
+    cfg: Arc<ListenConfig>,
+    stats: Arc<ListenerStats>,
+    session: Session,
+    epoch: Instant,
+    slot: HandshakeSlot,
+}
+
+impl TunnelPath {
+    /// Runs the tunnel over `io` exactly as over an agent's TLS connection: the HELLO that
+    /// arrives on it under the session's handshake deadline, `admission`'s decision against
+    /// what `peer` proved, then its service for the tunnel's life. A hand-over's `io` is one
+    /// end of an in-memory transport whose other end speaks for the foreign agent.
+    pub async fn serve<A, IO>(self, io: IO, peer: Peer, admission: &A)
+    where
+        A: Admission,
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+    {
+        let TunnelPath {
+            cfg,
+            stats,
+            session,
+            epoch,
+            slot,
+        } = self;
         let start = Start {
             incoming: None,
             // SPEC 4.2: the protocol carries the id, identifiers and token; the server decides,
             // against what the connection proved (docs/SECURITY.md), once any API call is back.
             policy: Some(Box::new(|_| Verdict::Later)),
             epoch,
-            label: format!("server<-{peer}"),
+            label: format!("server<-{}", peer.addr),
             stats: Some(stats.tunnels.clone()),
             linger: cfg.linger,
         };
-        let (tunnel, handshaking) = Tunnel::spawn(tls, session, start);
+        let (tunnel, handshaking) = Tunnel::spawn(io, session, start);
         let hello = match handshaking.done().await {
             Ok(Handshake::Hello(h)) => h,
             Ok(Handshake::Welcome(_)) => return,
@@ -215,10 +332,7 @@ impl Conn {
                 return;
             }
         };
-        let peer = Peer {
-            addr: peer,
-            certificates,
-        };
+
         // The decision races the agent leaving and the handshake deadline: a decision nobody
         // waits for any more must not keep its handshake slot.
         let deadline = tokio::time::Instant::from_std(

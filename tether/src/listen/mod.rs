@@ -45,6 +45,7 @@ use tether_proto::Config;
 use tether_proto::frame::Hello;
 use tokio::sync::watch;
 
+pub use accept::{AgentTls, Handover, TunnelPath};
 pub use pacer::{AcceptPacer, MIN_AGENT_ACCEPT_RATE};
 
 use crate::reload::Reloadable;
@@ -82,6 +83,10 @@ pub struct ListenConfig {
     /// How long a stream whose sending side has finished may wait for credit without moving
     /// a byte before it is reset ([`crate::pump::LINGER`]).
     pub linger: std::time::Duration,
+    /// ALPN protocol names whose connections are handed to [`Admission::hand_over`] once TLS
+    /// is done (`h2` for Konnectivity's gRPC agents, say). A client offering one of them gets
+    /// it selected; any other is answered without ALPN, as when this is empty (the default).
+    pub handover_alpn: Vec<Vec<u8>>,
 }
 
 impl ListenConfig {
@@ -99,6 +104,7 @@ impl ListenConfig {
             accept_burst: 256,
             stats: Arc::new(ListenerStats::default()),
             linger: crate::pump::LINGER,
+            handover_alpn: Vec::new(),
         }
     }
 }
@@ -167,6 +173,17 @@ pub trait Admission: Send + Sync + 'static {
     /// [`Tunnel::closed`], unregister. The tunnel is closed when this returns, and when the
     /// listener is dropped.
     fn serve(&self, agent: Admitted, grant: Self::Grant) -> impl Future<Output = ()> + Send;
+
+    /// Serves a connection whose TLS handshake selected one of
+    /// [`ListenConfig::handover_alpn`]: another kind of agent. The default closes it.
+    /// To make it a tunnel, translate its protocol to tether's over an in-memory transport
+    /// and pass one end to [`TunnelPath::serve`]: the HELLO arriving there is admitted and
+    /// served as any agent's.
+    fn hand_over(&self, conn: Handover) -> impl Future<Output = ()> + Send {
+        async move {
+            tracing::warn!(?conn, "no service for this protocol; closing");
+        }
+    }
 }
 
 /// A listening agent port. Dropping it stops accepting, ends every connection it accepted (a

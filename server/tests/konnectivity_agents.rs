@@ -1,0 +1,331 @@
+//! Konnectivity's own `proxy-agent` against tether's server (issue 28): built from source by
+//! `../shared/konnectivity/build.sh target/konnectivity` (`.ci/run` does), found there or in
+//! `KONNECTIVITY_BIN`. Without the binaries every test here prints that it is skipped, and
+//! why, and passes: `.ci/run` builds them, so CI runs these for real.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// Where Konnectivity's binaries are, if they are built.
+fn konnectivity() -> Option<PathBuf> {
+    let dir = std::env::var_os("KONNECTIVITY_BIN").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/konnectivity"),
+        PathBuf::from,
+    );
+    if dir.join("proxy-agent").exists() {
+        return Some(dir);
+    }
+    eprintln!(
+        "SKIPPED: Konnectivity's binaries are not in {} (run ../shared/konnectivity/build.sh target/konnectivity, as .ci/run does)",
+        dir.display()
+    );
+    None
+}
+
+/// A Konnectivity `proxy-agent` with mTLS, its certificate and id `id`.
+struct KonnAgent {
+    proc: Killed,
+    admin: u16,
+}
+
+impl KonnAgent {
+    /// `ip`: the loopback address this "node" serves (its `ipv4` identifier).
+    fn start(
+        bin: &Path,
+        pki: &Pki,
+        server: std::net::SocketAddr,
+        id: &str,
+        ip: &str,
+        extra: &[&str],
+    ) -> KonnAgent {
+        let dir = tempdir("konn-agent");
+        let cert = pki.ca.leaf(id, &[id]);
+        let (ca, crt, key) = (
+            dir.join("ca.pem"),
+            dir.join("agent.pem"),
+            dir.join("agent.key"),
+        );
+        std::fs::write(&ca, pki.ca_pem()).unwrap();
+        std::fs::write(&crt, cert.cert.as_bytes()).unwrap();
+        std::fs::write(&key, cert.key.as_bytes()).unwrap();
+        let (health, admin) = (free_port(), free_port());
+        let log = std::fs::File::create(dir.join("agent.log")).unwrap();
+        let proc = Command::new(bin.join("proxy-agent"))
+            .args([
+                "--proxy-server-host=127.0.0.1".to_owned(),
+                format!("--proxy-server-port={}", server.port()),
+                format!("--ca-cert={}", ca.display()),
+                format!("--agent-cert={}", crt.display()),
+                format!("--agent-key={}", key.display()),
+                format!("--agent-id={id}"),
+                format!("--agent-identifiers=host={id}&ipv4={ip}"),
+                format!("--health-server-port={health}"),
+                format!("--admin-server-port={admin}"),
+                "--health-server-host=127.0.0.1".to_owned(),
+                "--admin-bind-address=127.0.0.1".to_owned(),
+                "--sync-interval=200ms".to_owned(),
+                "--sync-interval-cap=1s".to_owned(),
+                "--probe-interval=200ms".to_owned(),
+                "-v=2".to_owned(),
+            ])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("proxy-agent starts");
+        eprintln!(
+            "proxy-agent {id}: log in {}",
+            dir.join("agent.log").display()
+        );
+        KonnAgent {
+            proc: Killed(proc),
+            admin,
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.proc.0.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig}");
+    }
+}
+
+/// CONNECTs to `target` through the server's CONNECT frontend.
+async fn connect(
+    server: &tether_server::Server,
+    target: &str,
+) -> (u16, String, tokio::net::TcpStream) {
+    connect_tcp(server.connect_addr.expect("a CONNECT frontend"), target).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn konnectivity_agent_with_mtls_serves_dials_through_tether_server() {
+    let Some(bin) = konnectivity() else { return };
+    let pki = Pki::new();
+    let server = tether_server::Server::start(server_config(&pki))
+        .await
+        .unwrap();
+    let agent = KonnAgent::start(&bin, &pki, server.agent_addr, "node-1", "127.0.0.2", &[]);
+    assert!(
+        server.wait_agents(1, WAIT).await,
+        "the Konnectivity agent registered"
+    );
+    let _ = agent.admin;
+
+    // 64 MiB each way through an echo, every byte checked; the client closes once it has
+    // them all (the agent has no half-close: a FIN closes the node's connection).
+    let echo = echo_backend_on([127, 0, 0, 2]).await;
+    let (status, head, mut s) = connect(&server, &echo.to_string()).await;
+    assert_eq!(status, 200, "{head}");
+    const N: usize = 64 << 20;
+    let data = pattern(7, N);
+    let (mut r, mut w) = s.split();
+    let send = async {
+        w.write_all(&data).await.unwrap();
+    };
+    let recv = async {
+        let mut got = vec![0u8; N];
+        r.read_exact(&mut got).await.unwrap();
+        got
+    };
+    let ((), got) =
+        tokio::time::timeout(Duration::from_secs(120), async { tokio::join!(send, recv) })
+            .await
+            .expect("64 MiB each way in time");
+    assert!(got == data, "the bytes came back intact");
+    drop(s);
+
+    // A closed port is an error, in Go's words.
+    let closed = TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let (status, head, mut s) = connect(&server, &format!("127.0.0.2:{port}")).await;
+    assert_eq!(status, 502, "{head}");
+    let body = String::from_utf8_lossy(&read_to_end(&mut s).await.unwrap()).into_owned();
+    assert!(body.contains("connect: connection refused"), "{head}{body}");
+
+    at_rest(&server, &[]).await;
+}
+
+/// The value of series `series` (name and labels, exactly) in the server's metrics.
+fn series(server: &tether_server::Server, series: &str) -> f64 {
+    server
+        .core()
+        .render_metrics()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dial_given_up_before_the_agent_answers_leaves_no_connection_at_the_destination() {
+    let Some(bin) = konnectivity() else { return };
+    let pki = Pki::new();
+    let mut cfg = server_config(&pki);
+    cfg.dial_timeout = Duration::from_millis(300);
+    let server = tether_server::Server::start(cfg).await.unwrap();
+    let _agent = KonnAgent::start(&bin, &pki, server.agent_addr, "node-1", "127.0.0.2", &[]);
+    assert!(server.wait_agents(1, WAIT).await);
+
+    // A destination whose backlog is full: the agent's connect waits in SYN_SENT.
+    let hole = tokio::net::TcpSocket::new_v4().unwrap();
+    hole.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let hole = hole.listen(1).unwrap();
+    let addr = hole.local_addr().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        if let Ok(Ok(s)) = tokio::time::timeout(
+            Duration::from_millis(100),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            fillers.push(s.local_addr().unwrap());
+        }
+    }
+    let (status, head, _) = connect(&server, &addr.to_string()).await;
+    assert_eq!(status, 504, "the server gave up on the dial: {head}");
+
+    // Now the destination takes connections: the agent's connect completes, its DIAL_RSP
+    // comes after the dial was given up, and the server must close what it opened.
+    let mut closed_by_agent = 0;
+    let accepting = async {
+        loop {
+            let (mut s, peer) = hole.accept().await.unwrap();
+            if fillers.contains(&peer) {
+                continue;
+            }
+            let mut b = [0u8; 1];
+            let n = tokio::time::timeout(WAIT, s.read(&mut b))
+                .await
+                .expect("the agent closes the late connection");
+            assert!(
+                matches!(n, Ok(0) | Err(_)),
+                "nothing is sent on a given-up dial"
+            );
+            closed_by_agent += 1;
+            return;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(8), accepting)
+        .await
+        .expect("the agent's connect completed within its 5 s dial timeout");
+    assert_eq!(closed_by_agent, 1);
+    at_rest(&server, &[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_konnectivity_agent_killed_fails_its_streams_visibly_and_they_are_counted() {
+    let Some(bin) = konnectivity() else { return };
+    let pki = Pki::new();
+    let server = tether_server::Server::start(server_config(&pki))
+        .await
+        .unwrap();
+    let mut agent = KonnAgent::start(&bin, &pki, server.agent_addr, "node-1", "127.0.0.2", &[]);
+    assert!(server.wait_agents(1, WAIT).await);
+    let echo = echo_backend_on([127, 0, 0, 2]).await;
+    let (status, head, mut s) = connect(&server, &echo.to_string()).await;
+    assert_eq!(status, 200, "{head}");
+    s.write_all(b"ping").await.unwrap();
+    let mut b = [0u8; 4];
+    tokio::time::timeout(WAIT, s.read_exact(&mut b))
+        .await
+        .unwrap()
+        .unwrap();
+    let failed = series(
+        &server,
+        "tether_connect_streams_failed_total{frontend=\"tcp\"}",
+    );
+
+    agent.proc.0.kill().unwrap();
+    let _ = agent.proc.0.wait();
+    let end = tokio::time::timeout(WAIT, s.read(&mut b))
+        .await
+        .expect("the stream ends");
+    assert!(
+        end.is_err(),
+        "a stream cut by its agent's death is an error, never a clean end: {end:?}"
+    );
+    assert!(
+        server.wait_agents_at_most(0, WAIT).await,
+        "the agent is gone from routing"
+    );
+    assert!(
+        eventually(WAIT, || series(
+            &server,
+            "tether_connect_streams_failed_total{frontend=\"tcp\"}"
+        ) > failed)
+        .await,
+        "the failed stream is counted"
+    );
+    at_rest(&server, &[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_konnectivity_agent_finishes_its_streams_while_new_dials_go_to_another() {
+    let Some(bin) = konnectivity() else { return };
+    let pki = Pki::new();
+    let server = tether_server::Server::start(server_config(&pki))
+        .await
+        .unwrap();
+    let old = KonnAgent::start(&bin, &pki, server.agent_addr, "node-1", "127.0.0.2", &[]);
+    assert!(server.wait_agents(1, WAIT).await);
+    let echo = echo_backend_on([127, 0, 0, 2]).await;
+    let (status, head, mut open) = connect(&server, &echo.to_string()).await;
+    assert_eq!(status, 200, "{head}");
+
+    // A second agent for the same node (a surge rollout), then SIGTERM to the first.
+    let _new = KonnAgent::start(&bin, &pki, server.agent_addr, "node-1b", "127.0.0.2", &[]);
+    assert!(server.wait_agents(2, WAIT).await);
+    old.signal("-TERM");
+    let drained = "tether_open_streams{agent_id=\"node-1\"}";
+    // New dials go to the agent that is not draining, once the DRAIN has arrived.
+    let mut held = Vec::new();
+    let moved = eventually_some(WAIT, || {
+        let server = &server;
+        async move {
+            let (status, _, s) = connect(server, &echo.to_string()).await;
+            assert_eq!(status, 200);
+            let on_new = series(server, "tether_open_streams{agent_id=\"node-1b\"}");
+            (on_new >= 1.0).then_some(s)
+        }
+    })
+    .await;
+    held.push(moved.expect("a dial served by the agent that is not draining"));
+    for _ in 0..5 {
+        let (status, _, s) = connect(&server, &echo.to_string()).await;
+        assert_eq!(status, 200);
+        held.push(s);
+    }
+    assert!(
+        eventually(WAIT, || series(&server, drained) == 1.0).await,
+        "no new stream on the draining agent: {}",
+        series(&server, drained)
+    );
+    // The stream it already had still works.
+    open.write_all(b"still here").await.unwrap();
+    let mut b = [0u8; 10];
+    tokio::time::timeout(WAIT, open.read_exact(&mut b))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&b, b"still here");
+    drop((open, held));
+    at_rest(&server, &[]).await;
+}
