@@ -5,100 +5,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::konnectivity::{Auth, KonnAgent, konnectivity};
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-
-/// Where Konnectivity's binaries are, if they are built.
-fn konnectivity() -> Option<PathBuf> {
-    let dir = std::env::var_os("KONNECTIVITY_BIN").map_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/konnectivity"),
-        PathBuf::from,
-    );
-    if dir.join("proxy-agent").exists() {
-        return Some(dir);
-    }
-    eprintln!(
-        "SKIPPED: Konnectivity's binaries are not in {} (run ../shared/konnectivity/build.sh target/konnectivity, as .ci/run does)",
-        dir.display()
-    );
-    None
-}
-
-/// A Konnectivity `proxy-agent` with mTLS, its certificate and id `id`.
-struct KonnAgent {
-    proc: Killed,
-    admin: u16,
-}
-
-impl KonnAgent {
-    /// `ip`: the loopback address this "node" serves (its `ipv4` identifier).
-    fn start(
-        bin: &Path,
-        pki: &Pki,
-        server: std::net::SocketAddr,
-        id: &str,
-        ip: &str,
-        extra: &[&str],
-    ) -> KonnAgent {
-        let dir = tempdir("konn-agent");
-        let cert = pki.ca.leaf(id, &[id]);
-        let (ca, crt, key) = (
-            dir.join("ca.pem"),
-            dir.join("agent.pem"),
-            dir.join("agent.key"),
-        );
-        std::fs::write(&ca, pki.ca_pem()).unwrap();
-        std::fs::write(&crt, cert.cert.as_bytes()).unwrap();
-        std::fs::write(&key, cert.key.as_bytes()).unwrap();
-        let (health, admin) = (free_port(), free_port());
-        let log = std::fs::File::create(dir.join("agent.log")).unwrap();
-        let proc = Command::new(bin.join("proxy-agent"))
-            .args([
-                "--proxy-server-host=127.0.0.1".to_owned(),
-                format!("--proxy-server-port={}", server.port()),
-                format!("--ca-cert={}", ca.display()),
-                format!("--agent-cert={}", crt.display()),
-                format!("--agent-key={}", key.display()),
-                format!("--agent-id={id}"),
-                format!("--agent-identifiers=host={id}&ipv4={ip}"),
-                format!("--health-server-port={health}"),
-                format!("--admin-server-port={admin}"),
-                "--health-server-host=127.0.0.1".to_owned(),
-                "--admin-bind-address=127.0.0.1".to_owned(),
-                "--sync-interval=200ms".to_owned(),
-                "--sync-interval-cap=1s".to_owned(),
-                "--probe-interval=200ms".to_owned(),
-                "-v=2".to_owned(),
-            ])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("proxy-agent starts");
-        eprintln!(
-            "proxy-agent {id}: log in {}",
-            dir.join("agent.log").display()
-        );
-        KonnAgent {
-            proc: Killed(proc),
-            admin,
-        }
-    }
-
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([sig, &self.proc.0.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill {sig}");
-    }
-}
 
 /// CONNECTs to `target` through the server's CONNECT frontend.
 async fn connect(
@@ -115,7 +27,15 @@ async fn konnectivity_agent_with_mtls_serves_dials_through_tether_server() {
     let server = tether_server::Server::start(server_config(&pki))
         .await
         .unwrap();
-    let agent = KonnAgent::start(&bin, &pki, server.agent_addr, "node-1", "127.0.0.2", &[]);
+    let agent = KonnAgent::start(
+        &bin,
+        &pki,
+        server.agent_addr,
+        "node-1",
+        "127.0.0.2",
+        Auth::Cert,
+        &[],
+    );
     assert!(
         server.wait_agents(1, WAIT).await,
         "the Konnectivity agent registered"
@@ -180,7 +100,15 @@ async fn a_dial_given_up_before_the_agent_answers_leaves_no_connection_at_the_de
     let mut cfg = server_config(&pki);
     cfg.dial_timeout = Duration::from_millis(300);
     let server = tether_server::Server::start(cfg).await.unwrap();
-    let _agent = KonnAgent::start(&bin, &pki, server.agent_addr, "node-1", "127.0.0.2", &[]);
+    let _agent = KonnAgent::start(
+        &bin,
+        &pki,
+        server.agent_addr,
+        "node-1",
+        "127.0.0.2",
+        Auth::Cert,
+        &[],
+    );
     assert!(server.wait_agents(1, WAIT).await);
 
     // A destination whose backlog is full: the agent's connect waits in SYN_SENT.
@@ -237,7 +165,15 @@ async fn a_konnectivity_agent_killed_fails_its_streams_visibly_and_they_are_coun
     let server = tether_server::Server::start(server_config(&pki))
         .await
         .unwrap();
-    let mut agent = KonnAgent::start(&bin, &pki, server.agent_addr, "node-1", "127.0.0.2", &[]);
+    let mut agent = KonnAgent::start(
+        &bin,
+        &pki,
+        server.agent_addr,
+        "node-1",
+        "127.0.0.2",
+        Auth::Cert,
+        &[],
+    );
     assert!(server.wait_agents(1, WAIT).await);
     let echo = echo_backend_on([127, 0, 0, 2]).await;
     let (status, head, mut s) = connect(&server, &echo.to_string()).await;
@@ -284,14 +220,30 @@ async fn a_draining_konnectivity_agent_finishes_its_streams_while_new_dials_go_t
     let server = tether_server::Server::start(server_config(&pki))
         .await
         .unwrap();
-    let old = KonnAgent::start(&bin, &pki, server.agent_addr, "node-1", "127.0.0.2", &[]);
+    let old = KonnAgent::start(
+        &bin,
+        &pki,
+        server.agent_addr,
+        "node-1",
+        "127.0.0.2",
+        Auth::Cert,
+        &[],
+    );
     assert!(server.wait_agents(1, WAIT).await);
     let echo = echo_backend_on([127, 0, 0, 2]).await;
     let (status, head, mut open) = connect(&server, &echo.to_string()).await;
     assert_eq!(status, 200, "{head}");
 
     // A second agent for the same node (a surge rollout), then SIGTERM to the first.
-    let _new = KonnAgent::start(&bin, &pki, server.agent_addr, "node-1b", "127.0.0.2", &[]);
+    let _new = KonnAgent::start(
+        &bin,
+        &pki,
+        server.agent_addr,
+        "node-1b",
+        "127.0.0.2",
+        Auth::Cert,
+        &[],
+    );
     assert!(server.wait_agents(2, WAIT).await);
     old.signal("-TERM");
     let drained = "tether_open_streams{agent_id=\"node-1\"}";
@@ -327,5 +279,71 @@ async fn a_draining_konnectivity_agent_finishes_its_streams_while_new_dials_go_t
         .unwrap();
     assert_eq!(&b, b"still here");
     drop((open, held));
+    at_rest(&server, &[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn konnectivitys_test_client_reaches_its_test_server_through_its_agent_and_tether() {
+    let Some(bin) = konnectivity() else { return };
+    let pki = Pki::new();
+    let dir = tempdir("konn-client");
+    let (connect_uds, grpc_uds) = (dir.join("connect.socket"), dir.join("grpc.socket"));
+    let mut cfg = server_config(&pki);
+    cfg.uds_path = Some(connect_uds.clone());
+    cfg.grpc_uds_path = Some(grpc_uds.clone());
+    let server = tether_server::Server::start(cfg).await.unwrap();
+    // Konnectivity's test server listens on 127.0.0.1 only: this agent serves that address.
+    let _agent = KonnAgent::start(
+        &bin,
+        &pki,
+        server.agent_addr,
+        "node-1",
+        "127.0.0.1",
+        Auth::Cert,
+        &[],
+    );
+    assert!(server.wait_agents(1, WAIT).await);
+    let port = free_port();
+    let _backend = Killed(
+        std::process::Command::new(bin.join("test-server"))
+            .arg(format!("--server-port={port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    assert!(
+        eventually(WAIT, || std::net::TcpStream::connect(("127.0.0.1", port))
+            .is_ok())
+        .await,
+        "the test server listens"
+    );
+    for (mode, uds) in [("grpc", &grpc_uds), ("http-connect", &connect_uds)] {
+        let args = [
+            format!("--mode={mode}"),
+            format!("--proxy-uds={}", uds.display()),
+            "--proxy-host=".into(),
+            "--proxy-port=0".into(),
+            "--request-host=127.0.0.1".into(),
+            format!("--request-port={port}"),
+            "--request-path=success".into(),
+            "--test-requests=3".into(),
+        ];
+        let client = bin.join("test-client");
+        let run = tokio::task::spawn_blocking(move || {
+            std::process::Command::new(client).args(args).output()
+        });
+        let out = tokio::time::timeout(Duration::from_secs(30), run)
+            .await
+            .expect("test-client ends")
+            .unwrap()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "test-client --mode={mode}: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     at_rest(&server, &[]).await;
 }

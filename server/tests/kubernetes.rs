@@ -614,3 +614,87 @@ async fn a_tunnel_whose_node_no_longer_has_a_claimed_address_is_closed() {
     assert!(server.core().registry.is_empty());
     at_rest(server, &[&two]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn konnectivity_agents_with_service_account_tokens_are_reviewed_as_tether_agents() {
+    use common::konnectivity::{Auth, KonnAgent, konnectivity};
+    let Some(bin) = konnectivity() else { return };
+    let pki = Pki::new();
+    let kube = FakeKube::start().await;
+    kube.review("k-good", ok("node-1"));
+    kube.review("k-expired", Review::No("token has expired".into()));
+    let dir = tempdir("konn-review");
+    let running = reviewing_server(&pki, &kube, &dir).await;
+    let server = &running.server;
+    let _good = KonnAgent::start(
+        &bin,
+        &pki,
+        server.agent_addr,
+        "node-1",
+        "127.0.0.2",
+        Auth::Token("k-good"),
+        &[],
+    );
+    assert!(
+        server.wait_agents(1, WAIT).await,
+        "the reviewed Konnectivity agent is in"
+    );
+    assert_eq!(server.core().registry.agent_ids(), vec!["node-1"]);
+
+    // A good token used to claim another node, and a token the API server refuses.
+    let before = refused(server);
+    let _stolen = KonnAgent::start(
+        &bin,
+        &pki,
+        server.agent_addr,
+        "node-2",
+        "127.0.0.3",
+        Auth::Token("k-good"),
+        &[],
+    );
+    let _expired = KonnAgent::start(
+        &bin,
+        &pki,
+        server.agent_addr,
+        "node-3",
+        "127.0.0.4",
+        Auth::Token("k-expired"),
+        &[],
+    );
+    let counted = |n: u64| {
+        let line = refused(server);
+        line.rsplit(' ')
+            .next()
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0) as u64
+            >= n
+    };
+    let base = before
+        .rsplit(' ')
+        .next()
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0) as u64;
+    assert!(
+        eventually(WAIT, || counted(base + 2)).await,
+        "both refused and counted: {}",
+        refused(server)
+    );
+    assert_eq!(server.core().registry.agent_ids(), vec!["node-1"]);
+
+    // It serves dials.
+    let echo = echo_backend_on([127, 0, 0, 2]).await;
+    let mut s = server
+        .dial("127.0.0.2", echo.port())
+        .await
+        .expect("dialled through the Konnectivity agent");
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(b"hello").await.unwrap();
+    let mut b = [0u8; 5];
+    tokio::time::timeout(WAIT, s.read_exact(&mut b))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&b, b"hello");
+    drop(s);
+    at_rest(server, &[]).await;
+}

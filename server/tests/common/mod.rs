@@ -3,6 +3,7 @@
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
 pub mod fakekube;
+pub mod konnectivity;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
