@@ -347,3 +347,196 @@ async fn konnectivitys_test_client_reaches_its_test_server_through_its_agent_and
     }
     at_rest(&server, &[]).await;
 }
+
+/// What the rollout's client saw.
+#[derive(Default, Debug)]
+struct Seen {
+    dials: u64,
+    failed: Vec<String>,
+}
+
+/// One dial to `node`'s echo with a 1 KiB round trip; `Err` says what failed.
+async fn dial_once(
+    connect_addr: std::net::SocketAddr,
+    echo: std::net::SocketAddr,
+) -> Result<(), String> {
+    let once = async {
+        let (status, head, mut s) = connect_tcp(connect_addr, &echo.to_string()).await;
+        if status != 200 {
+            return Err(format!(
+                "{echo}: {}",
+                head.lines().next().unwrap_or_default()
+            ));
+        }
+        let data = pattern(u64::from(echo.port()), 1024);
+        s.write_all(&data)
+            .await
+            .map_err(|e| format!("{echo}: write: {e}"))?;
+        let mut got = vec![0u8; 1024];
+        s.read_exact(&mut got)
+            .await
+            .map_err(|e| format!("{echo}: read: {e}"))?;
+        if got != data {
+            return Err(format!("{echo}: bytes differ"));
+        }
+        Ok(())
+    };
+    tokio::time::timeout(WAIT, once)
+        .await
+        .unwrap_or_else(|_| Err(format!("{echo}: timed out")))
+}
+
+/// A stream held open on `echo`, echoing a few bytes every 50 ms until `stop`; whether it
+/// was interrupted.
+async fn held_stream(
+    connect_addr: std::net::SocketAddr,
+    echo: std::net::SocketAddr,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> bool {
+    let (status, _, mut s) = connect_tcp(connect_addr, &echo.to_string()).await;
+    assert_eq!(status, 200);
+    for _ in 0..10_000 {
+        if *stop.borrow() {
+            return false;
+        }
+        let mut b = [0u8; 4];
+        let ok = s.write_all(b"beat").await.is_ok()
+            && matches!(
+                tokio::time::timeout(WAIT, s.read_exact(&mut b)).await,
+                Ok(Ok(_))
+            );
+        if !ok {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// Issue 28, item 3: three nodes served by Konnectivity agents are moved, one at a time, to
+/// tether agents in a surge rollout (the new agent up, then the old one SIGTERM, then, after
+/// its grace, SIGKILL as the kubelet does), while a client dials every node without pause.
+/// Routing is by destination only (`destHost`), so each dial must reach its own node's agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_surge_rollout_from_konnectivity_agents_to_tether_agents_fails_no_dial() {
+    // Konnectivity's default agent id is a random UUID: another id than the tether agent's.
+    rollout("distinct agent ids").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_surge_rollout_where_both_agents_use_the_node_name_as_id_fails_no_dial() {
+    // `--agent-id=$(NODE_NAME)` on both: the newer tunnel of an id replaces the older.
+    rollout("the node name as both agents' id").await;
+}
+
+async fn rollout(ids: &str) {
+    let Some(bin) = konnectivity() else { return };
+    let same_ids = ids.starts_with("the node name");
+    let pki = Pki::new();
+    let mut cfg = server_config(&pki);
+    cfg.strategies = vec![tether_server::Strategy::DestHost];
+    let server = tether_server::Server::start(cfg).await.unwrap();
+    let connect_addr = server.connect_addr.unwrap();
+    let nodes: Vec<(String, [u8; 4])> = (2..=4u8)
+        .map(|i| (format!("node-{i}"), [127, 0, 0, i]))
+        .collect();
+    let mut echoes = Vec::new();
+    let mut old = Vec::new();
+    for (name, ip) in &nodes {
+        echoes.push(echo_backend_on(*ip).await);
+        let ip = std::net::Ipv4Addr::from(*ip).to_string();
+        old.push(Some(KonnAgent::start(
+            &bin,
+            &pki,
+            server.agent_addr,
+            &if same_ids {
+                name.clone()
+            } else {
+                format!("konnectivity-{name}")
+            },
+            &ip,
+            Auth::Cert,
+            &[],
+        )));
+    }
+    assert!(
+        server.wait_agents(3, WAIT).await,
+        "three Konnectivity agents"
+    );
+
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let held: Vec<_> = echoes
+        .iter()
+        .map(|e| tokio::spawn(held_stream(connect_addr, *e, stop.clone())))
+        .collect();
+    let client = {
+        let (echoes, stop) = (echoes.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut seen = Seen::default();
+            while !*stop.borrow() && seen.dials < 100_000 {
+                for e in &echoes {
+                    seen.dials += 1;
+                    if let Err(why) = dial_once(connect_addr, *e).await {
+                        seen.failed.push(why);
+                    }
+                }
+            }
+            seen
+        })
+    };
+
+    let started = std::time::Instant::now();
+    let mut new = Vec::new();
+    for (i, (name, ip)) in nodes.iter().enumerate() {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // maxSurge: the new pod first; Ready once its tunnel is up.
+        let mut cfg = agent_config(&pki, server.agent_addr, name);
+        cfg.identifiers
+            .push(tether_proto::frame::Identifier::Ipv4((*ip).into()));
+        new.push(tether_agent::Agent::start(cfg));
+        assert!(
+            server.wait_agents(4, WAIT).await,
+            "{name}'s tether agent is up"
+        );
+        // Then the old pod: SIGTERM (its DRAIN), and SIGKILL once its grace is over.
+        let k = old[i].take().unwrap();
+        k.signal("-TERM");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        drop(k);
+        assert!(
+            server.wait_agents_at_most(3, WAIT).await,
+            "{name}'s Konnectivity agent is gone"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let took = started.elapsed();
+    stop_tx.send(true).unwrap();
+    let seen = client.await.unwrap();
+    let mut interrupted = 0;
+    for h in held {
+        interrupted += usize::from(h.await.unwrap());
+    }
+    let report = format!(
+        "rollout ({ids}): 3 nodes moved from Konnectivity agents to tether agents in {:.1} s; {} dials, {} failed; {interrupted} of 3 streams held across it interrupted (each was on an old agent, ended by its SIGKILL){}",
+        took.as_secs_f64(),
+        seen.dials,
+        seen.failed.len(),
+        if seen.failed.is_empty() {
+            String::new()
+        } else {
+            format!("; failures: {:?}", &seen.failed[..seen.failed.len().min(5)])
+        }
+    );
+    eprintln!("{report}");
+    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tmp");
+    let _ = std::fs::create_dir_all(&out);
+    let file = out.join(format!(
+        "rollout-{}.txt",
+        if same_ids { "same-ids" } else { "distinct-ids" }
+    ));
+    let _ = std::fs::write(file, format!("{report}\n"));
+    assert!(seen.dials > 30, "the client kept dialling: {report}");
+    assert!(seen.failed.is_empty(), "{report}");
+    let agents: Vec<&tether_agent::Agent> = new.iter().collect();
+    at_rest(&server, &agents).await;
+}
