@@ -62,6 +62,10 @@ pub struct Metrics {
     grpc_budget: Arc<std::sync::OnceLock<(Arc<tokio::sync::Semaphore>, usize)>>,
     /// Konnectivity's series (docs/OPERATIONS.md, "Konnectivity's metric names").
     knp: Knp,
+    /// Konnectivity's own agents connected (`proxy-agent`, among `agents`).
+    konn_agents: Gauge,
+    /// Node-to-client bytes Konnectivity agents' streams hold, waiting for their streams.
+    konn_held: Gauge,
 }
 
 /// The series of Konnectivity's `pkg/server/metrics` that tether has a meaning for, beside
@@ -149,10 +153,22 @@ impl Metrics {
             listener: Arc::new(ListenerStats::default()),
             grpc_budget: Arc::default(),
             knp: Knp::default(),
+            konn_agents: Gauge::default(),
+            konn_held: Gauge::default(),
         };
         let r = root.sub_registry_with_prefix("tether");
         r.register_collector(Box::new(Handshakes(m.listener.clone())));
         r.register("agents", "Agent tunnels connected", m.agents.clone());
+        r.register(
+            "konnectivity_agents",
+            "Konnectivity's own agents (proxy-agent) connected, among tether_agents",
+            m.konn_agents.clone(),
+        );
+        r.register(
+            "konnectivity_agent_bytes_held",
+            "Node-to-client bytes from Konnectivity agents waiting for their streams, all agents (each agent at most its --konnectivity-agent-buffer)",
+            m.konn_held.clone(),
+        );
         r.register_collector(Box::new(Refused(m.listener.clone())));
         r.register("dials", "Dials through tunnels, by result", m.dials.clone());
         r.register_with_unit(
@@ -274,6 +290,16 @@ impl Metrics {
             .get_or_create(&vec![("service_method".to_owned(), "Proxy".to_owned())])
             .clone();
         GaugeGuard::up(&g)
+    }
+
+    /// One more Konnectivity agent connected, until the guard is dropped.
+    pub(crate) fn konnectivity_agent(&self) -> GaugeGuard {
+        GaugeGuard::up(&self.konn_agents)
+    }
+
+    /// The gauge of bytes Konnectivity agents' streams hold.
+    pub(crate) fn konnectivity_held(&self) -> Gauge {
+        self.konn_held.clone()
     }
 
     /// One more dial waiting for its agent, until the guard is dropped.

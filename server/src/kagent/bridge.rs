@@ -30,6 +30,7 @@ use std::time::Instant;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use h2::server::SendResponse;
 use h2::{RecvStream, SendStream};
+use prometheus_client::metrics::gauge::Gauge;
 use prost::Message as _;
 use tether::tunnel::{Handshake, Start};
 use tether::{Incoming, TetherStream, Tunnel};
@@ -65,14 +66,28 @@ pub(super) struct Call<'a> {
     pub(super) respond: SendResponse<Bytes>,
     pub(super) limits: &'a KonnectivityAgents,
     pub(super) deadline: tokio::time::Instant,
+    pub(super) metrics: &'a crate::Metrics,
 }
 
 /// Node-to-client, for one connection.
 enum Down {
     /// Bytes, holding their share of the budget until their stream takes them.
-    Data(Bytes, OwnedSemaphorePermit),
+    Data(Bytes, Held),
     /// The agent's CLOSE_RSP, with its error (empty: a clean end).
     Closed(String),
+}
+
+/// A share of the call's budget, shown in `tether_konnectivity_agent_bytes_held` while held.
+struct Held {
+    _permit: OwnedSemaphorePermit,
+    gauge: Gauge,
+    n: i64,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.gauge.dec_by(self.n);
+    }
 }
 
 /// A dial's answer: its connection and where its bytes arrive, or the agent's error.
@@ -102,6 +117,7 @@ struct Ctx {
     ctl: mpsc::UnboundedSender<Bytes>,
     budget: Arc<Semaphore>,
     buffer: usize,
+    held: Gauge,
 }
 
 /// Runs the call as a tether agent over `far` until the agent or the tunnel goes.
@@ -113,6 +129,7 @@ pub(super) async fn run(call: Call<'_>) {
         mut respond,
         limits,
         deadline,
+        metrics,
     } = call;
     let config = tether_proto::Config {
         // In memory: the agent's liveness is its HTTP/2 connection's (PINGs).
@@ -160,6 +177,7 @@ pub(super) async fn run(call: Call<'_>) {
         Err(e) => return tracing::info!(error = %e, "Konnectivity agent left before its answer"),
     };
     tracing::info!(kind = "konnectivity", "agent's call answered");
+    let _counted = metrics.konnectivity_agent();
     let (out, out_rx) = mpsc::channel(OUT_MESSAGES);
     let (ctl, ctl_rx) = mpsc::unbounded_channel();
     let ctx = Arc::new(Ctx {
@@ -168,6 +186,7 @@ pub(super) async fn run(call: Call<'_>) {
         ctl,
         budget: Arc::new(Semaphore::new(limits.buffer)),
         buffer: limits.buffer,
+        held: metrics.konnectivity_held(),
     });
     let dialing = async {
         while let Some(incoming) = dials.recv().await {
@@ -294,7 +313,14 @@ impl Ctx {
         let Ok(permit) = self.budget.clone().acquire_many_owned(permits).await else {
             return;
         };
-        let _ = down.send(Down::Data(d.data, permit));
+        let n = i64::from(permits);
+        self.held.inc_by(n);
+        let held = Held {
+            _permit: permit,
+            gauge: self.held.clone(),
+            n,
+        };
+        let _ = down.send(Down::Data(d.data, held));
     }
 }
 

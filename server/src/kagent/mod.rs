@@ -118,6 +118,7 @@ pub(crate) async fn serve(h: Handover, agents: &Agents, limits: &KonnectivityAge
         respond,
         limits,
         deadline,
+        metrics: &agents.core.metrics,
     });
     // The tunnel's service and the bridge end together: the bridge closes its end when the
     // call goes, and ends when the tunnel does (a refusal included, whose reason it sends).

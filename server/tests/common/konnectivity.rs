@@ -44,7 +44,7 @@ impl KonnAgent {
         server: std::net::SocketAddr,
         id: &str,
         ip: &str,
-        auth: Auth,
+        auth: Auth<'_>,
         extra: &[&str],
     ) -> KonnAgent {
         let dir = tempdir("konn-agent");

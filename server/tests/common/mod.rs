@@ -481,6 +481,7 @@ pub fn held(server: &Server, agents: &[&Agent]) -> Vec<String> {
                 "tether_pending_dials ",
                 "tether_agent_handshakes ",
                 "tether_grpc_message_bytes_held ",
+                "tether_konnectivity_agent_bytes_held ",
                 "tether_open_streams{",
             ]
             .iter()
@@ -508,12 +509,13 @@ pub async fn at_rest(server: &Server, agents: &[&Agent]) {
 
 /// The gauges of a server's or an agent's `/metrics` that are zero at rest: streams, dials,
 /// handshakes, request heads, the gRPC budget, destination connections.
-const AT_REST_ZERO: [&str; 8] = [
+const AT_REST_ZERO: [&str; 9] = [
     "tether_connect_streams{",
     "tether_connect_pending_heads{",
     "tether_pending_dials ",
     "tether_agent_handshakes ",
     "tether_grpc_message_bytes_held ",
+    "tether_konnectivity_agent_bytes_held ",
     "tether_open_streams{",
     "tether_agent_open_streams",
     "tether_agent_endpoint_connections ",
