@@ -3,6 +3,7 @@
 //! through tether's HTTP CONNECT frontend and TLS tunnel, through yamux over the same kind of
 //! TLS connection), and throughput and dial-latency measurements over any of them.
 
+pub mod konnectivity;
 pub mod procs;
 
 use std::io;
@@ -127,6 +128,9 @@ pub enum Via {
     /// Through a tether server's gRPC frontend on this Unix socket, as kube-apiserver's
     /// GRPC egress opens it: a new channel (connection) per dial, one `Proxy` call on it.
     Grpc(std::path::PathBuf),
+    /// Through an HTTP CONNECT frontend on this Unix socket (tether's or Konnectivity's
+    /// `--uds-name`), named for tables.
+    ConnectUds(std::path::PathBuf, &'static str),
 }
 
 impl Via {
@@ -140,6 +144,7 @@ impl Via {
             Via::Grpc(_) => "tether gRPC",
             Via::TetherTls(_, _, true) => "tether TLS, resuming",
             Via::TetherTls(_, _, false) => "tether TLS, full handshakes",
+            Via::ConnectUds(_, name) => name,
         }
     }
 
@@ -164,6 +169,11 @@ impl Via {
             Via::Grpc(path) => grpc_open(path, backend).await,
             Via::TetherTls(frontend, config, _) => {
                 tls_connect(*frontend, config.clone(), backend).await
+            }
+            Via::ConnectUds(path, _) => {
+                let mut s = tokio::net::UnixStream::connect(path).await?;
+                connect_request(&mut s, backend).await?;
+                Ok(Box::new(s))
             }
         }
     }
