@@ -16,7 +16,9 @@ use tether_proto::ErrorCode;
 use tether_proto::frame::Hello;
 
 use crate::core::ServerCore;
-use crate::identity::{self, AddressClaims, CertNames, Credential, IdentityPolicy, Tokens};
+use crate::identity::{
+    self, AddressClaims, CertNames, Credential, HostClaims, IdRule, IdentityPolicy, Tokens,
+};
 use crate::review::TokenReviewer;
 
 /// How long a tunnel replaced by a newer one of the same agent may drain before it is closed.
@@ -42,51 +44,26 @@ pub(crate) struct Grant {
     holder: Option<Arc<str>>,
     /// The node whose addresses the claims are, to check them again (`node`).
     node: Option<String>,
+    /// The id the tunnel is registered under when it is not the HELLO's: a Konnectivity
+    /// agent's own id (a random UUID by default) gives way to the name its credential proves.
+    renamed: Option<String>,
 }
 
 impl Admission for Agents {
     type Grant = Grant;
 
     async fn admit(&self, hello: &Hello, peer: &Peer) -> Result<Grant, Refusal> {
-        // What the connection proved: the verified client certificate's names (mTLS).
-        let credential = match peer.certificates.first() {
-            None => Credential::default(),
-            Some(der) => match CertNames::from_der(der) {
-                Ok(names) => Credential {
-                    cert: Some(names),
-                    review: None,
-                },
-                Err(e) => {
-                    return Err(Refusal {
-                        kind: RefusalKind::Certificate,
-                        wire: "the client certificate cannot be read".into(),
-                        log: e,
-                    });
-                }
-            },
-        };
-        let credential = self.authenticate(credential, hello).await?;
-        let ips = identity::claimed_ips(&hello.identifiers);
-        let proven = matches!(
-            self.identity.address_claims,
-            AddressClaims::Cert | AddressClaims::Node
-        );
-        let holder: Option<Arc<str>> =
-            (proven && !ips.is_empty()).then(|| credential.principal(&hello.agent_id).into());
-        if let Some(h) = &holder
-            && let Some(held) = self.core.registry.claimed_by_other(&ips, h)
-        {
-            return Err(conflict(held, h));
-        }
-        let node = match (&credential.review, self.identity.address_claims) {
-            (Some(r), AddressClaims::Node) if !ips.is_empty() => r.node_name.clone(),
-            _ => None,
-        };
-        Ok(Grant { holder, node })
+        self.admit_as(hello, peer, false).await
     }
 
     async fn serve(&self, agent: Admitted, grant: Grant) {
-        let Admitted { tunnel, hello, .. } = agent;
+        let Admitted {
+            tunnel, mut hello, ..
+        } = agent;
+        if let Some(id) = grant.renamed.clone() {
+            tracing::info!(said = %hello.agent_id.escape_debug(), registered = %id.escape_debug(), "a Konnectivity agent is registered under the name its credential proves");
+            hello.agent_id = id;
+        }
         let core = &self.core;
         let agent_id = hello.agent_id.escape_debug().to_string();
         tracing::Span::current().record("agent_id", tracing::field::display(&agent_id));
@@ -137,6 +114,22 @@ impl Admission for Agents {
             Some(limits) => crate::kagent::serve(conn, self, limits).await,
             None => tracing::warn!(?conn, "a Konnectivity agent, and they are not served here"),
         }
+    }
+}
+
+/// The admission of Konnectivity's agents: [`Agents`]' own, with the agent's id giving way to
+/// the name its credential proves (docs/SECURITY.md, "Konnectivity's agents").
+pub(crate) struct KonnectivityAdmission<'a>(pub(crate) &'a Agents);
+
+impl Admission for KonnectivityAdmission<'_> {
+    type Grant = Grant;
+
+    async fn admit(&self, hello: &Hello, peer: &Peer) -> Result<Grant, Refusal> {
+        self.0.admit_as(hello, peer, true).await
+    }
+
+    async fn serve(&self, agent: Admitted, grant: Grant) {
+        self.0.serve(agent, grant).await;
     }
 }
 
@@ -204,6 +197,56 @@ impl Drop for Registered<'_> {
 }
 
 impl Agents {
+    /// Decides a HELLO; `konnectivity`: one built from a Konnectivity agent's call, whose own
+    /// id proves nothing and gives way to the name its credential proves.
+    async fn admit_as(
+        &self,
+        hello: &Hello,
+        peer: &Peer,
+        konnectivity: bool,
+    ) -> Result<Grant, Refusal> {
+        // What the connection proved: the verified client certificate's names (mTLS).
+        let credential = match peer.certificates.first() {
+            None => Credential::default(),
+            Some(der) => match CertNames::from_der(der) {
+                Ok(names) => Credential {
+                    cert: Some(names),
+                    review: None,
+                },
+                Err(e) => {
+                    return Err(Refusal {
+                        kind: RefusalKind::Certificate,
+                        wire: "the client certificate cannot be read".into(),
+                        log: e,
+                    });
+                }
+            },
+        };
+        let (credential, renamed) = self.authenticate(credential, hello, konnectivity).await?;
+        let id = renamed.as_deref().unwrap_or(&hello.agent_id);
+        let ips = identity::claimed_ips(&hello.identifiers);
+        let proven = matches!(
+            self.identity.address_claims,
+            AddressClaims::Cert | AddressClaims::Node
+        );
+        let holder: Option<Arc<str>> =
+            (proven && !ips.is_empty()).then(|| credential.principal(id).into());
+        if let Some(h) = &holder
+            && let Some(held) = self.core.registry.claimed_by_other(&ips, h)
+        {
+            return Err(conflict(held, h));
+        }
+        let node = match (&credential.review, self.identity.address_claims) {
+            (Some(r), AddressClaims::Node) if !ips.is_empty() => r.node_name.clone(),
+            _ => None,
+        };
+        Ok(Grant {
+            holder,
+            node,
+            renamed,
+        })
+    }
+
     /// Checks the tunnel's node-bound address claims against its Node every
     /// `address_recheck`, and returns once it closed the tunnel because the node no longer has
     /// one of them. A check that gets no answer keeps the tunnel (the API server being down
@@ -238,8 +281,11 @@ impl Agents {
         &self,
         mut credential: Credential,
         hello: &Hello,
-    ) -> Result<Credential, Refusal> {
+        konnectivity: bool,
+    ) -> Result<(Credential, Option<String>), Refusal> {
         let tokens = self.tokens.as_ref().map(Reloadable::get);
+        // A Konnectivity agent's id is checked once it is known what the credential proves.
+        let deferred = konnectivity && self.identity.id_rule == IdRule::Credential;
         if let Some(reviewer) = &self.token_review {
             // What can be refused without the API server is, first: a peer with garbage costs
             // no API call. Address claims bound to the reviewed node wait for the review.
@@ -248,7 +294,16 @@ impl Agents {
                     AddressClaims::Node => AddressClaims::Any,
                     other => other,
                 },
-                ..self.identity.clone()
+                id_rule: if deferred {
+                    IdRule::Any
+                } else {
+                    self.identity.id_rule
+                },
+                host_claims: if deferred {
+                    HostClaims::Any
+                } else {
+                    self.identity.host_claims
+                },
             };
             identity::check(&before_review, tokens.as_deref(), &credential, hello)
                 .map_err(Refusal::unauthorized)?;
@@ -267,8 +322,23 @@ impl Agents {
             })?;
             credential.review = Some(review);
         }
-        identity::check(&self.identity, tokens.as_deref(), &credential, hello)
-            .map_err(Refusal::unauthorized)?;
-        Ok(credential)
+        let renamed = if deferred {
+            identity::proven_name(tokens.as_deref(), &credential, hello)
+                .filter(|name| *name != hello.agent_id)
+        } else {
+            None
+        };
+        match &renamed {
+            Some(id) => {
+                let as_proven = Hello {
+                    agent_id: id.clone(),
+                    ..hello.clone()
+                };
+                identity::check(&self.identity, tokens.as_deref(), &credential, &as_proven)
+            }
+            None => identity::check(&self.identity, tokens.as_deref(), &credential, hello),
+        }
+        .map_err(Refusal::unauthorized)?;
+        Ok((credential, renamed))
     }
 }

@@ -177,6 +177,33 @@ impl Credential {
     }
 }
 
+/// The name a credential proves its holder by, for an agent whose own id proves nothing
+/// (Konnectivity's, a random UUID by default): the node a reviewed token was issued for, else
+/// its pod; the id a tokens file binds the token to (unless `*`); a client certificate's
+/// first common name, else its first DNS name. `None` when nothing proves a name.
+pub fn proven_name(
+    tokens: Option<&Tokens>,
+    credential: &Credential,
+    hello: &Hello,
+) -> Option<String> {
+    if let Some(r) = &credential.review
+        && let Some(name) = r.node_name.clone().or_else(|| r.pod_name.clone())
+    {
+        return Some(name);
+    }
+    if let (Some(tokens), Some(token)) = (tokens, &hello.token)
+        && let Some(bound) = tokens.id_for(token.expose())
+        && bound != "*"
+    {
+        return Some(bound.to_owned());
+    }
+    let cert = credential.cert.as_ref()?;
+    if cert.names(&hello.agent_id) {
+        return None;
+    }
+    cert.common_names.first().or(cert.dns.first()).cloned()
+}
+
 /// The ipv4 and ipv6 addresses among `identifiers`.
 pub fn claimed_ips(identifiers: &[Identifier]) -> Vec<IpAddr> {
     identifiers

@@ -27,6 +27,8 @@ async fn konnectivity_agent_with_mtls_serves_dials_through_tether_server() {
     let server = tether_server::Server::start(server_config(&pki))
         .await
         .unwrap();
+    // Konnectivity's default id is a random UUID, which proves nothing: the tunnel is
+    // registered under the name its certificate proves, which its host= claim must match.
     let agent = KonnAgent::start(
         &bin,
         &pki,
@@ -34,12 +36,13 @@ async fn konnectivity_agent_with_mtls_serves_dials_through_tether_server() {
         "node-1",
         "127.0.0.2",
         Auth::Cert,
-        &[],
+        &["--agent-id=5d0c8f6e-3b1a-4c2e-9f0a-7e6d5c4b3a21"],
     );
     assert!(
         server.wait_agents(1, WAIT).await,
         "the Konnectivity agent registered"
     );
+    assert_eq!(server.core().registry.agent_ids(), vec!["node-1"]);
     let _ = agent.admin;
 
     // 64 MiB each way through an echo, every byte checked; the client closes once it has

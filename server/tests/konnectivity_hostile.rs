@@ -335,6 +335,42 @@ async fn a_message_over_the_limit_or_a_reused_connect_id_ends_the_agents_tunnel(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_konnectivity_agents_own_id_gives_way_to_the_name_its_certificate_proves() {
+    let pki = Pki::new();
+    let server = Server::start(config(&pki, 1 << 20)).await.unwrap();
+    let _agent = scripted(
+        &pki,
+        server.agent_addr,
+        "node-1",
+        &[
+            ("agentid", "9a1b2c3d-uuid"),
+            ("agentidentifiers", "host=node-1"),
+        ],
+    )
+    .await;
+    assert!(server.wait_agents(1, WAIT).await);
+    assert_eq!(server.core().registry.agent_ids(), vec!["node-1"]);
+    // Its host= claim must still be the proven name's.
+    let refused = scripted(
+        &pki,
+        server.agent_addr,
+        "node-3",
+        &[
+            ("agentid", "0e0e-uuid"),
+            ("agentidentifiers", "host=node-1"),
+        ],
+    )
+    .await;
+    assert_eq!(
+        refused.status_on_open.as_deref(),
+        Some("16"),
+        "{:?}",
+        refused.headers
+    );
+    assert_eq!(server.core().registry.agent_ids(), vec!["node-1"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_without_an_agent_id_or_claiming_another_nodes_name_are_refused_with_a_reason() {
     let pki = Pki::new();
     let server = Server::start(config(&pki, 1 << 20)).await.unwrap();

@@ -633,7 +633,7 @@ async fn konnectivity_agents_with_service_account_tokens_are_reviewed_as_tether_
         "node-1",
         "127.0.0.2",
         Auth::Token("k-good"),
-        &[],
+        &["--agent-id=2b7e1a90-6c4d-4f3b-8e2a-1d9c0b8a7f65"],
     );
     assert!(
         server.wait_agents(1, WAIT).await,

@@ -535,7 +535,10 @@ async fn konnectivity_agent_section(
                 mibs(hol_total, alone),
                 100.0 * alone.as_secs_f64() / d.as_secs_f64()
             ),
-            Ok(Err(e)) => format!("failed: {e}"),
+            Ok(Err(e)) => format!(
+                "failed: {}",
+                e.to_string().lines().next().unwrap_or_default()
+            ),
             Err(_) => format!(
                 "stalled: 64 MiB not moved in {} s ({:.0} MiB/s alone)",
                 limit.as_secs(),

@@ -25,7 +25,7 @@ use tether::listen::Handover;
 use tether_proto::frame::{Identifier, Token};
 use tether_proto::session::AgentIdentity;
 
-use crate::agents::Agents;
+use crate::agents::{Agents, KonnectivityAdmission};
 use crate::grpc::{code, trailers_only};
 
 /// The method Konnectivity's agents call (the .proto has no package).
@@ -122,8 +122,9 @@ pub(crate) async fn serve(h: Handover, agents: &Agents, limits: &KonnectivityAge
     });
     // The tunnel's service and the bridge end together: the bridge closes its end when the
     // call goes, and ends when the tunnel does (a refusal included, whose reason it sends).
+    let admission = KonnectivityAdmission(agents);
     let both = async {
-        tokio::join!(path.serve(near, peer, agents), bridged);
+        tokio::join!(path.serve(near, peer, &admission), bridged);
     };
     tokio::select! {
         () = both => {}

@@ -83,7 +83,7 @@ impl Drop for CloseOnDrop {
     }
 }
 
-pub(super) async fn accept<A: Admission>(
+pub(super) async fn accept<A: Admission + 'static>(
     l: TcpListener,
     cfg: Arc<ListenConfig>,
     admission: Arc<A>,
@@ -136,7 +136,7 @@ struct Conn {
 }
 
 impl Conn {
-    async fn serve<A: Admission>(self, admission: Arc<A>) {
+    async fn serve<A: Admission + 'static>(self, admission: Arc<A>) {
         let Conn {
             cfg,
             stats,

@@ -155,7 +155,7 @@ impl Refusal {
 }
 
 /// The caller's part in accepting agents.
-pub trait Admission: Send + Sync + 'static {
+pub trait Admission: Send + Sync {
     /// What a decision to admit hands to [`serve`](Admission::serve): who the agent proved
     /// to be, say, beyond its HELLO and certificates (`()` when nothing).
     type Grant: Send + 'static;
@@ -197,7 +197,7 @@ pub struct Listener {
 
 impl Listener {
     /// Binds `addr` and starts accepting agents into `admission`.
-    pub async fn bind<A: Admission>(
+    pub async fn bind<A: Admission + 'static>(
         addr: SocketAddr,
         config: ListenConfig,
         admission: Arc<A>,
