@@ -75,7 +75,7 @@ async fn scripted(pki: &Pki, server: SocketAddr, id: &str, metadata: &[(&str, &s
 fn framed(p: &Packet) -> Bytes {
     let mut b = BytesMut::new();
     b.put_u8(0);
-    b.put_u32(p.encoded_len() as u32);
+    b.put_u32(u32::try_from(p.encoded_len()).unwrap());
     p.encode(&mut b).unwrap();
     b.freeze()
 }
@@ -246,9 +246,9 @@ async fn a_konnectivity_agent_flooding_a_stream_nobody_reads_is_held_to_its_buff
     }
     let held = series(&server, "tether_konnectivity_agent_bytes_held");
     eprintln!(
-        "flood: the agent sent {} KiB before its window shut; the server holds {} KiB of it (buffer {} KiB)",
+        "flood: the agent sent {} KiB before its window shut; the server holds {:.0} KiB of it (buffer {} KiB)",
         sent >> 10,
-        held as usize >> 10,
+        held / 1024.0,
         BUFFER >> 10
     );
     assert!(held <= BUFFER as f64, "held {held} over the buffer");

@@ -642,7 +642,7 @@ async fn konnectivity_agents_with_service_account_tokens_are_reviewed_as_tether_
     assert_eq!(server.core().registry.agent_ids(), vec!["node-1"]);
 
     // A good token used to claim another node, and a token the API server refuses.
-    let before = refused(server);
+    let base = refusals(server, "unauthorized");
     let _stolen = KonnAgent::start(
         &bin,
         &pki,
@@ -661,19 +661,7 @@ async fn konnectivity_agents_with_service_account_tokens_are_reviewed_as_tether_
         Auth::Token("k-expired"),
         &[],
     );
-    let counted = |n: u64| {
-        let line = refused(server);
-        line.rsplit(' ')
-            .next()
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0) as u64
-            >= n
-    };
-    let base = before
-        .rsplit(' ')
-        .next()
-        .and_then(|v| v.parse::<f64>().ok())
-        .unwrap_or(0.0) as u64;
+    let counted = |n: u64| refusals(server, "unauthorized") >= n;
     assert!(
         eventually(WAIT, || counted(base + 2)).await,
         "both refused and counted: {}",
