@@ -2,11 +2,9 @@
 //! by `../shared/konnectivity/build.sh target/konnectivity` (or found in `KONNECTIVITY_BIN`),
 //! and started with the same flags as the tether binaries they are compared with.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use crate::Pki;
 use crate::procs::{Error, Proc, free_port};
 
 /// Where Konnectivity's binaries are, or why they are not there.
@@ -25,27 +23,25 @@ pub fn binaries() -> Result<PathBuf, String> {
     }
 }
 
-/// The PKI's files in `dir`: CA, server certificate and key, agent certificate and key.
-pub fn pki_files(pki: &Pki, dir: &Path) -> Result<[PathBuf; 5], Error> {
-    let write = |name: &str, body: &str| -> Result<PathBuf, Error> {
-        let p = dir.join(name);
-        std::fs::write(&p, body)?;
-        Ok(p)
-    };
-    Ok([
-        write("ca.pem", &pki.ca.pem.cert)?,
-        write("server.pem", &pki.server.cert)?,
-        write("server-key.pem", &pki.server.key)?,
-        write("agent.pem", &pki.agent.cert)?,
-        write("agent-key.pem", &pki.agent.key)?,
-    ])
+/// A PKI's files: CA, server certificate and key, agent certificate and key (PEM).
+pub struct Files {
+    /// The CA's certificate.
+    pub ca: PathBuf,
+    /// The server's certificate.
+    pub server_cert: PathBuf,
+    /// The server's key.
+    pub server_key: PathBuf,
+    /// The agent's certificate (id `bench-agent`).
+    pub agent_cert: PathBuf,
+    /// The agent's key.
+    pub agent_key: PathBuf,
 }
 
 /// A proxy server, Konnectivity's or tether's (`server_bin`), with Konnectivity's flags: HTTP
 /// CONNECT on the Unix socket `uds`, agents with mTLS on a free port. Returns the process
 /// and its agent port.
-pub fn server(server_bin: &Path, dir: &Path, pki: &Pki, uds: &Path) -> Result<(Proc, u16), Error> {
-    let [ca, cert, key, _, _] = pki_files(pki, dir)?;
+pub fn server(server_bin: &Path, f: &Files, uds: &Path) -> Result<(Proc, u16), Error> {
+    let (ca, cert, key) = (&f.ca, &f.server_cert, &f.server_key);
     let (agents, admin, health) = (free_port()?, free_port()?, free_port()?);
     let child = Command::new(server_bin)
         .args([
@@ -69,8 +65,8 @@ pub fn server(server_bin: &Path, dir: &Path, pki: &Pki, uds: &Path) -> Result<(P
 
 /// Konnectivity's `proxy-agent` with mTLS (the PKI's agent certificate, id `bench-agent`),
 /// connected to the agent port `port`.
-pub fn agent(bin: &Path, dir: &Path, pki: &Pki, port: u16) -> Result<Proc, Error> {
-    let [ca, _, _, cert, key] = pki_files(pki, dir)?;
+pub fn agent(bin: &Path, f: &Files, port: u16) -> Result<Proc, Error> {
+    let (ca, cert, key) = (&f.ca, &f.agent_cert, &f.agent_key);
     let (health, admin) = (free_port()?, free_port()?);
     let child = Command::new(bin.join("proxy-agent"))
         .args(["--proxy-server-host=127.0.0.1", "--agent-id=bench-agent"])
@@ -92,8 +88,8 @@ pub fn agent(bin: &Path, dir: &Path, pki: &Pki, port: u16) -> Result<Proc, Error
 }
 
 /// tether's agent with the same certificate and id, connected to the agent port `port`.
-pub fn tether_agent(bin: &Path, dir: &Path, pki: &Pki, port: u16) -> Result<Proc, Error> {
-    let [ca, _, _, cert, key] = pki_files(pki, dir)?;
+pub fn tether_agent(bin: &Path, f: &Files, port: u16) -> Result<Proc, Error> {
+    let (ca, cert, key) = (&f.ca, &f.agent_cert, &f.agent_key);
     let child = Command::new(bin.join("tether-agent"))
         .args([
             "--proxy-server-host=127.0.0.1",
@@ -113,16 +109,4 @@ pub fn tether_agent(bin: &Path, dir: &Path, pki: &Pki, port: u16) -> Result<Proc
         .stderr(Stdio::null())
         .spawn()?;
     Ok(Proc { child })
-}
-
-/// Waits (at most 10 s) until a CONNECT through `uds` reaches `backend`.
-pub async fn serving(uds: &Path, backend: SocketAddr) -> bool {
-    let via = crate::Via::ConnectUds(uds.to_path_buf(), "probe");
-    for _ in 0..200 {
-        if via.open(backend).await.is_ok() {
-            return true;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    false
 }

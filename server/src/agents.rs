@@ -34,7 +34,7 @@ pub(crate) struct Agents {
     /// How often node-bound address claims are checked again (zero: never).
     pub(crate) address_recheck: Duration,
     /// What Konnectivity's own agents are allowed (`None`: not served).
-    pub(crate) konnectivity: Option<crate::KonnectivityAgents>,
+    pub(crate) konnectivity: Option<crate::kagent::KonnectivityAgents>,
 }
 
 /// What an admission proved, for the tunnel's life.
@@ -111,7 +111,10 @@ impl Admission for Agents {
 
     async fn hand_over(&self, conn: Handover) {
         match &self.konnectivity {
-            Some(limits) => crate::kagent::serve(conn, self, limits).await,
+            Some(limits) => {
+                let admission = KonnectivityAdmission(self);
+                crate::kagent::serve(conn, &admission, limits, &self.core.metrics).await;
+            }
             None => tracing::warn!(?conn, "a Konnectivity agent, and they are not served here"),
         }
     }

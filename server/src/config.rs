@@ -93,7 +93,7 @@ pub struct ServerConfig {
     pub linger: Duration,
     /// Konnectivity's own agents (`proxy-agent`) on the agent port, beside tether's, told
     /// apart by ALPN `h2` (docs/OPERATIONS.md, "Order of the switch"); `None`: refused.
-    pub konnectivity_agents: Option<crate::KonnectivityAgents>,
+    pub konnectivity_agents: Option<crate::kagent::KonnectivityAgents>,
 }
 
 impl ServerConfig {
@@ -137,7 +137,7 @@ impl ServerConfig {
             header_timeout: Duration::from_secs(10),
             linger: tether::pump::LINGER,
             address_recheck: Duration::from_secs(300),
-            konnectivity_agents: Some(crate::KonnectivityAgents::default()),
+            konnectivity_agents: Some(crate::kagent::KonnectivityAgents::default()),
         }
     }
 }

@@ -389,6 +389,18 @@ async fn main() -> Result<(), Error> {
     Ok(())
 }
 
+/// Waits (at most 10 s) until a CONNECT through `uds` reaches `backend`.
+async fn serving(uds: &Path, backend: SocketAddr) -> bool {
+    let via = Via::ConnectUds(uds.to_path_buf(), "probe");
+    for _ in 0..200 {
+        if via.open(backend).await.is_ok() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
 /// Konnectivity's own agent against Konnectivity's server and against tether's, beside
 /// tether's agent against tether's server (issue 28): the same flags, HTTP CONNECT on a Unix
 /// socket for all three, measured in turns.
@@ -407,6 +419,18 @@ async fn konnectivity_agent_section(
             println!("Skipped: {why}.");
             return Ok(());
         }
+    };
+    let write = |name: &str, body: &str| -> Result<PathBuf, Error> {
+        let p = dir.join(name);
+        std::fs::write(&p, body)?;
+        Ok(p)
+    };
+    let files = k::Files {
+        ca: write("konn-ca.pem", &pki.ca.pem.cert)?,
+        server_cert: write("konn-server.pem", &pki.server.cert)?,
+        server_key: write("konn-server-key.pem", &pki.server.key)?,
+        agent_cert: write("konn-agent.pem", &pki.agent.cert)?,
+        agent_key: write("konn-agent-key.pem", &pki.agent.key)?,
     };
     let mut setups = Vec::new();
     for (name, server_bin, konn_agent) in [
@@ -429,13 +453,13 @@ async fn konnectivity_agent_section(
         let d = dir.join(format!("konn-{}", setups.len()));
         std::fs::create_dir_all(&d)?;
         let uds = d.join("connect.socket");
-        let (server, port) = k::server(&server_bin, &d, pki, &uds)?;
+        let (server, port) = k::server(&server_bin, &files, &uds)?;
         let agent = if konn_agent {
-            k::agent(&kbin, &d, pki, port)?
+            k::agent(&kbin, &files, port)?
         } else {
-            k::tether_agent(bin, &d, pki, port)?
+            k::tether_agent(bin, &files, port)?
         };
-        if !k::serving(&uds, backend).await {
+        if !serving(&uds, backend).await {
             return Err(format!("{name}: no dial went through in 10 s").into());
         }
         let via = Via::ConnectUds(uds, name);

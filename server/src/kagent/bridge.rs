@@ -66,7 +66,7 @@ pub(super) struct Call<'a> {
     pub(super) respond: SendResponse<Bytes>,
     pub(super) limits: &'a KonnectivityAgents,
     pub(super) deadline: tokio::time::Instant,
-    pub(super) metrics: &'a crate::Metrics,
+    pub(super) metrics: &'a crate::metrics::Metrics,
 }
 
 /// Node-to-client, for one connection.

@@ -21,11 +21,11 @@ mod bridge;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tether::listen::Handover;
+use tether::listen::{Admission, Handover};
 use tether_proto::frame::{Identifier, Token};
 use tether_proto::session::AgentIdentity;
 
-use crate::agents::{Agents, KonnectivityAdmission};
+use crate::metrics::Metrics;
 use crate::grpc::{code, trailers_only};
 
 /// The method Konnectivity's agents call (the .proto has no package).
@@ -62,7 +62,13 @@ const WINDOW: u32 = 1024 * 1024;
 const MAX_HEADERS: u32 = 16 * 1024;
 
 /// Serves a connection that offered `h2`: Konnectivity's agent, until it or its tunnel ends.
-pub(crate) async fn serve(h: Handover, agents: &Agents, limits: &KonnectivityAgents) {
+/// `admission` decides and serves the tunnel it becomes, as for a tether agent's.
+pub(crate) async fn serve<A: Admission>(
+    h: Handover,
+    admission: &A,
+    limits: &KonnectivityAgents,
+    metrics: &Metrics,
+) {
     let Handover {
         tls,
         peer,
@@ -118,13 +124,12 @@ pub(crate) async fn serve(h: Handover, agents: &Agents, limits: &KonnectivityAge
         respond,
         limits,
         deadline,
-        metrics: &agents.core.metrics,
+        metrics,
     });
     // The tunnel's service and the bridge end together: the bridge closes its end when the
     // call goes, and ends when the tunnel does (a refusal included, whose reason it sends).
-    let admission = KonnectivityAdmission(agents);
     let both = async {
-        tokio::join!(path.serve(near, peer, &admission), bridged);
+        tokio::join!(path.serve(near, peer, admission), bridged);
     };
     tokio::select! {
         () = both => {}
