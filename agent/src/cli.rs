@@ -398,5 +398,9 @@ fn alpn(list: &[String]) -> Result<Vec<String>, String> {
             "--alpn-proto: {bad:?} is not a protocol name (1 to 255 bytes)"
         ));
     }
+    if list.iter().any(|p| p == "h2") {
+        // docs/SPEC.md §1: a server reads an `h2` connection as Konnectivity's gRPC agent.
+        return Err("--alpn-proto: h2 is how tether's server tells Konnectivity's gRPC agents apart; a tether agent must not offer it".into());
+    }
     Ok(list.to_vec())
 }

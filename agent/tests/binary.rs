@@ -78,9 +78,13 @@ fn konnectivitys_flag_values_mean_what_they_mean_there_or_are_refused_with_a_rea
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("--proxy-server-port"), "{err}");
     // An empty name among ALPN protocols cannot go on the wire.
-    let (code, err) = run(&["--alpn-proto=h2,"]);
+    let (code, err) = run(&["--alpn-proto=x,"]);
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("--alpn-proto"), "{err}");
+    // h2 would make a tether server read the tunnel as Konnectivity's gRPC agent.
+    let (code, err) = run(&["--alpn-proto=tether,h2"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("h2 is how tether's server tells"), "{err}");
     // Taken as Konnectivity takes them: Go's durations and booleans, an empty ALPN list, an
     // empty agent id from the environment. These get as far as the (missing) CA file.
     for args in [

@@ -504,9 +504,11 @@ impl ServerArgs {
             header_timeout: Duration::from_secs(10),
             address_recheck: self.address_recheck_interval,
             linger: tether::pump::LINGER,
-            konnectivity_agents: self.konnectivity_agents.then(|| crate::kagent::KonnectivityAgents {
-                buffer: usize::try_from(self.konnectivity_agent_buffer).unwrap_or(usize::MAX),
-                ..crate::kagent::KonnectivityAgents::default()
+            konnectivity_agents: self.konnectivity_agents.then(|| {
+                crate::kagent::KonnectivityAgents {
+                    buffer: usize::try_from(self.konnectivity_agent_buffer).unwrap_or(usize::MAX),
+                    ..crate::kagent::KonnectivityAgents::default()
+                }
             }),
         })
     }

@@ -25,8 +25,8 @@ use tether::listen::{Admission, Handover};
 use tether_proto::frame::{Identifier, Token};
 use tether_proto::session::AgentIdentity;
 
-use crate::metrics::Metrics;
 use crate::grpc::{code, trailers_only};
+use crate::metrics::Metrics;
 
 /// The method Konnectivity's agents call (the .proto has no package).
 pub(crate) const CONNECT_PATH: &str = "/AgentService/Connect";
