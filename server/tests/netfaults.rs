@@ -481,13 +481,15 @@ struct Setup {
 
 async fn start() -> Option<Setup> {
     if let Err(why) = can_run() {
-        eprintln!("netfaults: SKIPPED, {why} (docs/FAULTS.md)");
+        common::notice(&format!("netfaults: SKIPPED, {why} (docs/FAULTS.md)"));
         return None;
     }
     let lab = match Lab::make() {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("netfaults: SKIPPED, no network namespace can be made here: {e}");
+            common::notice(&format!(
+                "netfaults: SKIPPED, no network namespace can be made here: {e}"
+            ));
             return None;
         }
     };

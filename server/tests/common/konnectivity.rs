@@ -15,10 +15,10 @@ pub fn konnectivity() -> Option<PathBuf> {
     if dir.join("proxy-agent").exists() {
         return Some(dir);
     }
-    eprintln!(
+    super::notice(&format!(
         "SKIPPED: Konnectivity's binaries are not in {} (run ../shared/konnectivity/build.sh target/konnectivity, as .ci/run does)",
         dir.display()
-    );
+    ));
     None
 }
 

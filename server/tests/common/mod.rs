@@ -18,6 +18,13 @@ use tokio::net::{TcpListener, TcpStream};
 
 pub const WAIT: Duration = Duration::from_secs(10);
 
+/// A line on the test run's own stderr, shown whether or not the test passes: `eprintln!` is
+/// captured by the test harness and shown only for a failure, and a skipped test must say so.
+pub fn notice(line: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
 /// The `tether-agent` binary: `TETHER_AGENT_BIN`, or the one `cargo test --workspace` built
 /// beside this test (the agent's own crate has a test of its binary, so cargo builds it).
 pub fn agent_bin() -> std::path::PathBuf {
