@@ -320,8 +320,13 @@ mod tests {
         );
         assert!(parse_identifiers("default-route=false&default-route=true").is_empty());
         assert_eq!(
-            parse_identifiers("host=a+b%2"),
-            vec![Identifier::Host("a b%2".into())]
+            parse_identifiers("host=node%2D1&host=x%2"),
+            vec![
+                Identifier::Host("node-1".into()),
+                Identifier::Host("x%2".into())
+            ]
         );
+        // `+` is a space, and a space is no host name.
+        assert!(parse_identifiers("host=a+b").is_empty());
     }
 }

@@ -214,7 +214,9 @@ impl Conn {
                     alpn,
                     path,
                 };
-                admission.hand_over(handover).await;
+                // Boxed: a hand-over's future (another protocol's whole connection) would
+                // otherwise size every tunnel's task.
+                Box::pin(admission.hand_over(handover)).await;
             }
             _ => path.serve(tls, peer, &*admission).await,
         }
