@@ -543,3 +543,67 @@ async fn rollout(ids: &str) {
     let agents: Vec<&tether_agent::Agent> = new.iter().collect();
     at_rest(&server, &agents).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_only_konnectivity_agent_of_a_node_keeps_serving_it_after_its_drain() {
+    let Some(bin) = konnectivity() else { return };
+    let pki = Pki::new();
+    let server = tether_server::Server::start(server_config(&pki))
+        .await
+        .unwrap();
+    let agent = KonnAgent::start(
+        &bin,
+        &pki,
+        server.agent_addr,
+        "node-1",
+        "127.0.0.2",
+        Auth::Cert,
+        &[],
+    );
+    assert!(server.wait_agents(1, WAIT).await);
+    let echo = echo_backend_on([127, 0, 0, 2]).await;
+    agent.signal("-TERM");
+    // Once the DRAIN has arrived (the tunnel is marked), dials still go to it: no other
+    // agent serves the node.
+    assert!(
+        eventually(WAIT, || server
+            .core()
+            .registry
+            .draining_soon()
+            .contains(&"node-1".to_owned()))
+        .await,
+        "the DRAIN arrived"
+    );
+    for _ in 0..5 {
+        assert!(dial_once(server.connect_addr.unwrap(), echo).await.is_ok());
+    }
+    at_rest(&server, &[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_konnectivity_agent_behind_a_balancer_holds_one_tunnel_to_each_server() {
+    let Some(bin) = konnectivity() else { return };
+    let pki = Pki::new();
+    let mut servers = Vec::new();
+    for i in 1..=2 {
+        let cfg = tether_server::ServerConfig {
+            server_id: format!("server-{i}"),
+            server_count: 2,
+            ..server_config(&pki)
+        };
+        servers.push(tether_server::Server::start(cfg).await.unwrap());
+    }
+    let lb = balancer(servers.iter().map(|s| s.agent_addr).collect()).await;
+    let _agent = KonnAgent::start(&bin, &pki, lb.addr, "node-1", "127.0.0.2", Auth::Cert, &[]);
+    for s in &servers {
+        assert!(
+            s.wait_agents(1, WAIT).await,
+            "the agent reached every server"
+        );
+    }
+    // It keeps one tunnel to each (servercount 2): none twice, none more.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for s in &servers {
+        assert_eq!(s.core().registry.len(), 1, "one tunnel at each server");
+    }
+}
