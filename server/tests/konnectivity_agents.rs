@@ -12,6 +12,24 @@ use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
+/// A server started with `cfg` and one Konnectivity agent (`node-1`, mTLS, serving `ip`,
+/// with `extra` flags), registered.
+async fn one_agent(
+    bin: &std::path::Path,
+    pki: &Pki,
+    cfg: tether_server::ServerConfig,
+    ip: &str,
+    extra: &[&str],
+) -> (tether_server::Server, KonnAgent) {
+    let server = tether_server::Server::start(cfg).await.unwrap();
+    let agent = KonnAgent::start(bin, pki, server.agent_addr, "node-1", ip, Auth::Cert, extra);
+    assert!(
+        server.wait_agents(1, WAIT).await,
+        "the Konnectivity agent registered"
+    );
+    (server, agent)
+}
+
 /// CONNECTs to `target` through the server's CONNECT frontend.
 async fn connect(
     server: &tether_server::Server,
@@ -24,26 +42,17 @@ async fn connect(
 async fn konnectivity_agent_with_mtls_serves_dials_through_tether_server() {
     let Some(bin) = konnectivity() else { return };
     let pki = Pki::new();
-    let server = tether_server::Server::start(server_config(&pki))
-        .await
-        .unwrap();
     // Konnectivity's default id is a random UUID, which proves nothing: the tunnel is
     // registered under the name its certificate proves, which its host= claim must match.
-    let agent = KonnAgent::start(
+    let (server, _agent) = one_agent(
         &bin,
         &pki,
-        server.agent_addr,
-        "node-1",
+        server_config(&pki),
         "127.0.0.2",
-        Auth::Cert,
         &["--agent-id=5d0c8f6e-3b1a-4c2e-9f0a-7e6d5c4b3a21"],
-    );
-    assert!(
-        server.wait_agents(1, WAIT).await,
-        "the Konnectivity agent registered"
-    );
+    )
+    .await;
     assert_eq!(server.core().registry.agent_ids(), vec!["node-1"]);
-    let _ = agent.admin;
 
     // 64 MiB each way through an echo, every byte checked; the client closes once it has
     // them all (the agent has no half-close: a FIN closes the node's connection).
@@ -80,39 +89,13 @@ async fn konnectivity_agent_with_mtls_serves_dials_through_tether_server() {
     at_rest(&server, &[]).await;
 }
 
-/// The value of series `series` (name and labels, exactly) in the server's metrics.
-fn series(server: &tether_server::Server, series: &str) -> f64 {
-    server
-        .core()
-        .render_metrics()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(series)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0.0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dial_given_up_before_the_agent_answers_leaves_no_connection_at_the_destination() {
     let Some(bin) = konnectivity() else { return };
     let pki = Pki::new();
     let mut cfg = server_config(&pki);
     cfg.dial_timeout = Duration::from_millis(300);
-    let server = tether_server::Server::start(cfg).await.unwrap();
-    let _agent = KonnAgent::start(
-        &bin,
-        &pki,
-        server.agent_addr,
-        "node-1",
-        "127.0.0.2",
-        Auth::Cert,
-        &[],
-    );
-    assert!(server.wait_agents(1, WAIT).await);
+    let (server, _agent) = one_agent(&bin, &pki, cfg, "127.0.0.2", &[]).await;
 
     // A destination whose backlog is full: the agent's connect waits in SYN_SENT.
     let hole = tokio::net::TcpSocket::new_v4().unwrap();
@@ -165,19 +148,7 @@ async fn a_dial_given_up_before_the_agent_answers_leaves_no_connection_at_the_de
 async fn a_konnectivity_agent_killed_fails_its_streams_visibly_and_they_are_counted() {
     let Some(bin) = konnectivity() else { return };
     let pki = Pki::new();
-    let server = tether_server::Server::start(server_config(&pki))
-        .await
-        .unwrap();
-    let mut agent = KonnAgent::start(
-        &bin,
-        &pki,
-        server.agent_addr,
-        "node-1",
-        "127.0.0.2",
-        Auth::Cert,
-        &[],
-    );
-    assert!(server.wait_agents(1, WAIT).await);
+    let (server, mut agent) = one_agent(&bin, &pki, server_config(&pki), "127.0.0.2", &[]).await;
     let echo = echo_backend_on([127, 0, 0, 2]).await;
     let (status, head, mut s) = connect(&server, &echo.to_string()).await;
     assert_eq!(status, 200, "{head}");
@@ -220,19 +191,7 @@ async fn a_konnectivity_agent_killed_fails_its_streams_visibly_and_they_are_coun
 async fn a_draining_konnectivity_agent_finishes_its_streams_while_new_dials_go_to_another() {
     let Some(bin) = konnectivity() else { return };
     let pki = Pki::new();
-    let server = tether_server::Server::start(server_config(&pki))
-        .await
-        .unwrap();
-    let old = KonnAgent::start(
-        &bin,
-        &pki,
-        server.agent_addr,
-        "node-1",
-        "127.0.0.2",
-        Auth::Cert,
-        &[],
-    );
-    assert!(server.wait_agents(1, WAIT).await);
+    let (server, old) = one_agent(&bin, &pki, server_config(&pki), "127.0.0.2", &[]).await;
     let echo = echo_backend_on([127, 0, 0, 2]).await;
     let (status, head, mut open) = connect(&server, &echo.to_string()).await;
     assert_eq!(status, 200, "{head}");
@@ -294,18 +253,8 @@ async fn konnectivitys_test_client_reaches_its_test_server_through_its_agent_and
     let mut cfg = server_config(&pki);
     cfg.uds_path = Some(connect_uds.clone());
     cfg.grpc_uds_path = Some(grpc_uds.clone());
-    let server = tether_server::Server::start(cfg).await.unwrap();
     // Konnectivity's test server listens on 127.0.0.1 only: this agent serves that address.
-    let _agent = KonnAgent::start(
-        &bin,
-        &pki,
-        server.agent_addr,
-        "node-1",
-        "127.0.0.1",
-        Auth::Cert,
-        &[],
-    );
-    assert!(server.wait_agents(1, WAIT).await);
+    let (server, _agent) = one_agent(&bin, &pki, cfg, "127.0.0.1", &[]).await;
     let port = free_port();
     let _backend = Killed(
         std::process::Command::new(bin.join("test-server"))
@@ -548,19 +497,7 @@ async fn rollout(ids: &str) {
 async fn the_only_konnectivity_agent_of_a_node_keeps_serving_it_after_its_drain() {
     let Some(bin) = konnectivity() else { return };
     let pki = Pki::new();
-    let server = tether_server::Server::start(server_config(&pki))
-        .await
-        .unwrap();
-    let agent = KonnAgent::start(
-        &bin,
-        &pki,
-        server.agent_addr,
-        "node-1",
-        "127.0.0.2",
-        Auth::Cert,
-        &[],
-    );
-    assert!(server.wait_agents(1, WAIT).await);
+    let (server, agent) = one_agent(&bin, &pki, server_config(&pki), "127.0.0.2", &[]).await;
     let echo = echo_backend_on([127, 0, 0, 2]).await;
     agent.signal("-TERM");
     // Once the DRAIN has arrived (the tunnel is marked), dials still go to it: no other

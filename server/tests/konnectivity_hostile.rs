@@ -160,21 +160,6 @@ fn data(connect_id: i64, bytes: Bytes) -> Packet {
     }
 }
 
-fn series(server: &Server, series: &str) -> f64 {
-    server
-        .core()
-        .render_metrics()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(series)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0.0)
-}
-
 fn config(pki: &Pki, buffer: usize) -> ServerConfig {
     ServerConfig {
         konnectivity_agents: Some(KonnectivityAgents {

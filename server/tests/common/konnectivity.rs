@@ -33,7 +33,6 @@ pub enum Auth<'a> {
 /// A Konnectivity `proxy-agent`, id `id`, killed when dropped.
 pub struct KonnAgent {
     pub proc: Killed,
-    pub admin: u16,
 }
 
 impl KonnAgent {
@@ -95,10 +94,7 @@ impl KonnAgent {
             "proxy-agent {id}: log in {}",
             dir.join("agent.log").display()
         );
-        KonnAgent {
-            proc: Killed(proc),
-            admin,
-        }
+        KonnAgent { proc: Killed(proc) }
     }
 
     pub fn signal(&self, sig: &str) {

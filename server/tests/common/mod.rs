@@ -464,6 +464,23 @@ pub async fn http_get_at(addr: SocketAddr, path: &str) -> Option<String> {
     tokio::time::timeout(WAIT, get).await.ok()?
 }
 
+/// The value of series `series` (its name and labels, exactly) in `server`'s metrics; 0 when
+/// it is not there yet.
+pub fn series(server: &Server, series: &str) -> f64 {
+    server
+        .core()
+        .render_metrics()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}
+
 /// The value of an unlabelled metric `name` on a loopback `/metrics` endpoint.
 pub async fn metric(port: u16, name: &str) -> Option<f64> {
     let text = http_get(port, "/metrics").await?;
