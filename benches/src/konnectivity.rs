@@ -41,14 +41,23 @@ pub struct Files {
 /// CONNECT on the Unix socket `uds`, agents with mTLS on a free port. Returns the process
 /// and its agent port.
 pub fn server(server_bin: &Path, f: &Files, uds: &Path) -> Result<(Proc, u16), Error> {
+    server_with(server_bin, f, uds, "http-connect", &[])
+}
+
+/// [`server`] in `mode` (`http-connect` or `grpc`, the protocol on `uds`), with `extra` flags.
+pub fn server_with(
+    server_bin: &Path,
+    f: &Files,
+    uds: &Path,
+    mode: &str,
+    extra: &[String],
+) -> Result<(Proc, u16), Error> {
     let (ca, cert, key) = (&f.ca, &f.server_cert, &f.server_key);
     let (agents, admin, health) = (free_port()?, free_port()?, free_port()?);
     let child = Command::new(server_bin)
-        .args([
-            "--mode=http-connect",
-            "--server-port=0",
-            "--agent-bind-address=127.0.0.1",
-        ])
+        .arg(format!("--mode={mode}"))
+        .args(["--server-port=0", "--agent-bind-address=127.0.0.1"])
+        .args(extra)
         .arg(format!("--uds-name={}", uds.display()))
         .arg(format!("--agent-port={agents}"))
         .arg(format!("--admin-port={admin}"))

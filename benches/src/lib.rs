@@ -5,6 +5,7 @@
 
 pub mod konnectivity;
 pub mod procs;
+pub mod relays;
 
 use std::io;
 use std::net::SocketAddr;
@@ -131,6 +132,12 @@ pub enum Via {
     /// Through an HTTP CONNECT frontend on this Unix socket (tether's or Konnectivity's
     /// `--uds-name`), named for tables.
     ConnectUds(std::path::PathBuf, &'static str),
+    /// Through a gRPC ProxyService on this Unix socket (tether's or Konnectivity's), named
+    /// for tables: a new channel per dial, as kube-apiserver opens them.
+    GrpcUds(std::path::PathBuf, &'static str),
+    /// Through a port that forwards every connection to the backend (ssh -R, socat): no
+    /// request, the connection is the stream. Named for tables.
+    Forward(SocketAddr, &'static str),
 }
 
 impl Via {
@@ -144,7 +151,7 @@ impl Via {
             Via::Grpc(_) => "tether gRPC",
             Via::TetherTls(_, _, true) => "tether TLS, resuming",
             Via::TetherTls(_, _, false) => "tether TLS, full handshakes",
-            Via::ConnectUds(_, name) => name,
+            Via::ConnectUds(_, name) | Via::GrpcUds(_, name) | Via::Forward(_, name) => name,
         }
     }
 
@@ -169,6 +176,12 @@ impl Via {
             Via::Grpc(path) => grpc_open(path, backend).await,
             Via::TetherTls(frontend, config, _) => {
                 tls_connect(*frontend, config.clone(), backend).await
+            }
+            Via::GrpcUds(path, _) => grpc_open(path, backend).await,
+            Via::Forward(addr, _) => {
+                let s = TcpStream::connect(addr).await?;
+                s.set_nodelay(true)?;
+                Ok(Box::new(s))
             }
             Via::ConnectUds(path, _) => {
                 let mut s = tokio::net::UnixStream::connect(path).await?;

@@ -43,14 +43,52 @@ pub fn cpu_seconds(pid: u32) -> Result<f64, Error> {
     let fields: Vec<&str> = after.split_whitespace().collect();
     let ticks: f64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
         + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-    let hz: f64 = Command::new("getconf")
+    Ok(ticks / clock_ticks())
+}
+
+/// utime + stime + cutime + cstime of a process and of every live descendant, in seconds: the
+/// whole cost of a server that forks per connection (sshd, socat), whose children that ended
+/// and were waited for count in their parent's `cutime` and `cstime`.
+pub fn tree_cpu_seconds(pid: u32) -> Result<f64, Error> {
+    let stat = |p: u32| -> Option<(u32, f64)> {
+        let s = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+        let after = s.rsplit_once(')')?.1;
+        let f: Vec<&str> = after.split_whitespace().collect();
+        let ppid = f.get(1)?.parse().ok()?;
+        let ticks: f64 = [11, 12, 13, 14]
+            .iter()
+            .filter_map(|i| f.get(*i)?.parse::<f64>().ok())
+            .sum();
+        Some((ppid, ticks))
+    };
+    let all: Vec<(u32, u32, f64)> = std::fs::read_dir("/proc")?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|p| stat(p).map(|(pp, t)| (p, pp, t)))
+        .collect();
+    let mut tree = vec![pid];
+    let mut ticks = 0.0;
+    while let Some(p) = tree.pop() {
+        for (child, parent, t) in &all {
+            if *child == p {
+                ticks += t;
+            }
+            if *parent == p {
+                tree.push(*child);
+            }
+        }
+    }
+    Ok(ticks / clock_ticks())
+}
+
+/// The kernel's clock ticks per second (`getconf CLK_TCK`).
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
         .arg("CLK_TCK")
         .output()
         .ok()
         .and_then(|o| String::from_utf8(o.stdout).ok())
         .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0);
-    Ok(ticks / hz)
+        .unwrap_or(100.0)
 }
 
 /// A `Field:  123 kB` line of a /proc file, in KiB.

@@ -21,6 +21,11 @@ use crate::identity::{
 };
 use crate::review::TokenReviewer;
 
+/// How long a Konnectivity agent's new tunnel waits before it counts against its cap, when
+/// the agent holds as many as allowed here already: the agent learns which server it reached
+/// only from the call's answer, and closes a second call to a server it has at once.
+const KONNECTIVITY_SETTLE: Duration = Duration::from_secs(1);
+
 /// How long a tunnel replaced by a newer one of the same agent may drain before it is closed.
 const REPLACED_GRACE: Duration = Duration::from_secs(10);
 
@@ -47,6 +52,8 @@ pub(crate) struct Grant {
     /// The id the tunnel is registered under when it is not the HELLO's: a Konnectivity
     /// agent's own id (a random UUID by default) gives way to the name its credential proves.
     renamed: Option<String>,
+    /// Konnectivity's agent (its call bridged in memory).
+    konnectivity: bool,
 }
 
 impl Admission for Agents {
@@ -67,6 +74,16 @@ impl Admission for Agents {
         let core = &self.core;
         let agent_id = hello.agent_id.escape_debug().to_string();
         tracing::Span::current().record("agent_id", tracing::field::display(&agent_id));
+        if grant.konnectivity
+            && core.registry.usable_of(&hello.agent_id) >= self.max_tunnels_per_agent.max(1)
+        {
+            tokio::select! {
+                reason = tunnel.closed() => {
+                    return tracing::debug!(%reason, "a Konnectivity agent's second call to this server, closed by the agent");
+                }
+                () = tokio::time::sleep(KONNECTIVITY_SETTLE) => {}
+            }
+        }
         // Checked again as one step with the registration: another agent of another holder
         // may have been admitted with the same address since.
         let _registered = match Registered::new(core, &hello, &tunnel, grant.holder.clone()) {
@@ -247,6 +264,7 @@ impl Agents {
             holder,
             node,
             renamed,
+            konnectivity,
         })
     }
 

@@ -138,6 +138,10 @@ pub struct ServerArgs {
     /// reading that agent (it has no per-stream flow control: all its streams wait).
     #[arg(long, default_value_t = 4 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(65536..=1 << 30))]
     pub konnectivity_agent_buffer: u64,
+    /// How long a Konnectivity agent's buffer may stay full before the stream holding the most
+    /// of it (its client reads nothing) is reset, so the agent's other streams go on.
+    #[arg(long, value_parser = parse_duration, default_value = "30s")]
+    pub konnectivity_agent_stall_limit: Duration,
     /// Tunnels one agent id may hold to this server at once (default: --server-count); a
     /// newer tunnel replaces the oldest.
     #[arg(long)]
@@ -432,6 +436,9 @@ impl ServerArgs {
             }
             _ => None,
         };
+        if self.konnectivity_agent_stall_limit.is_zero() {
+            return Err("--konnectivity-agent-stall-limit must be above 0: a buffer full for an instant would reset a stream".into());
+        }
         if self.address_identifiers == AddressClaims::Node && token_review.is_none() {
             return Err(
                 "--address-identifiers node needs Kubernetes authentication (--agent-namespace): the node comes from the token's review".into(),
@@ -507,6 +514,7 @@ impl ServerArgs {
             konnectivity_agents: self.konnectivity_agents.then(|| {
                 crate::kagent::KonnectivityAgents {
                     buffer: usize::try_from(self.konnectivity_agent_buffer).unwrap_or(usize::MAX),
+                    stall_limit: self.konnectivity_agent_stall_limit,
                     ..crate::kagent::KonnectivityAgents::default()
                 }
             }),

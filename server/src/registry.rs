@@ -288,6 +288,15 @@ impl Registry {
         conn
     }
 
+    /// Usable tunnels of `agent_id` (case-insensitive).
+    pub fn usable_of(&self, agent_id: &str) -> usize {
+        self.read()
+            .entries
+            .values()
+            .filter(|e| e.agent_id.eq_ignore_ascii_case(agent_id) && e.tunnel.is_usable())
+            .count()
+    }
+
     /// What a new tunnel of `agent_id` displaces (docs/SECURITY.md): the usable tunnels of
     /// the id beyond the newest `cap`, to drain (routing skips a draining tunnel), and every
     /// tunnel of the id beyond the newest `2·cap`, draining or not, to close at once, so a

@@ -434,3 +434,80 @@ async fn a_connection_that_never_makes_its_call_gives_its_handshake_slot_back_at
     assert!(end.is_ok(), "the server closed it at the deadline");
     at_rest(&server, &[]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_whose_client_reads_nothing_is_reset_once_the_buffer_stays_full_and_the_others_go_on()
+ {
+    let pki = Pki::new();
+    let cfg = ServerConfig {
+        konnectivity_agents: Some(KonnectivityAgents {
+            buffer: 256 * 1024,
+            stall_limit: Duration::from_secs(1),
+            ..KonnectivityAgents::default()
+        }),
+        ..server_config(&pki)
+    };
+    let server = Server::start(cfg).await.unwrap();
+    let mut agent = scripted(&pki, server.agent_addr, "node-1", &[("agentid", "node-1")]).await;
+    assert!(server.wait_agents(1, WAIT).await);
+    let frontend = server.connect_addr.unwrap();
+    let stuck = tokio::spawn(async move { small_client(frontend, "127.0.0.2:80").await });
+    agent.accept_dial(1).await;
+    let mut stuck = stuck.await.unwrap();
+    // The agent floods the stream nobody reads, far past the buffer and the windows.
+    let piece = framed(&data(1, Bytes::from(vec![7u8; 16 * 1024])));
+    let mut sent = 0usize;
+    let flooding = async {
+        for _ in 0..4096 {
+            if !agent.send_raw(piece.clone(), WAIT).await {
+                break;
+            }
+            sent += 1;
+        }
+        agent
+    };
+    let mut agent = tokio::time::timeout(Duration::from_secs(60), flooding)
+        .await
+        .expect("the flood ends");
+    eprintln!(
+        "the agent sent {} KiB into the stream nobody read",
+        sent * 16
+    );
+    // The stream was reset (its client sees an error, never a clean end), and the agent was
+    // told to close its connection.
+    let mut got = Vec::new();
+    let end = tokio::time::timeout(WAIT, stuck.read_to_end(&mut got))
+        .await
+        .expect("the stuck stream ends");
+    assert!(
+        end.is_err(),
+        "a reset, not a clean end: read {} bytes, {end:?}",
+        got.len()
+    );
+    let mut close_req = false;
+    for _ in 0..64 {
+        match agent.recv().await {
+            Some(p) if p.r#type == PacketType::CloseReq as i32 => {
+                close_req = true;
+                break;
+            }
+            Some(_) => {}
+            None => break,
+        }
+    }
+    assert!(close_req, "CLOSE_REQ for the reset stream");
+    // Another stream through the same agent works.
+    let other = tokio::spawn(async move { connect_tcp(frontend, "127.0.0.2:81").await });
+    agent.accept_dial(2).await;
+    let (status, head, mut other) = other.await.unwrap();
+    assert_eq!(status, 200, "{head}");
+    agent
+        .send(&data(2, Bytes::from_static(b"still here")))
+        .await;
+    let mut b = [0u8; 10];
+    tokio::time::timeout(WAIT, other.read_exact(&mut b))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&b, b"still here");
+}

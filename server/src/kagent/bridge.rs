@@ -6,26 +6,26 @@
 //! - a dial is DIAL_REQ with a `random` of this call's own (a counter: only this server
 //!   dials on it); DIAL_RSP with that `random` accepts (its `connectID`, unique among this
 //!   call's live connections) or refuses (its `error`, Go's words) the tether stream;
-//! - a dial the opener gives up before DIAL_RSP is remembered, and a late successful
-//!   DIAL_RSP gets CLOSE_REQ: the agent ignores DIAL_CLS;
+//! - a successful DIAL_RSP that no dial waits for (its dial was given up, or it is bogus)
+//!   gets CLOSE_REQ at once: the agent ignores DIAL_CLS; so does DATA for a connection this
+//!   end does not know and did not just close, as Konnectivity's server does;
 //! - DATA carries bytes both ways; node-to-client bytes wait for their stream within one
-//!   budget for the call (past it the call is not read: these agents have no per-stream
-//!   flow control, so one slow stream stalls the agent's others, as on Konnectivity's own
-//!   server); client-to-node bytes leave their stream only as the agent's HTTP/2 window takes
-//!   them, so tether's credit holds them back;
-//! - the agent has no half-close: a client's FIN becomes CLOSE_REQ (behind the bytes before
-//!   it), which closes the node's connection, as Konnectivity's own server does; the agent's
-//!   CLOSE_RSP (sent when the node's connection ends, or answering CLOSE_REQ) is the stream's
-//!   FIN, or its reset when it carries an error; a stream that ends otherwise (the client
-//!   reset it, the tunnel went) sends CLOSE_REQ;
+//!   budget for the call, each message counted at its whole size (past it the call is not
+//!   read: these agents have no per-stream flow control, so one slow stream stalls the
+//!   agent's others, as on Konnectivity's own server). A budget that stays full for the stall
+//!   limit resets the stream holding the most of it, so one client that reads nothing cannot
+//!   stop the agent for ever (the agent's own read loop waits on its sends: stalled long
+//!   enough, it stops reading, and every stream's uploads with it); client-to-node bytes leave
+//!   their stream only as the agent's HTTP/2 window takes them, so tether's credit holds
+//!   them back;
+//! - the agent has no half-close (`relay`);
 //! - DRAIN (a stopping agent) is a DRAINING notice: new dials go to other agents when there
 //!   are any, and to this one while it is up when there are not.
 
-use std::collections::{HashMap, VecDeque};
-use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use h2::server::SendResponse;
@@ -33,30 +33,29 @@ use h2::{RecvStream, SendStream};
 use prometheus_client::metrics::gauge::Gauge;
 use prost::Message as _;
 use tether::tunnel::{Handshake, Start};
-use tether::{Incoming, TetherStream, Tunnel};
+use tether::{Incoming, Tunnel};
 use tether_proto::session::AgentIdentity;
 use tether_proto::{ErrorCode, Session, Time};
 use tokio::io::DuplexStream;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tracing::Instrument;
 
 use super::KonnectivityAgents;
 use crate::grpc::konnectivity::{self, Packet, PacketType, packet::Payload};
-use crate::grpc::{code, data_head, trailers_only};
+use crate::grpc::{code, trailers_only};
 
 /// Bytes the in-memory transport holds each way.
 pub(super) const DUPLEX: usize = 256 * 1024;
-/// Client-to-node bytes in one DATA packet, at most.
-const MAX_UP: usize = 32 * 1024;
 /// Client-to-node DATA packets waiting for the agent's window, over the call.
 const OUT_MESSAGES: usize = 64;
 /// What a queued DATA costs the budget at least, however short (its bookkeeping).
 const DATA_OVERHEAD: usize = 256;
-/// How long a stream whose client finished waits for each next packet from the agent after
-/// its CLOSE_REQ.
-const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
-/// Dials given up before their DIAL_RSP, remembered so a late success gets CLOSE_REQ.
-const MAX_ABANDONED: usize = 4096;
+/// DIAL_REQ and CLOSE_REQ waiting for the agent's window; past it new dials are refused and
+/// further CLOSE_REQs dropped (an agent that reads nothing).
+pub(super) const MAX_CONTROL: usize = 4096;
+/// Connections this end closed lately, whose DATA still in flight is dropped without another
+/// CLOSE_REQ.
+const RECENTLY_CLOSED: usize = 1024;
 
 /// The call, as `serve` hands it over.
 pub(super) struct Call<'a> {
@@ -67,57 +66,111 @@ pub(super) struct Call<'a> {
     pub(super) limits: &'a KonnectivityAgents,
     pub(super) deadline: tokio::time::Instant,
     pub(super) metrics: &'a crate::metrics::Metrics,
+    /// Serves one dial through the agent (`relay::dial`), in a task of its own.
+    pub(super) dial: DialFn,
 }
 
+/// What serves one dial through the agent.
+pub(super) type DialFn =
+    fn(Arc<Ctx>, Incoming) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
 /// Node-to-client, for one connection.
-enum Down {
+pub(super) enum Down {
     /// Bytes, holding their share of the budget until their stream takes them.
     Data(Bytes, Held),
     /// The agent's CLOSE_RSP, with its error (empty: a clean end).
     Closed(String),
 }
 
-/// A share of the call's budget, shown in `tether_konnectivity_agent_bytes_held` while held.
-struct Held {
+/// A share of the call's budget, shown in `tether_konnectivity_agent_bytes_held` and in its
+/// stream's count while held.
+pub(super) struct Held {
     _permit: OwnedSemaphorePermit,
     gauge: Gauge,
-    n: i64,
+    stream: Arc<AtomicUsize>,
+    n: usize,
 }
 
 impl Drop for Held {
     fn drop(&mut self) {
-        self.gauge.dec_by(self.n);
+        self.gauge.dec_by(i64::try_from(self.n).unwrap_or(i64::MAX));
+        self.stream.fetch_sub(self.n, Ordering::Relaxed);
     }
 }
 
-/// A dial's answer: its connection and where its bytes arrive, or the agent's error.
-type Answer = Result<(i64, mpsc::UnboundedReceiver<Down>), String>;
-
-#[derive(Default)]
-struct Shared {
-    next_random: i64,
-    pending: HashMap<i64, oneshot::Sender<Answer>>,
-    abandoned: VecDeque<i64>,
-    conns: HashMap<i64, mpsc::UnboundedSender<Down>>,
+/// What a relay receives: its bytes and end, and the signal that it must reset (it held the
+/// budget too long).
+pub(super) struct Inbox {
+    pub(super) down: mpsc::UnboundedReceiver<Down>,
+    pub(super) abort: Arc<Notify>,
 }
 
-/// A client-to-node DATA packet: its framing, then its bytes as they are.
-struct Up {
-    head: Bytes,
-    body: Bytes,
+/// A dial's answer: its connection and its inbox, or the agent's error.
+pub(super) type Answer = Result<(i64, Inbox), String>;
+
+/// A live connection, as the reader sees it.
+struct Conn {
+    down: mpsc::UnboundedSender<Down>,
+    held: Arc<AtomicUsize>,
+    abort: Arc<Notify>,
+}
+
+#[derive(Default)]
+pub(super) struct Shared {
+    next_random: i64,
+    pending: HashMap<i64, oneshot::Sender<Answer>>,
+    conns: HashMap<i64, Conn>,
+    closed: (VecDeque<i64>, HashSet<i64>),
+}
+
+impl Shared {
+    /// Forgets a dial given up before its answer.
+    pub(super) fn pending_remove(&mut self, random: i64) {
+        self.pending.remove(&random);
+    }
+
+    /// Takes connection `id` out (the stream ended here, or was reset); its late DATA is
+    /// dropped quietly. `true` if it was live.
+    pub(super) fn close(&mut self, id: i64) -> bool {
+        let live = self.conns.remove(&id).is_some();
+        if self.closed.1.insert(id) {
+            self.closed.0.push_back(id);
+            if self.closed.0.len() > RECENTLY_CLOSED
+                && let Some(old) = self.closed.0.pop_front()
+            {
+                self.closed.1.remove(&old);
+            }
+        }
+        live
+    }
+}
+
+/// A client-to-node packet: its framing, then its bytes as they are.
+pub(super) struct Up {
+    pub(super) head: Bytes,
+    pub(super) body: Bytes,
+}
+
+/// A control packet toward the agent.
+enum Control {
+    /// DIAL_REQ for this `random`: skipped if the dial was given up before it went out.
+    Dial(i64, Bytes),
+    /// CLOSE_REQ.
+    Close(Bytes),
 }
 
 /// What the call's tasks share.
-struct Ctx {
+pub(super) struct Ctx {
     shared: Mutex<Shared>,
-    /// DATA toward the agent, bounded.
-    out: mpsc::Sender<Up>,
-    /// DIAL_REQ and CLOSE_REQ toward the agent: at most one of each per stream, and one per
-    /// late answer remembered.
-    ctl: mpsc::UnboundedSender<Bytes>,
+    /// DATA (and a FIN's CLOSE_REQ, behind them) toward the agent, bounded.
+    pub(super) out: mpsc::Sender<Up>,
+    /// DIAL_REQ and CLOSE_REQ toward the agent, at most [`MAX_CONTROL`] waiting.
+    control: mpsc::UnboundedSender<Control>,
+    control_queued: AtomicUsize,
     budget: Arc<Semaphore>,
     buffer: usize,
     held: Gauge,
+    stall_limit: Duration,
 }
 
 /// Runs the call as a tether agent over `far` until the agent or the tunnel goes.
@@ -130,6 +183,7 @@ pub(super) async fn run(call: Call<'_>) {
         limits,
         deadline,
         metrics,
+        dial,
     } = call;
     let config = tether_proto::Config {
         // In memory: the agent's liveness is its HTTP/2 connection's (PINGs).
@@ -179,14 +233,16 @@ pub(super) async fn run(call: Call<'_>) {
     tracing::info!(kind = "konnectivity", "agent's call answered");
     let _counted = metrics.konnectivity_agent();
     let (out, out_rx) = mpsc::channel(OUT_MESSAGES);
-    let (ctl, ctl_rx) = mpsc::unbounded_channel();
+    let (control, control_rx) = mpsc::unbounded_channel();
     let ctx = Arc::new(Ctx {
         shared: Mutex::new(Shared::default()),
         out,
-        ctl,
+        control,
+        control_queued: AtomicUsize::new(0),
         budget: Arc::new(Semaphore::new(limits.buffer)),
         buffer: limits.buffer,
         held: metrics.konnectivity_held(),
+        stall_limit: limits.stall_limit,
     });
     let dialing = async {
         while let Some(incoming) = dials.recv().await {
@@ -196,7 +252,7 @@ pub(super) async fn run(call: Call<'_>) {
         }
     };
     let why = tokio::select! {
-        r = write(send, ctl_rx, out_rx) => r,
+        r = write(send, &ctx, control_rx, out_rx) => r,
         r = read(body, &ctx, &tunnel, limits.max_message) => r,
         () = dialing => "the tunnel ended".into(),
         reason = tunnel.closed() => format!("the tunnel ended: {reason}"),
@@ -218,20 +274,59 @@ impl Drop for CloseOnDrop {
 }
 
 impl Ctx {
-    fn lock(&self) -> MutexGuard<'_, Shared> {
+    pub(super) fn lock(&self) -> MutexGuard<'_, Shared> {
         self.shared.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn control(&self, p: &Packet) {
-        let _ = self.ctl.send(frame(p));
+    /// Queues a control packet; `false` (dropped) when [`MAX_CONTROL`] wait already.
+    fn control(&self, c: Control) -> bool {
+        if self.control_queued.fetch_add(1, Ordering::Relaxed) >= MAX_CONTROL {
+            self.control_queued.fetch_sub(1, Ordering::Relaxed);
+            return false;
+        }
+        if self.control.send(c).is_err() {
+            self.control_queued.fetch_sub(1, Ordering::Relaxed);
+            return false;
+        }
+        true
     }
 
-    fn close_request(&self, connect_id: i64) {
-        self.control(&close_request(connect_id));
+    pub(super) fn close_request(&self, connect_id: i64) {
+        if !self.control(Control::Close(frame(&close_request(connect_id)))) {
+            tracing::debug!(connect_id, "CLOSE_REQ dropped: the agent reads nothing");
+        }
     }
 
-    /// One packet from the agent. `Err` ends the call (the agent broke the protocol).
-    async fn packet(&self, p: Packet, tunnel: &Tunnel) -> Result<(), String> {
+    /// Sends DIAL_REQ for `address`; the answer comes on the receiver. `None` when the agent
+    /// has not read the control packets before (it is refused at once, not queued).
+    pub(super) fn begin_dial(&self, address: String) -> Option<(i64, oneshot::Receiver<Answer>)> {
+        let (tx, rx) = oneshot::channel();
+        let random = {
+            let mut sh = self.lock();
+            sh.next_random += 1;
+            let r = sh.next_random;
+            sh.pending.insert(r, tx);
+            r
+        };
+        let req = frame(&Packet {
+            r#type: PacketType::DialReq as i32,
+            payload: Some(Payload::DialRequest(konnectivity::DialRequest {
+                protocol: "tcp".into(),
+                address,
+                random,
+            })),
+        });
+        if self.control(Control::Dial(random, req)) {
+            Some((random, rx))
+        } else {
+            self.lock().pending.remove(&random);
+            None
+        }
+    }
+
+    /// One packet from the agent, `len` bytes long. `Err` ends the call (the agent broke
+    /// the protocol).
+    async fn packet(&self, p: Packet, len: usize, tunnel: &Tunnel) -> Result<(), String> {
         match PacketType::try_from(p.r#type) {
             Ok(PacketType::DialRsp) => {
                 if let Some(Payload::DialResponse(r)) = p.payload {
@@ -240,14 +335,15 @@ impl Ctx {
             }
             Ok(PacketType::Data) => {
                 if let Some(Payload::Data(d)) = p.payload {
-                    self.data(d).await;
+                    self.data(d, len).await;
                 }
             }
             Ok(PacketType::CloseRsp) => {
-                if let Some(Payload::CloseResponse(c)) = p.payload
-                    && let Some(down) = self.lock().conns.remove(&c.connect_id)
-                {
-                    let _ = down.send(Down::Closed(c.error));
+                if let Some(Payload::CloseResponse(c)) = p.payload {
+                    let conn = self.lock().conns.remove(&c.connect_id);
+                    if let Some(conn) = conn {
+                        let _ = conn.down.send(Down::Closed(c.error));
+                    }
                 }
             }
             Ok(PacketType::Drain) => {
@@ -271,9 +367,17 @@ impl Ctx {
                     ));
                 }
                 let (down, rx) = mpsc::unbounded_channel();
-                sh.conns.insert(r.connect_id, down);
-                if tx.send(Ok((r.connect_id, rx))).is_err() {
-                    sh.conns.remove(&r.connect_id);
+                let abort = Arc::new(Notify::new());
+                let conn = Conn {
+                    down,
+                    held: Arc::new(AtomicUsize::new(0)),
+                    abort: abort.clone(),
+                };
+                sh.conns.insert(r.connect_id, conn);
+                sh.closed.1.remove(&r.connect_id);
+                let inbox = Inbox { down: rx, abort };
+                if tx.send(Ok((r.connect_id, inbox))).is_err() {
+                    sh.close(r.connect_id);
                     drop(sh);
                     self.close_request(r.connect_id);
                 }
@@ -286,41 +390,71 @@ impl Ctx {
                 };
                 let _ = tx.send(Err(error));
             }
-            None => {
-                if let Some(i) = sh.abandoned.iter().position(|a| *a == r.random) {
-                    sh.abandoned.remove(i);
-                    drop(sh);
-                    if ok {
-                        // A dial given up, connected after all: the agent ignores DIAL_CLS.
-                        self.close_request(r.connect_id);
-                    }
-                }
+            None if ok => {
+                // A dial given up, connected after all, or a connection nobody asked for:
+                // either way nobody will use it (the agent ignores DIAL_CLS).
+                sh.close(r.connect_id);
+                drop(sh);
+                self.close_request(r.connect_id);
             }
+            None => {}
         }
         Ok(())
     }
 
-    async fn data(&self, d: konnectivity::Data) {
+    async fn data(&self, d: konnectivity::Data, len: usize) {
         if d.data.is_empty() {
             return;
         }
-        let Some(down) = self.lock().conns.get(&d.connect_id).cloned() else {
-            // After CLOSE_REQ, before the agent saw it: nobody waits for these bytes.
-            return;
-        };
-        let cost = d.data.len().max(DATA_OVERHEAD).min(self.buffer);
+        let cost = len.max(DATA_OVERHEAD).min(self.buffer);
         let permits = u32::try_from(cost).unwrap_or(u32::MAX);
-        let Ok(permit) = self.budget.clone().acquire_many_owned(permits).await else {
+        let permit = loop {
+            let wait = self.budget.clone().acquire_many_owned(permits);
+            match tokio::time::timeout(self.stall_limit, wait).await {
+                Ok(Ok(p)) => break p,
+                Ok(Err(_)) => return,
+                Err(_) => self.reset_hog(),
+            }
+        };
+        let mut sh = self.lock();
+        let Some(conn) = sh.conns.get(&d.connect_id) else {
+            let known = sh.closed.1.contains(&d.connect_id);
+            if !known {
+                // Data for a connection this end never had: the agent has one it should not.
+                sh.close(d.connect_id);
+                drop(sh);
+                self.close_request(d.connect_id);
+            }
             return;
         };
-        let n = i64::from(permits);
-        self.held.inc_by(n);
+        conn.held.fetch_add(cost, Ordering::Relaxed);
+        self.held.inc_by(i64::try_from(cost).unwrap_or(i64::MAX));
         let held = Held {
             _permit: permit,
             gauge: self.held.clone(),
-            n,
+            stream: conn.held.clone(),
+            n: cost,
         };
-        let _ = down.send(Down::Data(d.data, held));
+        let _ = conn.down.send(Down::Data(d.data, held));
+    }
+
+    /// The budget stayed full for the stall limit: resets the stream holding the most of it
+    /// (its client reads nothing), which frees its share.
+    fn reset_hog(&self) {
+        let mut sh = self.lock();
+        let hog = sh
+            .conns
+            .iter()
+            .max_by_key(|(_, c)| c.held.load(Ordering::Relaxed))
+            .map(|(id, c)| (*id, c.held.load(Ordering::Relaxed), c.abort.clone()));
+        let Some((id, held, abort)) = hog else {
+            return;
+        };
+        sh.close(id);
+        drop(sh);
+        tracing::warn!(connect_id = id, held, after = ?self.stall_limit, "a stream's client read nothing while its bytes filled the Konnectivity agent's buffer; resetting it");
+        abort.notify_one();
+        self.close_request(id);
     }
 }
 
@@ -354,7 +488,7 @@ async fn read(mut body: RecvStream, ctx: &Ctx, tunnel: &Tunnel, max: usize) -> S
             Ok(p) => p,
             Err(e) => return format!("a message that is not a Packet: {e}"),
         };
-        if let Err(e) = ctx.packet(packet, tunnel).await {
+        if let Err(e) = ctx.packet(packet, 5 + len, tunnel).await {
             return e;
         }
     }
@@ -375,13 +509,21 @@ async fn fill(body: &mut RecvStream, buf: &mut BytesMut) -> Result<(), String> {
 /// Packets to the agent, control first, each byte sent only as its window allows.
 async fn write(
     mut send: SendStream<Bytes>,
-    mut ctl: mpsc::UnboundedReceiver<Bytes>,
+    ctx: &Ctx,
+    mut control: mpsc::UnboundedReceiver<Control>,
     mut out: mpsc::Receiver<Up>,
 ) -> String {
     loop {
         let (head, body) = tokio::select! {
             biased;
-            Some(m) = ctl.recv() => (m, Bytes::new()),
+            Some(c) = control.recv() => {
+                ctx.control_queued.fetch_sub(1, Ordering::Relaxed);
+                match c {
+                    // Given up before it went out: the agent never hears of it.
+                    Control::Dial(random, _) if !ctx.lock().pending.contains_key(&random) => continue,
+                    Control::Dial(_, b) | Control::Close(b) => (b, Bytes::new()),
+                }
+            }
             Some(u) = out.recv() => (u.head, u.body),
             else => return "nothing more to send".into(),
         };
@@ -410,7 +552,7 @@ async fn send_all(send: &mut SendStream<Bytes>, mut buf: Bytes) -> Result<(), St
 }
 
 /// A packet with its gRPC framing.
-fn frame(p: &Packet) -> Bytes {
+pub(super) fn frame(p: &Packet) -> Bytes {
     let len = p.encoded_len();
     let mut b = BytesMut::with_capacity(5 + len);
     b.put_u8(0);
@@ -419,174 +561,7 @@ fn frame(p: &Packet) -> Bytes {
     b.freeze()
 }
 
-/// `host:port` as Go's `net.JoinHostPort` writes it (an IPv6 address in brackets).
-fn join_host_port(host: &str, port: u16) -> String {
-    if host.contains(':') && !host.starts_with('[') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
-    }
-}
-
-/// The RESET code for the agent's dial error, from Go's words.
-fn dial_error_code(error: &str) -> ErrorCode {
-    if error.contains("connection refused") {
-        ErrorCode::DIAL_REFUSED
-    } else if error.contains("i/o timeout") || error.contains("timed out") {
-        ErrorCode::DIAL_TIMEOUT
-    } else {
-        ErrorCode::DIAL_UNREACHABLE
-    }
-}
-
-/// One dial from the server: DIAL_REQ, the agent's answer, then the connection's bytes.
-async fn dial(ctx: Arc<Ctx>, mut incoming: Incoming) {
-    let d = incoming.dial();
-    let address = join_host_port(&d.host, d.port);
-    let (tx, mut rx) = oneshot::channel();
-    let random = {
-        let mut sh = ctx.lock();
-        sh.next_random += 1;
-        let r = sh.next_random;
-        sh.pending.insert(r, tx);
-        r
-    };
-    ctx.control(&Packet {
-        r#type: PacketType::DialReq as i32,
-        payload: Some(Payload::DialRequest(konnectivity::DialRequest {
-            protocol: "tcp".into(),
-            address,
-            random,
-        })),
-    });
-    let answer = tokio::select! {
-        a = &mut rx => a.ok(),
-        () = incoming.cancelled() => None,
-    };
-    let Some(answer) = answer else {
-        let mut sh = ctx.lock();
-        if sh.pending.remove(&random).is_some() {
-            sh.abandoned.push_back(random);
-            if sh.abandoned.len() > MAX_ABANDONED {
-                sh.abandoned.pop_front();
-            }
-        } else if let Ok(Ok((id, _))) = rx.try_recv() {
-            // Answered as it was given up.
-            sh.conns.remove(&id);
-            drop(sh);
-            ctx.close_request(id);
-        }
-        return tracing::debug!("dial given up before the agent answered");
-    };
-    match answer {
-        Ok((id, down)) => match incoming.accept() {
-            Ok(stream) => relay(&ctx, id, stream, down).await,
-            Err(e) => {
-                tracing::debug!(error = %e, "dial given up as the agent answered");
-                ctx.lock().conns.remove(&id);
-                ctx.close_request(id);
-            }
-        },
-        Err(error) => {
-            tracing::info!(%error, "dial failed");
-            incoming.reject(dial_error_code(&error), &error);
-        }
-    }
-}
-
-/// A live connection: CLOSE_REQ when its stream ends before the agent's CLOSE_RSP, unless
-/// one was sent already.
-struct Live<'a> {
-    ctx: &'a Ctx,
-    id: i64,
-    requested: AtomicBool,
-}
-
-impl Drop for Live<'_> {
-    fn drop(&mut self) {
-        let gone = self.ctx.lock().conns.remove(&self.id).is_some();
-        if gone && !self.requested.load(Ordering::Relaxed) {
-            self.ctx.close_request(self.id);
-        }
-    }
-}
-
-/// Bytes both ways between the stream and the agent's connection `id`.
-async fn relay(ctx: &Ctx, id: i64, stream: TetherStream, mut down: mpsc::UnboundedReceiver<Down>) {
-    let live = Live {
-        ctx,
-        id,
-        requested: AtomicBool::new(false),
-    };
-    let (mut recv, mut send) = stream.into_split();
-    let node_closed = AtomicBool::new(false);
-    let gone = || io::Error::other("the Konnectivity agent's call ended");
-    let up = async {
-        while let Some(mut b) = recv.recv_chunk().await? {
-            let n = b.len();
-            // After the node's end, nobody reads: the bytes are dropped.
-            while !b.is_empty() && !node_closed.load(Ordering::Relaxed) {
-                let piece = b.split_to(b.len().min(MAX_UP));
-                let head = data_head(id, piece.len());
-                ctx.out
-                    .send(Up { head, body: piece })
-                    .await
-                    .map_err(|_| gone())?;
-            }
-            recv.release(n);
-        }
-        // The agent has no half-close: the client's FIN closes the node's connection, as on
-        // Konnectivity's own server. CLOSE_REQ goes behind the DATA before it; what the agent
-        // read from the node before closing still comes, then its CLOSE_RSP.
-        if !node_closed.load(Ordering::Relaxed) {
-            live.requested.store(true, Ordering::Relaxed);
-            let head = frame(&close_request(id));
-            ctx.out
-                .send(Up {
-                    head,
-                    body: Bytes::new(),
-                })
-                .await
-                .map_err(|_| gone())?;
-        }
-        Ok::<_, io::Error>(())
-    };
-    let down = async {
-        loop {
-            let next = down.recv();
-            // An agent that takes CLOSE_REQ and neither sends nor closes holds the stream
-            // for at most this long without a byte.
-            let d = if live.requested.load(Ordering::Relaxed) {
-                tokio::time::timeout(CLOSE_WAIT, next)
-                    .await
-                    .map_err(|_| io::Error::other("the agent did not answer CLOSE_REQ"))?
-            } else {
-                next.await
-            };
-            match d.ok_or_else(gone)? {
-                Down::Data(b, permit) => {
-                    send.send_bytes(b).await?;
-                    drop(permit);
-                }
-                Down::Closed(error) => {
-                    node_closed.store(true, Ordering::Relaxed);
-                    if error.is_empty() {
-                        send.finish()?;
-                    } else {
-                        send.reset(ErrorCode::ABORTED, &error);
-                    }
-                    return Ok(());
-                }
-            }
-        }
-    };
-    match tokio::try_join!(up, down) {
-        Ok(_) => tracing::debug!("stream done"),
-        Err(e) => tracing::debug!(error = %e, "stream ended"),
-    }
-}
-
-fn close_request(connect_id: i64) -> Packet {
+pub(super) fn close_request(connect_id: i64) -> Packet {
     Packet {
         r#type: PacketType::CloseReq as i32,
         payload: Some(Payload::CloseRequest(konnectivity::CloseRequest {
@@ -599,22 +574,103 @@ fn close_request(connect_id: i64) -> Packet {
 mod tests {
     use super::*;
 
+    fn ctx(buffer: usize) -> (Ctx, mpsc::UnboundedReceiver<Control>, mpsc::Receiver<Up>) {
+        let (out, out_rx) = mpsc::channel(OUT_MESSAGES);
+        let (control, control_rx) = mpsc::unbounded_channel();
+        let ctx = Ctx {
+            shared: Mutex::new(Shared::default()),
+            out,
+            control,
+            control_queued: AtomicUsize::new(0),
+            budget: Arc::new(Semaphore::new(buffer)),
+            buffer,
+            held: Gauge::default(),
+            stall_limit: Duration::from_secs(30),
+        };
+        (ctx, control_rx, out_rx)
+    }
+
+    fn answer(random: i64, connect_id: i64) -> konnectivity::DialResponse {
+        konnectivity::DialResponse {
+            error: String::new(),
+            connect_id,
+            random,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_queued_data_is_counted_at_its_whole_message_however_little_data_it_carries() {
+        let (ctx, _c, _o) = ctx(1 << 20);
+        let (random, rx) = ctx.begin_dial("10.0.0.7:80".into()).unwrap();
+        ctx.dial_response(answer(random, 1)).unwrap();
+        let (_, _inbox) = rx.await.unwrap().unwrap();
+        let d = konnectivity::Data {
+            connect_id: 1,
+            error: String::new(),
+            data: Bytes::from_static(b"x"),
+        };
+        // One byte of data in a 60 KiB message (padding protobuf skips): the message's
+        // allocation stays alive as long as the byte does.
+        ctx.data(d, 60 * 1024).await;
+        assert_eq!(ctx.budget.available_permits(), (1 << 20) - 60 * 1024);
+        assert_eq!(ctx.held.get(), 60 * 1024);
+    }
+
+    #[tokio::test]
+    async fn answers_nobody_waits_for_and_data_for_unknown_connections_get_close_req() {
+        let (ctx, mut control, _o) = ctx(1 << 20);
+        let closes = |control: &mut mpsc::UnboundedReceiver<Control>| {
+            let mut n = 0;
+            while let Ok(c) = control.try_recv() {
+                n += usize::from(matches!(c, Control::Close(_)));
+            }
+            n
+        };
+        // A success for a dial never made, and DATA for a connection never opened.
+        ctx.dial_response(answer(99, 5)).unwrap();
+        ctx.data(
+            konnectivity::Data {
+                connect_id: 6,
+                error: String::new(),
+                data: Bytes::from_static(b"x"),
+            },
+            64,
+        )
+        .await;
+        assert_eq!(closes(&mut control), 2);
+        // DATA still in flight for a connection closed here gets no second CLOSE_REQ.
+        ctx.data(
+            konnectivity::Data {
+                connect_id: 6,
+                error: String::new(),
+                data: Bytes::from_static(b"x"),
+            },
+            64,
+        )
+        .await;
+        assert_eq!(closes(&mut control), 0);
+        // A live connection named again by another DIAL_RSP breaks the protocol.
+        let (random, rx) = ctx.begin_dial("10.0.0.7:80".into()).unwrap();
+        ctx.dial_response(answer(random, 7)).unwrap();
+        let _inbox = rx.await.unwrap().unwrap();
+        let (random, _rx) = ctx.begin_dial("10.0.0.7:81".into()).unwrap();
+        assert!(ctx.dial_response(answer(random, 7)).is_err());
+    }
+
     #[test]
-    fn addresses_and_errors_read_as_go_writes_them() {
-        assert_eq!(join_host_port("10.0.0.7", 10250), "10.0.0.7:10250");
-        assert_eq!(join_host_port("::1", 80), "[::1]:80");
-        assert_eq!(join_host_port("[::1]", 80), "[::1]:80");
-        assert_eq!(
-            dial_error_code("dial tcp 127.0.0.1:1: connect: connection refused"),
-            ErrorCode::DIAL_REFUSED
+    fn control_packets_past_the_bound_are_refused_not_queued() {
+        let (ctx, _control, _o) = ctx(1 << 20);
+        for _ in 0..MAX_CONTROL {
+            assert!(ctx.begin_dial("10.0.0.7:80".into()).is_some());
+        }
+        assert!(
+            ctx.begin_dial("10.0.0.7:80".into()).is_none(),
+            "a dial past the bound is refused"
         );
         assert_eq!(
-            dial_error_code("dial tcp 10.0.0.9:80: i/o timeout"),
-            ErrorCode::DIAL_TIMEOUT
-        );
-        assert_eq!(
-            dial_error_code("dial tcp: lookup nowhere: no such host"),
-            ErrorCode::DIAL_UNREACHABLE
+            ctx.lock().pending.len(),
+            MAX_CONTROL,
+            "and leaves nothing behind"
         );
     }
 }

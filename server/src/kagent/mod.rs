@@ -17,6 +17,7 @@
 //! window; dials answered late. A silent agent is found by HTTP/2 PINGs.
 
 mod bridge;
+mod relay;
 
 use std::time::Duration;
 
@@ -43,6 +44,9 @@ pub struct KonnectivityAgents {
     /// How often a silent agent is sent an HTTP/2 PING; one unanswered for twice as long
     /// ends its tunnel.
     pub keepalive: Duration,
+    /// How long the buffer may stay full before the stream holding the most of it is reset
+    /// (its client reads nothing, and every other stream of the agent waits on it).
+    pub stall_limit: Duration,
 }
 
 impl Default for KonnectivityAgents {
@@ -51,6 +55,7 @@ impl Default for KonnectivityAgents {
             buffer: 4 * 1024 * 1024,
             max_message: 1024 * 1024,
             keepalive: Duration::from_secs(10),
+            stall_limit: tether::pump::LINGER,
         }
     }
 }
@@ -125,6 +130,7 @@ pub(crate) async fn serve<A: Admission>(
         limits,
         deadline,
         metrics,
+        dial: |ctx, incoming| Box::pin(relay::dial(ctx, incoming)),
     });
     // The tunnel's service and the bridge end together: the bridge closes its end when the
     // call goes, and ends when the tunnel does (a refusal included, whose reason it sends).

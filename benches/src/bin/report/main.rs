@@ -20,6 +20,8 @@ use tether_bench::{
 };
 use tokio::io::AsyncWriteExt;
 
+mod peers;
+
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 
 /// A server and an agent process. With `tls_frontend`, the CONNECT frontend on TCP is TLS
@@ -118,7 +120,7 @@ async fn start_tether(
     ))
 }
 
-fn mibs(bytes: u64, d: Duration) -> f64 {
+pub(crate) fn mibs(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / d.as_secs_f64() / (1024.0 * 1024.0)
 }
 
@@ -382,199 +384,12 @@ async fn main() -> Result<(), Error> {
             100.0 * alone.as_secs_f64() / beside.as_secs_f64()
         );
     }
+    if run("peers") {
+        peers::peers_section(&bin, &dir, &pki, backend, quick).await?;
+    }
     if run("konnectivity-agent") {
-        konnectivity_agent_section(&bin, &dir, &pki, backend, quick).await?;
+        peers::konnectivity_agent_section(&bin, &dir, &pki, backend, quick).await?;
     }
     let _ = std::fs::remove_dir_all(dir);
-    Ok(())
-}
-
-/// Waits (at most 10 s) until a CONNECT through `uds` reaches `backend`.
-async fn serving(uds: &Path, backend: SocketAddr) -> bool {
-    let via = Via::ConnectUds(uds.to_path_buf(), "probe");
-    for _ in 0..200 {
-        if via.open(backend).await.is_ok() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    false
-}
-
-/// Konnectivity's own agent against Konnectivity's server and against tether's, beside
-/// tether's agent against tether's server (issue 28): the same flags, HTTP CONNECT on a Unix
-/// socket for all three, measured in turns.
-async fn konnectivity_agent_section(
-    bin: &Path,
-    dir: &Path,
-    pki: &Pki,
-    backend: SocketAddr,
-    quick: bool,
-) -> Result<(), Error> {
-    use tether_bench::konnectivity as k;
-    println!("\n## Konnectivity's agent against Konnectivity's server and tether's\n");
-    let kbin = match k::binaries() {
-        Ok(d) => d,
-        Err(why) => {
-            println!("Skipped: {why}.");
-            return Ok(());
-        }
-    };
-    let write = |name: &str, body: &str| -> Result<PathBuf, Error> {
-        let p = dir.join(name);
-        std::fs::write(&p, body)?;
-        Ok(p)
-    };
-    let files = k::Files {
-        ca: write("konn-ca.pem", &pki.ca.pem.cert)?,
-        server_cert: write("konn-server.pem", &pki.server.cert)?,
-        server_key: write("konn-server-key.pem", &pki.server.key)?,
-        agent_cert: write("konn-agent.pem", &pki.agent.cert)?,
-        agent_key: write("konn-agent-key.pem", &pki.agent.key)?,
-    };
-    let mut setups = Vec::new();
-    for (name, server_bin, konn_agent) in [
-        (
-            "Konnectivity server + Konnectivity agent",
-            kbin.join("proxy-server"),
-            true,
-        ),
-        (
-            "tether server + Konnectivity agent",
-            bin.join("tether-server"),
-            true,
-        ),
-        (
-            "tether server + tether agent",
-            bin.join("tether-server"),
-            false,
-        ),
-    ] {
-        let d = dir.join(format!("konn-{}", setups.len()));
-        std::fs::create_dir_all(&d)?;
-        let uds = d.join("connect.socket");
-        let (server, port) = k::server(&server_bin, &files, &uds)?;
-        let agent = if konn_agent {
-            k::agent(&kbin, &files, port)?
-        } else {
-            k::tether_agent(bin, &files, port)?
-        };
-        if !serving(&uds, backend).await {
-            return Err(format!("{name}: no dial went through in 10 s").into());
-        }
-        let via = Via::ConnectUds(uds, name);
-        setups.push((server, agent, via));
-    }
-    let total: u64 = if quick { 64 << 20 } else { 256 << 20 };
-    println!(
-        "| measure | {} | {} | {} |",
-        setups[0].2.name(),
-        setups[1].2.name(),
-        setups[2].2.name()
-    );
-    println!("| --- | --- | --- | --- |");
-    for (download, dir_name) in [(true, "download"), (false, "upload")] {
-        for streams in [1usize, 16] {
-            let mut best = [Duration::MAX; 3];
-            for _ in 0..3 {
-                for (i, (_, _, via)) in setups.iter().enumerate() {
-                    best[i] =
-                        best[i].min(throughput(via, backend, download, streams, total).await?);
-                }
-            }
-            let r: Vec<f64> = best.iter().map(|b| mibs(total, *b)).collect();
-            println!(
-                "| {dir_name}, {streams} stream{}, MiB/s | {:.0} | {:.0} ({:.2}×) | {:.0} ({:.2}×) |",
-                if streams == 1 { "" } else { "s" },
-                r[0],
-                r[1],
-                r[1] / r[0],
-                r[2],
-                r[2] / r[0]
-            );
-        }
-    }
-    let gib: u64 = if quick { 128 << 20 } else { 512 << 20 };
-    let mut cpu = [0.0f64; 3];
-    for (i, (server, agent, via)) in setups.iter().enumerate() {
-        let before = cpu_seconds(server.pid())? + cpu_seconds(agent.pid())?;
-        throughput(via, backend, true, 4, gib).await?;
-        cpu[i] =
-            (cpu_seconds(server.pid())? + cpu_seconds(agent.pid())? - before) * GIB / gib as f64;
-    }
-    println!(
-        "| server + agent CPU per GiB down, s | {:.2} | {:.2} ({:.2}×) | {:.2} ({:.2}×) |",
-        cpu[0],
-        cpu[1],
-        cpu[1] / cpu[0],
-        cpu[2],
-        cpu[2] / cpu[0]
-    );
-    let (one, many) = if quick { (200, 1280) } else { (1000, 6400) };
-    let mut p50 = [0.0f64; 3];
-    let mut rate = [0.0f64; 3];
-    for (i, (_, _, via)) in setups.iter().enumerate() {
-        p50[i] = quantile(&dial_latency(via, backend, 1, one).await?, 500).as_secs_f64() * 1e6;
-        let start = Instant::now();
-        let n = dial_latency(via, backend, 64, many).await?.len();
-        rate[i] = n as f64 / start.elapsed().as_secs_f64();
-    }
-    println!(
-        "| dial p50, concurrency 1 | {:.0} µs | {:.0} µs ({:.2}×) | {:.0} µs ({:.2}×) |",
-        p50[0],
-        p50[1],
-        p50[1] / p50[0],
-        p50[2],
-        p50[2] / p50[0]
-    );
-    println!(
-        "| dials/s, concurrency 64 | {:.0} | {:.0} ({:.2}×) | {:.0} ({:.2}×) |",
-        rate[0],
-        rate[1],
-        rate[1] / rate[0],
-        rate[2],
-        rate[2] / rate[0]
-    );
-    // Head-of-line: a download beside a stream whose client never reads. Through an agent
-    // without per-stream flow control, the stalled stream's bytes fill the server's buffer
-    // and the download stops with them.
-    let hol_total: u64 = 64 << 20;
-    let limit = Duration::from_secs(if quick { 10 } else { 20 });
-    let mut cells = Vec::new();
-    for (_, _, via) in &setups {
-        let alone = throughput(via, backend, true, 1, hol_total).await?;
-        let mut stalled = via.open(backend).await?;
-        let mut cmd = [0u8; 9];
-        cmd[0] = b'D';
-        cmd[1..].copy_from_slice(&(1u64 << 40).to_be_bytes());
-        stalled.write_all(&cmd).await?;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let beside =
-            tokio::time::timeout(limit, throughput(via, backend, true, 1, hol_total)).await;
-        drop(stalled);
-        cells.push(match beside {
-            Ok(Ok(d)) => format!(
-                "{:.0} of {:.0} MiB/s alone ({:.0} %)",
-                mibs(hol_total, d),
-                mibs(hol_total, alone),
-                100.0 * alone.as_secs_f64() / d.as_secs_f64()
-            ),
-            Ok(Err(e)) => format!(
-                "failed: {}",
-                e.to_string().lines().next().unwrap_or_default()
-            ),
-            Err(_) => format!(
-                "stalled: 64 MiB not moved in {} s ({:.0} MiB/s alone)",
-                limit.as_secs(),
-                mibs(hol_total, alone)
-            ),
-        });
-        // The stalled stream's bytes drain before the next setup runs.
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    println!(
-        "| a download beside a stalled stream | {} | {} | {} |",
-        cells[0], cells[1], cells[2]
-    );
     Ok(())
 }
