@@ -29,7 +29,7 @@ pub fn socat(backend: SocketAddr) -> Result<(Proc, SocketAddr), Error> {
     let port = free_port()?;
     let child = Command::new("socat")
         .arg(format!(
-            "TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr,nodelay"
+            "TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr,nodelay,backlog=1024"
         ))
         .arg(format!("TCP:{backend},nodelay"))
         .stdout(Stdio::null())

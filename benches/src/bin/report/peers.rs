@@ -237,8 +237,8 @@ pub(crate) async fn peers_section(
     let mut peers = Vec::new();
     // tether: one server, CONNECT and gRPC each on a socket of its own.
     let (connect_uds, grpc_uds) = (
-        dir.join("peers-connect.socket"),
-        dir.join("peers-grpc.socket"),
+        dir.join("peers-tether-connect.socket"),
+        dir.join("peers-tether-grpc.socket"),
     );
     let (server, port) = k::server_with(
         &bin.join("tether-server"),
@@ -269,7 +269,7 @@ pub(crate) async fn peers_section(
                 ("http-connect", "Konnectivity CONNECT"),
                 ("grpc", "Konnectivity gRPC"),
             ] {
-                let uds = dir.join(format!("peers-{mode}.socket"));
+                let uds = dir.join(format!("peers-konnectivity-{mode}.socket"));
                 let (server, port) =
                     k::server_with(&kbin.join("proxy-server"), &files, &uds, mode, &[])?;
                 let agent = k::agent(&kbin, &files, port)?;
@@ -327,8 +327,10 @@ pub(crate) async fn peers_section(
             let mut best = vec![Duration::MAX; peers.len()];
             for _ in 0..3 {
                 for (i, p) in peers.iter().enumerate() {
-                    best[i] =
-                        best[i].min(throughput(&p.via, backend, download, streams, total).await?);
+                    let t = throughput(&p.via, backend, download, streams, total)
+                        .await
+                        .map_err(|e| format!("{} {dir_name} {streams}: {e}", p.via.name()))?;
+                    best[i] = best[i].min(t);
                 }
             }
             row(
