@@ -145,6 +145,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for Rewrite<S> {
             let polled = Pin::new(&mut this.inner).poll_read(cx, &mut rb);
             let n = rb.filled().len();
             this.input.truncate(at + n);
+            if polled.is_pending() && at == 0 {
+                // Nothing held and nothing arriving (an idle call's channel): the read buffer
+                // goes until bytes come, instead of staying for the channel's life.
+                this.input = BytesMut::new();
+            }
             ready!(polled)?;
             if n == 0 {
                 // The client left; a frame cut short is simply not delivered (h2 sees the end).
