@@ -40,6 +40,25 @@ impl Default for Pki {
     }
 }
 
+impl Pki {
+    /// The PKI as PEM files in `dir`, each name starting with `prefix`, for processes started
+    /// with file flags.
+    pub fn files(&self, dir: &std::path::Path, prefix: &str) -> io::Result<konnectivity::Files> {
+        let write = |name: &str, body: &str| -> io::Result<std::path::PathBuf> {
+            let p = dir.join(format!("{prefix}{name}"));
+            std::fs::write(&p, body)?;
+            Ok(p)
+        };
+        Ok(konnectivity::Files {
+            ca: write("ca.pem", &self.ca.pem.cert)?,
+            server_cert: write("server.pem", &self.server.cert)?,
+            server_key: write("server-key.pem", &self.server.key)?,
+            agent_cert: write("agent.pem", &self.agent.cert)?,
+            agent_key: write("agent-key.pem", &self.agent.key)?,
+        })
+    }
+}
+
 /// A stream to the backend, whichever way it goes.
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}

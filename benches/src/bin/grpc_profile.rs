@@ -24,18 +24,7 @@ async fn main() -> Result<(), Error> {
     let dir = std::env::temp_dir().join(format!("tether-grpc-profile-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let pki = Pki::default();
-    let write = |name: &str, body: &str| -> Result<std::path::PathBuf, Error> {
-        let p = dir.join(name);
-        std::fs::write(&p, body)?;
-        Ok(p)
-    };
-    let files = k::Files {
-        ca: write("ca.pem", &pki.ca.pem.cert)?,
-        server_cert: write("server.pem", &pki.server.cert)?,
-        server_key: write("server-key.pem", &pki.server.key)?,
-        agent_cert: write("agent.pem", &pki.agent.cert)?,
-        agent_key: write("agent-key.pem", &pki.agent.key)?,
-    };
+    let files = pki.files(&dir, "")?;
     let (connect, grpc_uds) = (dir.join("connect.socket"), dir.join("grpc.socket"));
     let (server, port) = k::server_with(
         &bin.join("tether-server"),

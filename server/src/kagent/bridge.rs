@@ -590,6 +590,14 @@ mod tests {
         (ctx, control_rx, out_rx)
     }
 
+    fn one_byte(connect_id: i64) -> konnectivity::Data {
+        konnectivity::Data {
+            connect_id,
+            error: String::new(),
+            data: Bytes::from_static(b"x"),
+        }
+    }
+
     fn answer(random: i64, connect_id: i64) -> konnectivity::DialResponse {
         konnectivity::DialResponse {
             error: String::new(),
@@ -604,11 +612,7 @@ mod tests {
         let (random, rx) = ctx.begin_dial("10.0.0.7:80".into()).unwrap();
         ctx.dial_response(answer(random, 1)).unwrap();
         let (_, _inbox) = rx.await.unwrap().unwrap();
-        let d = konnectivity::Data {
-            connect_id: 1,
-            error: String::new(),
-            data: Bytes::from_static(b"x"),
-        };
+        let d = one_byte(1);
         // One byte of data in a 60 KiB message (padding protobuf skips): the message's
         // allocation stays alive as long as the byte does.
         ctx.data(d, 60 * 1024).await;
@@ -628,26 +632,10 @@ mod tests {
         };
         // A success for a dial never made, and DATA for a connection never opened.
         ctx.dial_response(answer(99, 5)).unwrap();
-        ctx.data(
-            konnectivity::Data {
-                connect_id: 6,
-                error: String::new(),
-                data: Bytes::from_static(b"x"),
-            },
-            64,
-        )
-        .await;
+        ctx.data(one_byte(6), 64).await;
         assert_eq!(closes(&mut control), 2);
         // DATA still in flight for a connection closed here gets no second CLOSE_REQ.
-        ctx.data(
-            konnectivity::Data {
-                connect_id: 6,
-                error: String::new(),
-                data: Bytes::from_static(b"x"),
-            },
-            64,
-        )
-        .await;
+        ctx.data(one_byte(6), 64).await;
         assert_eq!(closes(&mut control), 0);
         // A live connection named again by another DIAL_RSP breaks the protocol.
         let (random, rx) = ctx.begin_dial("10.0.0.7:80".into()).unwrap();

@@ -2,9 +2,11 @@
 //! the stream's bytes both ways until it ends.
 //!
 //! The agent has no half-close. A client's FIN becomes CLOSE_REQ (behind the bytes before
-//! it), which closes the node's connection, as Konnectivity's own server does; it waits
-//! [`FIN_GRACE`] first, because the agent closes the node's connection on CLOSE_REQ without
-//! writing the bytes it still queues for it. The agent's CLOSE_RSP (sent when the node's
+//! it), which closes the node's connection, as Konnectivity's own server does; when the
+//! client sent bytes within [`FIN_GRACE`] of its FIN, it waits that long first, because the
+//! agent closes the node's connection on CLOSE_REQ without writing the bytes it still queues
+//! for it (a client that sent nothing lately has nothing queued there, and does not wait: a
+//! stream held open for a grace is a stream slot taken). The agent's CLOSE_RSP (sent when the node's
 //! connection ends, or answering CLOSE_REQ) is the stream's FIN, or its reset when it carries
 //! an error; client bytes after it reset the stream (nobody reads them). A stream that ends
 //! otherwise (the client reset it, the tunnel went, the budget's stall limit) sends CLOSE_REQ.
@@ -26,8 +28,9 @@ const MAX_UP: usize = 32 * 1024;
 /// How long a stream whose client finished waits for each next packet from the agent after
 /// its CLOSE_REQ.
 const CLOSE_WAIT: Duration = Duration::from_secs(30);
-/// How long a client's FIN waits before it becomes CLOSE_REQ, unless the node closes first.
-pub(super) const FIN_GRACE: Duration = Duration::from_secs(1);
+/// How long a client's FIN that follows its last bytes closely waits before it becomes
+/// CLOSE_REQ, unless the node closes first.
+pub(super) const FIN_GRACE: Duration = Duration::from_millis(100);
 
 /// `host:port` as Go's `net.JoinHostPort` writes it (an IPv6 address in brackets).
 fn join_host_port(host: &str, port: u16) -> String {
@@ -122,6 +125,7 @@ async fn relay(ctx: &Ctx, id: i64, stream: TetherStream, inbox: Inbox) {
     // the way up when the node closed (a FIN waiting for its grace need not wait).
     let (asked, closed) = (Notify::new(), Notify::new());
     let gone = || io::Error::other("the Konnectivity agent's call ended");
+    let mut last_up: Option<std::time::Instant> = None;
     let up = async {
         while let Some(mut b) = recv.recv_chunk().await? {
             if node_closed.load(Ordering::Relaxed) {
@@ -139,10 +143,13 @@ async fn relay(ctx: &Ctx, id: i64, stream: TetherStream, inbox: Inbox) {
                     .map_err(|_| gone())?;
             }
             recv.release(n);
+            last_up = Some(std::time::Instant::now());
         }
-        // The client's FIN: CLOSE_REQ after the grace, unless the node closed meanwhile.
-        if !node_closed.load(Ordering::Relaxed) {
-            let _ = tokio::time::timeout(FIN_GRACE, closed.notified()).await;
+        // The client's FIN: CLOSE_REQ, after the grace if its last bytes were recent, unless
+        // the node closed meanwhile.
+        let grace = last_up.map_or(Duration::ZERO, |t| FIN_GRACE.saturating_sub(t.elapsed()));
+        if !node_closed.load(Ordering::Relaxed) && !grace.is_zero() {
+            let _ = tokio::time::timeout(grace, closed.notified()).await;
         }
         if !node_closed.load(Ordering::Relaxed) {
             live.requested.store(true, Ordering::Relaxed);

@@ -2,7 +2,7 @@
 //! modes), OpenSSH's `-R` and a socat relay, each beside tether, measured in turns.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use tether_bench::procs::{Error, Proc, cpu_seconds, rss_kib, tree_cpu_seconds};
@@ -35,18 +35,7 @@ pub(crate) async fn konnectivity_agent_section(
             return Ok(());
         }
     };
-    let write = |name: &str, body: &str| -> Result<PathBuf, Error> {
-        let p = dir.join(name);
-        std::fs::write(&p, body)?;
-        Ok(p)
-    };
-    let files = k::Files {
-        ca: write("konn-ca.pem", &pki.ca.pem.cert)?,
-        server_cert: write("konn-server.pem", &pki.server.cert)?,
-        server_key: write("konn-server-key.pem", &pki.server.key)?,
-        agent_cert: write("konn-agent.pem", &pki.agent.cert)?,
-        agent_key: write("konn-agent-key.pem", &pki.agent.key)?,
-    };
+    let files = pki.files(dir, "konn-")?;
     let mut setups = Vec::new();
     for (name, server_bin, konn_agent) in [
         (
@@ -221,18 +210,7 @@ pub(crate) async fn peers_section(
     println!(
         "\n## tether beside the alternatives: Konnectivity in both modes, OpenSSH -R, socat\n"
     );
-    let write = |name: &str, body: &str| -> Result<PathBuf, Error> {
-        let p = dir.join(name);
-        std::fs::write(&p, body)?;
-        Ok(p)
-    };
-    let files = k::Files {
-        ca: write("peers-ca.pem", &pki.ca.pem.cert)?,
-        server_cert: write("peers-server.pem", &pki.server.cert)?,
-        server_key: write("peers-server-key.pem", &pki.server.key)?,
-        agent_cert: write("peers-agent.pem", &pki.agent.cert)?,
-        agent_key: write("peers-agent-key.pem", &pki.agent.key)?,
-    };
+    let files = pki.files(dir, "peers-")?;
     let mut procs: Vec<Proc> = Vec::new();
     let mut peers = Vec::new();
     // tether: one server, CONNECT and gRPC each on a socket of its own.
