@@ -323,15 +323,7 @@ async fn an_idle_grpc_call_keeps_nothing_of_its_last_large_message() {
     use tether_server::client::grpc::{AuthorityStyle, GrpcClient};
     const CALLS: usize = 8;
     const MESSAGE: usize = 1024 * 1024;
-    let pki = Pki::new();
-    let dir = tempdir("memory-grpc");
-    let path = dir.join("grpc.socket");
-    let mut cfg = server_config(&pki);
-    cfg.grpc_uds_path = Some(path.clone());
-    let server = tether_server::Server::start(cfg).await.unwrap();
-    let _agent = tether_agent::Agent::start(agent_config(&pki, server.agent_addr, "agent-1"));
-    assert!(server.wait_agents(1, WAIT).await);
-    let echo = echo_backend().await.to_string();
+    let (_server, _agent, path, echo) = grpc_server("memory-grpc").await;
     let client = GrpcClient::connect(&path, AuthorityStyle::PercentEncoded)
         .await
         .unwrap();
@@ -365,6 +357,26 @@ async fn an_idle_grpc_call_keeps_nothing_of_its_last_large_message() {
     )
     .await;
     drop(held);
+}
+
+/// A server with the gRPC frontend on a Unix socket and one agent, connected, and an echo
+/// backend: the server, the agent, the socket's path and the backend's address.
+async fn grpc_server(
+    tag: &str,
+) -> (
+    tether_server::Server,
+    tether_agent::Agent,
+    std::path::PathBuf,
+    String,
+) {
+    let pki = Pki::new();
+    let path = tempdir(tag).join("grpc.socket");
+    let mut cfg = server_config(&pki);
+    cfg.grpc_uds_path = Some(path.clone());
+    let server = tether_server::Server::start(cfg).await.unwrap();
+    let agent = tether_agent::Agent::start(agent_config(&pki, server.agent_addr, "agent-1"));
+    assert!(server.wait_agents(1, WAIT).await);
+    (server, agent, path, echo_backend().await.to_string())
 }
 
 /// The heap grown since `before`, per item of `n`. Signed: what the items share (the
@@ -429,15 +441,7 @@ async fn an_idle_grpc_channel_holds_no_read_buffer_of_the_authority_shim() {
     }
     use tether_server::client::grpc::{AuthorityStyle, GrpcClient};
     const CHANNELS: usize = 64;
-    let pki = Pki::new();
-    let dir = tempdir("memory-grpc-channels");
-    let path = dir.join("grpc.socket");
-    let mut cfg = server_config(&pki);
-    cfg.grpc_uds_path = Some(path.clone());
-    let server = tether_server::Server::start(cfg).await.unwrap();
-    let _agent = tether_agent::Agent::start(agent_config(&pki, server.agent_addr, "agent-1"));
-    assert!(server.wait_agents(1, WAIT).await);
-    let echo = echo_backend().await.to_string();
+    let (_server, _agent, path, echo) = grpc_server("memory-grpc-channels").await;
     let open = || {
         let (path, echo) = (&path, &echo);
         async move {
